@@ -1,0 +1,5 @@
+/* Executes the wasm `unreachable` instruction. */
+int main(void)
+{
+    __builtin_trap();
+}
