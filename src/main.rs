@@ -1,1 +1,311 @@
-fn main() {}
+//! The `klongd` command line. Exit codes: 0 the command did its job; 1 a failure of the host or
+//! the run; 2 bad input (arguments, config, tool arguments).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use klong_sandbox::{ByteSize, CallLimits, EpisodeBudget, HumanDuration};
+use klongd::config::{Config, ConfigError};
+use klongd::sandbox_cli::{self, RequestError};
+use klongd::{bench, run};
+
+#[derive(Parser)]
+#[command(
+    name = "klongd",
+    version,
+    about = "Train LLM agents for long-horizon, tool-using tasks"
+)]
+struct Cli {
+    /// Log format on stderr; RUST_LOG sets the level (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parse and validate a config, and print the resolved plan.
+    Check { config: PathBuf },
+    /// Start a run, or resume the one in the config's run directory.
+    Run { config: PathBuf },
+    /// Run tool calls in the WASM sandbox.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// Run one tool call and print its outcome as JSON. TOOL is a registry name or the path of
+    /// a `.wasm` WASI command. ARGS: one JSON object (the agent's arguments), KEY=VALUE pairs,
+    /// or, for shell commands and `.wasm` paths, the raw argv.
+    Run(SandboxRunArgs),
+    /// List the tool registry with its schemas.
+    Tools {
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        /// Print the agent's tools as an OpenAI-style `tools` list.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct SandboxRunArgs {
+    /// The episode directory (created if missing): the only thing the tool sees.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Directory of tool manifests [default: $KLONGD_TOOLS_DIR or sandboxes/tools/manifests].
+    #[arg(long)]
+    tools: Option<PathBuf>,
+    /// Compiled-module cache [default: $XDG_CACHE_HOME/klongd/modules or ~/.cache/klongd/modules].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Do not cache compiled modules on disk.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_disk_cache: bool,
+    #[arg(long)]
+    wall_time: Option<HumanDuration>,
+    #[arg(long)]
+    fuel: Option<u64>,
+    #[arg(long)]
+    memory: Option<ByteSize>,
+    #[arg(long)]
+    stdout: Option<ByteSize>,
+    #[arg(long)]
+    stderr: Option<ByteSize>,
+    #[arg(long)]
+    written_bytes: Option<ByteSize>,
+    #[arg(long)]
+    files_created: Option<u64>,
+    /// Seed of the guest's randomness.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Real clocks and OS randomness instead of deterministic ones.
+    #[arg(long)]
+    nondeterministic: bool,
+    /// File whose bytes are the tool's stdin.
+    #[arg(long)]
+    stdin_file: Option<PathBuf>,
+    tool: String,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Tool-call latency against fork/exec, module compile cold vs cached, sandboxes per GiB.
+    Sandbox {
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        #[arg(long, default_value_t = 2000)]
+        iterations: usize,
+        #[arg(long, default_value_t = 2000)]
+        sandboxes: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Prints an error chain the way users read it: the outer context, then each cause.
+fn report(err: &anyhow::Error) {
+    eprintln!("error: {err}");
+    for cause in err.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                let settings = match c.sandbox.host_settings() {
+                    Ok(s) => s,
+                    Err(e) => return config_error(&e),
+                };
+                println!("# {} is valid; resolved plan:", config.display());
+                println!("{}", c.to_ron());
+                if let Some(dir) = settings.cache_dir {
+                    println!("# module cache: {}", dir.display());
+                }
+                match sandbox_cli::load_registry(&c.sandbox.tools_dir) {
+                    Ok(r) => println!(
+                        "# tools: {}",
+                        r.tools()
+                            .map(|t| t.manifest.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ),
+                    Err(e) => println!("# warning: {e:#}"),
+                }
+                println!("# stages: none yet (this build runs the sandbox self-check only)");
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(&e),
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            match run::run(&config) {
+                Ok(summary) => {
+                    tracing::info!(run_dir = %summary.run_dir.display(), resumed = summary.resumed, "done");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    report(&e);
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Sandbox(SandboxCommand::Tools { tools, json }) => {
+            let dir = tools.unwrap_or_else(sandbox_cli::default_tools_dir);
+            match sandbox_cli::tools(&dir, json) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    report(&e);
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Sandbox(SandboxCommand::Run(a)) => sandbox_run(a),
+        Command::Bench(BenchCommand::Sandbox {
+            tools,
+            iterations,
+            sandboxes,
+            json,
+        }) => {
+            let tools_dir = tools.unwrap_or_else(sandbox_cli::default_tools_dir);
+            let native_dir = tools_dir.parent().unwrap_or(&tools_dir).join("wasm/native");
+            let opts = bench::SandboxBenchOptions {
+                tools_dir,
+                native_dir,
+                iterations,
+                sandboxes,
+            };
+            match bench::sandbox(&opts) {
+                Ok(report) => {
+                    if json {
+                        match serde_json::to_string_pretty(&report) {
+                            Ok(s) => println!("{s}"),
+                            Err(e) => {
+                                eprintln!("error: {e}");
+                                return ExitCode::FAILURE;
+                            }
+                        }
+                    } else {
+                        print!("{}", report.render());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    report(&e);
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn sandbox_run(a: SandboxRunArgs) -> ExitCode {
+    let d = CallLimits::default();
+    let limits = CallLimits {
+        wall_time: a.wall_time.unwrap_or(d.wall_time),
+        fuel: a.fuel.unwrap_or(d.fuel),
+        memory: a.memory.unwrap_or(d.memory),
+        table_elements: d.table_elements,
+        stdout: a.stdout.unwrap_or(d.stdout),
+        stderr: a.stderr.unwrap_or(d.stderr),
+        written_bytes: a.written_bytes.unwrap_or(d.written_bytes),
+        files_created: a.files_created.unwrap_or(d.files_created),
+    };
+    let stdin = match &a.stdin_file {
+        Some(path) => match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                eprintln!("error: {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => Vec::new(),
+    };
+    let cache_dir = if a.no_disk_cache {
+        None
+    } else {
+        match a
+            .cache_dir
+            .map(Ok)
+            .unwrap_or_else(klongd::config::default_cache_dir)
+        {
+            Ok(dir) => Some(dir),
+            Err(e) => return config_error(&e),
+        }
+    };
+    let req = sandbox_cli::RunRequest {
+        dir: a.dir,
+        tools_dir: a.tools.unwrap_or_else(sandbox_cli::default_tools_dir),
+        cache_dir,
+        limits,
+        budget: EpisodeBudget::default(),
+        seed: a.seed,
+        deterministic: !a.nondeterministic,
+        tool: a.tool,
+        args: a.args,
+        stdin,
+    };
+    match sandbox_cli::run(req) {
+        Ok(outcome) => match serde_json::to_string_pretty(&outcome) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(RequestError::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(RequestError::Host(e)) => {
+            report(&e);
+            ExitCode::FAILURE
+        }
+    }
+}

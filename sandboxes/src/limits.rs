@@ -13,20 +13,28 @@ use crate::units::{ByteSize, HumanDuration};
 #[serde(deny_unknown_fields, default)]
 pub struct CallLimits {
     /// Wall-clock time, enforced by epoch interruption.
+    #[serde(deserialize_with = "positive::duration")]
     pub wall_time: HumanDuration,
     /// WebAssembly fuel (about one unit per executed instruction).
+    #[serde(deserialize_with = "positive::count")]
     pub fuel: u64,
     /// Linear memory of the guest instance.
+    #[serde(deserialize_with = "positive::size")]
     pub memory: ByteSize,
     /// Elements across the guest's tables.
+    #[serde(deserialize_with = "positive::count32")]
     pub table_elements: u32,
     /// Bytes of stdout kept; the call is stopped when the guest writes more.
+    #[serde(deserialize_with = "positive::size")]
     pub stdout: ByteSize,
     /// Bytes of stderr kept; the call is stopped when the guest writes more.
+    #[serde(deserialize_with = "positive::size")]
     pub stderr: ByteSize,
     /// Bytes the call may write into files of the episode directory.
+    #[serde(deserialize_with = "positive::size")]
     pub written_bytes: ByteSize,
     /// Files, directories and links the call may create in the episode directory.
+    #[serde(deserialize_with = "positive::count")]
     pub files_created: u64,
 }
 
@@ -50,12 +58,16 @@ impl Default for CallLimits {
 #[serde(deny_unknown_fields, default)]
 pub struct EpisodeBudget {
     /// Wall-clock time spent inside tool calls.
+    #[serde(deserialize_with = "positive::duration")]
     pub wall_time: HumanDuration,
     /// Fuel consumed by all calls.
+    #[serde(deserialize_with = "positive::count")]
     pub fuel: u64,
     /// Bytes written into episode files by all calls.
+    #[serde(deserialize_with = "positive::size")]
     pub written_bytes: ByteSize,
     /// Files, directories and links created by all calls.
+    #[serde(deserialize_with = "positive::count")]
     pub files_created: u64,
 }
 
@@ -239,5 +251,49 @@ mod tests {
             Effective::narrow(&call, &budget, &spent),
             Err(Limit::EpisodeFuel)
         );
+    }
+}
+
+/// Deserializers that reject zero: a limit of zero would make every call fail, which is never
+/// what a config means.
+pub mod positive {
+    use serde::{Deserialize, Deserializer};
+
+    use crate::units::{ByteSize, HumanDuration};
+
+    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
+        let v = HumanDuration::deserialize(d)?;
+        if v.0.is_zero() {
+            return Err(serde::de::Error::custom(
+                "expected a positive duration, like \"10s\"",
+            ));
+        }
+        Ok(v)
+    }
+
+    pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        let v = ByteSize::deserialize(d)?;
+        if v.0 == 0 {
+            return Err(serde::de::Error::custom(
+                "expected a positive size, like \"64MiB\"",
+            ));
+        }
+        Ok(v)
+    }
+
+    pub fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let v = u64::deserialize(d)?;
+        if v == 0 {
+            return Err(serde::de::Error::custom("expected a positive integer"));
+        }
+        Ok(v)
+    }
+
+    pub fn count32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let v = u32::deserialize(d)?;
+        if v == 0 {
+            return Err(serde::de::Error::custom("expected a positive integer"));
+        }
+        Ok(v)
     }
 }

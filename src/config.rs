@@ -1,0 +1,310 @@
+//! The run's configuration: RON, typed, validated, every quantity with its unit.
+//!
+//! Errors name the file, line and column, the field's path and what was expected, and unknown
+//! fields are rejected, so a typo never becomes a silent default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use klong_sandbox::{CallLimits, EpisodeBudget, HostSettings, HumanDuration};
+use serde::{Deserialize, Serialize};
+
+/// Largest config file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The run's name, used in logs and reports.
+    #[serde(deserialize_with = "run_name")]
+    pub name: String,
+    /// Where the run keeps its state; relative paths are relative to the working directory.
+    pub run_dir: PathBuf,
+    /// The seed every random choice of the run derives from.
+    pub seed: u64,
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Directory of tool manifests (`*.json`).
+    pub tools_dir: PathBuf,
+    /// Where compiled modules are cached; `None` resolves to `$XDG_CACHE_HOME/klongd/modules`
+    /// or `$HOME/.cache/klongd/modules`.
+    pub cache_dir: Option<PathBuf>,
+    /// Tool calls executing at once.
+    #[serde(deserialize_with = "positive_usize")]
+    pub max_concurrent: usize,
+    /// Tool calls that may wait for a slot; more are refused at once.
+    pub max_queued: usize,
+    /// How long a queued call waits before it is refused.
+    #[serde(deserialize_with = "klong_sandbox::limits::positive::duration")]
+    pub queue_timeout: HumanDuration,
+    /// Fixed ticking clocks and seeded randomness in guests.
+    pub deterministic: bool,
+    /// Limits of every tool call.
+    pub call: CallLimits,
+    /// Totals of an episode across its calls.
+    pub episode: EpisodeBudget,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        let host = HostSettings::default();
+        SandboxConfig {
+            tools_dir: PathBuf::from("sandboxes/tools/manifests"),
+            cache_dir: None,
+            max_concurrent: host.max_concurrent,
+            max_queued: host.max_queued,
+            queue_timeout: HumanDuration(host.queue_timeout),
+            deterministic: host.deterministic,
+            call: CallLimits::default(),
+            episode: EpisodeBudget::default(),
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// The host settings, with the cache directory resolved.
+    pub fn host_settings(&self) -> Result<HostSettings, ConfigError> {
+        Ok(HostSettings {
+            cache_dir: Some(match &self.cache_dir {
+                Some(dir) => dir.clone(),
+                None => default_cache_dir()?,
+            }),
+            max_concurrent: self.max_concurrent,
+            max_queued: self.max_queued,
+            queue_timeout: self.queue_timeout.0,
+            deterministic: self.deterministic,
+        })
+    }
+}
+
+/// `$XDG_CACHE_HOME/klongd/modules`, else `$HOME/.cache/klongd/modules`.
+pub fn default_cache_dir() -> Result<PathBuf, ConfigError> {
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("klongd/modules"));
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(home).join(".cache/klongd/modules"));
+    }
+    Err(ConfigError::Invalid {
+        file: PathBuf::new(),
+        message: "sandbox.cache_dir is not set and neither XDG_CACHE_HOME nor HOME is: set one"
+            .into(),
+    })
+}
+
+fn run_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        return Err(serde::de::Error::custom(format!(
+            "expected a name of 1 to 64 ASCII letters, digits, `-`, `_` or `.`, got {name:?}"
+        )));
+    }
+    Ok(name)
+}
+
+fn positive_usize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = usize::deserialize(d)?;
+    if v == 0 {
+        return Err(serde::de::Error::custom("expected a positive integer"));
+    }
+    Ok(v)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    /// `line`/`col` are 1-based.
+    #[error("{}:{line}:{col}: {path}{message}", file.display(), path = field_prefix(field))]
+    Syntax {
+        file: PathBuf,
+        line: usize,
+        col: usize,
+        field: String,
+        message: String,
+    },
+    #[error("{}: {message}", file.display())]
+    Invalid { file: PathBuf, message: String },
+}
+
+fn field_prefix(field: &str) -> String {
+    if field.is_empty() || field == "." {
+        String::new()
+    } else {
+        format!("field `{field}`: ")
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let read_err = |source| ConfigError::Read {
+            file: file.to_path_buf(),
+            source,
+        };
+        let len = std::fs::metadata(file).map_err(read_err)?.len();
+        if len > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                message: format!("{len} bytes is over the {MAX_CONFIG_BYTES}-byte config limit"),
+            });
+        }
+        let text = std::fs::read_to_string(file).map_err(read_err)?;
+        Config::parse(file, &text)
+    }
+
+    /// Parses `text`; `file` only names it in errors.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let syntax = |e: ron::error::SpannedError, field: String| ConfigError::Syntax {
+            file: file.to_path_buf(),
+            line: e.span.start.line,
+            col: e.span.start.col,
+            field,
+            message: e.code.to_string(),
+        };
+        let mut de = ron::Deserializer::from_str(text).map_err(|e| syntax(e, String::new()))?;
+        let config: Config = match serde_path_to_error::deserialize(&mut de) {
+            Ok(c) => c,
+            Err(e) => {
+                let field = e.path().to_string();
+                let spanned = de.span_error(e.into_inner());
+                return Err(syntax(spanned, field));
+            }
+        };
+        de.end()
+            .map_err(|e| syntax(de.span_error(e), String::new()))?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Checks that span several fields (single fields are checked while parsing).
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            message,
+        };
+        if self.run_dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "field `run_dir`: expected a directory path, got an empty string".into(),
+            ));
+        }
+        let call = &self.sandbox.call;
+        let episode = &self.sandbox.episode;
+        if call.wall_time > episode.wall_time {
+            return Err(invalid(format!(
+                "field `sandbox.call.wall_time` ({}) is longer than `sandbox.episode.wall_time` ({}): \
+                 an episode could not fit one call",
+                call.wall_time, episode.wall_time
+            )));
+        }
+        if call.wall_time.0 > Duration::from_secs(3600) {
+            return Err(invalid(format!(
+                "field `sandbox.call.wall_time` ({}) is over 1h: split long work into several calls",
+                call.wall_time
+            )));
+        }
+        Ok(())
+    }
+
+    /// The resolved plan, as RON with every default filled in.
+    pub fn to_ron(&self) -> String {
+        let pretty = ron::ser::PrettyConfig::new().struct_names(false);
+        ron::ser::to_string_pretty(self, pretty)
+            .unwrap_or_else(|e| format!("<cannot print config: {e}>"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.ron"), text)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(r#"(name: "t", run_dir: "runs/t", seed: 7)"#).unwrap();
+        assert_eq!(c.sandbox, SandboxConfig::default());
+        assert_eq!(c.seed, 7);
+    }
+
+    #[test]
+    fn units_are_parsed() {
+        let c = parse(
+            r#"(name: "t", run_dir: "r", seed: 1,
+                sandbox: (call: (wall_time: "250ms", memory: "64MiB"), episode: (wall_time: "2h")))"#,
+        )
+        .unwrap();
+        assert_eq!(c.sandbox.call.wall_time.0, Duration::from_millis(250));
+        assert_eq!(c.sandbox.call.memory.0, 64 << 20);
+        assert_eq!(c.sandbox.episode.wall_time.0, Duration::from_secs(7200));
+        // The printed plan parses back to the same config.
+        assert_eq!(parse(&c.to_ron()).unwrap(), c);
+    }
+
+    #[test]
+    fn errors_name_file_line_column_and_field() {
+        let err = parse(
+            "(name: \"t\",\n run_dir: \"r\",\n seed: 1,\n sandbox: (call: (wall_time: \"30\")))",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("test.ron:4:"), "{err}");
+        assert!(err.contains("sandbox.call.wall_time"), "{err}");
+        assert!(err.contains("has no unit"), "{err}");
+
+        let err = parse("(name: \"t\", run_dir: \"r\", seed: 1, sandbx: ())")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.ron:1:"), "{err}");
+        assert!(err.contains("sandbx"), "{err}");
+
+        let err = parse("(name: \"t\", run_dir: \"r\",\n  seed: -3)")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.ron:2:"), "{err}");
+        assert!(err.contains("seed"), "{err}");
+
+        let err = parse("(name: \"t\", run_dir: \"r\", seed: 1, sandbox: (max_concurrent: 0))")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sandbox.max_concurrent") && err.contains("positive"),
+            "{err}"
+        );
+
+        let err = parse("(name: \"t\", run_dir: \"r\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.ron:1:"), "{err}");
+
+        let err = parse("(name: \"bad name!\", run_dir: \"r\", seed: 1)")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("name"), "{err}");
+    }
+
+    #[test]
+    fn cross_field_checks() {
+        let err = parse(
+            r#"(name: "t", run_dir: "r", seed: 1, sandbox: (call: (wall_time: "3h"), episode: (wall_time: "2h")))"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sandbox.call.wall_time"), "{err}");
+    }
+}

@@ -1,0 +1,8 @@
+//! klongd: trains LLM agents for long-horizon, tool-using tasks. This library is the binary's
+//! body (config, run directory, CLI commands); `main.rs` only parses arguments and maps errors
+//! to exit codes.
+
+pub mod bench;
+pub mod config;
+pub mod run;
+pub mod sandbox_cli;
