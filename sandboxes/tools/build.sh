@@ -36,9 +36,26 @@ command -v "$PYTHON" >/dev/null || { echo "build.sh: $PYTHON not found" >&2; exi
 command -v cc >/dev/null || { echo "build.sh: no system C compiler 'cc'" >&2; exit 1; }
 
 # ---- toolchain -------------------------------------------------------------
+# pip itself: present with most Pythons; on a bare Debian, install it (as root).
+if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "build.sh: installing python3-pip with apt-get" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+    else
+        echo "build.sh: '$PYTHON -m pip' is missing: install python3-pip" >&2
+        exit 1
+    fi
+fi
+# zig goes into a private directory (not site-packages), which also sidesteps
+# Debian's "externally managed environment" refusal of system-wide pip installs.
+ZIG_HOME="$HERE/.toolchain/ziglang-$ZIG_VERSION"
+export PYTHONPATH="$ZIG_HOME${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$("$PYTHON" -m ziglang version 2>/dev/null || true)" != "$ZIG_VERSION" ]; then
-    echo "build.sh: installing ziglang==$ZIG_VERSION from PyPI" >&2
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check "ziglang==$ZIG_VERSION"
+    echo "build.sh: installing ziglang==$ZIG_VERSION from PyPI into $ZIG_HOME" >&2
+    rm -rf "$ZIG_HOME"
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps \
+        --target "$ZIG_HOME" "ziglang==$ZIG_VERSION"
     got="$("$PYTHON" -m ziglang version)"
     [ "$got" = "$ZIG_VERSION" ] || { echo "build.sh: ziglang reports $got, want $ZIG_VERSION" >&2; exit 1; }
 fi
