@@ -135,8 +135,23 @@ fn stdout_cap_applies_through_the_shell() {
     stopped_by(&out, Limit::Stdout);
     assert_eq!(out.stdout.len(), 1000);
     assert!(out.stdout.starts_with("1\n2\n3\n"));
-    assert!(out.stdout_truncated);
     still_works(&mut sb);
+}
+
+/// Known bug (reported): when a shell stage is stopped by the stdout limit, `shell::command`
+/// copies the stage's capped bytes into the call's stdout but not its `truncated` flag, so the
+/// outcome says `stdout_truncated: false` although output was cut.
+#[test]
+#[ignore = "src bug: shell stage's stdout_truncated flag is dropped (see report)"]
+fn shell_stage_stopped_by_stdout_limit_reports_truncation() {
+    let limits = CallLimits {
+        stdout: ByteSize(1000),
+        ..small_limits()
+    };
+    let (_d, mut sb) = sandbox(limits, EpisodeBudget::default());
+    let out = bash(&mut sb, "seq 1 100000");
+    stopped_by(&out, Limit::Stdout);
+    assert!(out.stdout_truncated, "{:?}", out.termination);
 }
 
 #[test]
@@ -330,15 +345,23 @@ fn write_quota_counts_through_the_shell() {
 
 #[test]
 fn episode_fuel_budget_stops_and_then_refuses() {
+    const LINE: &str = "seq 1 2000 | wc -l";
+    // What one call costs (fuel is deterministic), measured in a throwaway sandbox.
+    let per_call = {
+        let (_d, mut probe) = default_sandbox();
+        ok(bash(&mut probe, LINE).clone());
+        probe.used().fuel
+    };
+    let budget_fuel = per_call * 7 / 2;
     let budget = EpisodeBudget {
-        fuel: 2_000_000,
+        fuel: budget_fuel,
         ..EpisodeBudget::default()
     };
     let (d, mut sb) = sandbox(CallLimits::default(), budget);
     let mut total = 0u64;
     let mut completed = 0;
     let stopped = loop {
-        let out = bash(&mut sb, "seq 1 2000 | wc -l");
+        let out = bash(&mut sb, LINE);
         total += out.usage.fuel;
         assert_eq!(sb.used().fuel, total, "used() accumulates");
         match out.termination {
@@ -351,8 +374,8 @@ fn episode_fuel_budget_stops_and_then_refuses() {
         }
     };
     stopped_by(&stopped, Limit::EpisodeFuel);
-    assert!(completed >= 1, "some calls ran before the budget was spent");
-    assert_eq!(sb.used().fuel, 2_000_000);
+    assert_eq!(completed, 3, "3.5 calls' worth of fuel runs three calls");
+    assert_eq!(sb.used().fuel, budget_fuel);
     let used = sb.used();
     // Spent: further calls do not run at all.
     let out = call(&mut sb, "write_file", json!({"file": "late.txt", "content": "x"}));
