@@ -107,7 +107,11 @@ pub fn run(req: RunRequest) -> Result<klong_sandbox::Outcome, RequestError> {
         })?;
         match json_arguments(&req.args)? {
             Some(args) => sandbox.exec(&req.tool, &args),
-            None if tool.manifest.command => sandbox.exec_argv(&req.tool, &req.args, req.stdin),
+            None if tool.manifest.command
+                && !names_parameters(&tool.manifest.parameters, &req.args) =>
+            {
+                sandbox.exec_argv(&req.tool, &req.args, req.stdin)
+            }
             None => sandbox.exec(&req.tool, &key_value_arguments(&req.args)?),
         }
     };
@@ -127,6 +131,17 @@ fn json_arguments(args: &[String]) -> Result<Option<Value>, RequestError> {
             .map_err(|e| RequestError::Usage(format!("arguments are not valid JSON: {e}"))),
         _ => Ok(None),
     }
+}
+
+/// Whether every argument is `key=value` with a key the tool declares: then they are the
+/// call's arguments, not a command line.
+fn names_parameters(schema: &Value, args: &[String]) -> bool {
+    let props = schema.get("properties").and_then(Value::as_object);
+    !args.is_empty()
+        && args.iter().all(|a| {
+            a.split_once('=')
+                .is_some_and(|(k, _)| props.is_some_and(|p| p.contains_key(k)))
+        })
 }
 
 /// `key=value` pairs; a value that parses as JSON (a number, `true`) is taken as such.

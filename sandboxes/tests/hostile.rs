@@ -48,7 +48,11 @@ fn stopped_by(out: &Outcome, limit: Limit) {
 #[track_caller]
 fn still_works(sb: &mut Sandbox) {
     assert_eq!(ok(bash(sb, "echo ok")), "ok\n");
-    ok(call(sb, "write_file", json!({"file": "after.txt", "content": "fine\n"})));
+    ok(call(
+        sb,
+        "write_file",
+        json!({"file": "after.txt", "content": "fine\n"}),
+    ));
     assert_eq!(ok(cmd(sb, "cat", &["after.txt"])), "fine\n");
 }
 
@@ -102,7 +106,11 @@ fn membomb_is_stopped_by_memory() {
     // The next call starts with fresh memory.
     let next = bash(&mut sb, "echo ok");
     assert_eq!(ok(next.clone()), "ok\n");
-    assert!(next.usage.peak_memory < ByteSize::mib(8).0, "{:?}", next.usage);
+    assert!(
+        next.usage.peak_memory < ByteSize::mib(8).0,
+        "{:?}",
+        next.usage
+    );
     still_works(&mut sb);
 }
 
@@ -215,7 +223,10 @@ fn snapshot(dir: &Path) -> Vec<(String, String)> {
             let rel = p.strip_prefix(dir).unwrap().display().to_string();
             let meta = std::fs::symlink_metadata(&p).unwrap();
             if meta.file_type().is_symlink() {
-                out.push((rel, format!("-> {}", std::fs::read_link(&p).unwrap().display())));
+                out.push((
+                    rel,
+                    format!("-> {}", std::fs::read_link(&p).unwrap().display()),
+                ));
             } else if meta.is_dir() {
                 out.push((rel, "<dir>".into()));
                 stack.push(p);
@@ -277,17 +288,28 @@ fn escape_attempts_are_refused() {
             "{line} leaked: {out:?}"
         );
     }
-    for line in ["echo pwned > ../outside.txt", "echo pwned > link_out", "echo pwned >> ../x.txt"] {
+    for line in [
+        "echo pwned > ../outside.txt",
+        "echo pwned > link_out",
+        "echo pwned >> ../x.txt",
+    ] {
         let out = bash(&mut sb, line);
         assert_ne!(out.exit_code(), Some(0), "{line}: {out:?}");
     }
-    let out = call(&mut sb, "write_file", json!({"file": "../outside.txt", "content": "pwned"}));
+    let out = call(
+        &mut sb,
+        "write_file",
+        json!({"file": "../outside.txt", "content": "pwned"}),
+    );
     assert_ne!(out.exit_code(), Some(0), "{out:?}");
     let out = call(&mut sb, "read_file_chunk", json!({"file": "link_out"}));
     assert_ne!(out.exit_code(), Some(0), "{out:?}");
     assert!(!out.stdout.contains("SECRET"));
     assert_eq!(snapshot(outer.path()), before);
-    assert_eq!(std::fs::read_to_string(outer.path().join("outside.txt")).unwrap(), SECRET);
+    assert_eq!(
+        std::fs::read_to_string(outer.path().join("outside.txt")).unwrap(),
+        SECRET
+    );
     still_works(&mut sb);
 }
 
@@ -335,7 +357,11 @@ fn write_quota_counts_through_the_shell() {
     // Appends and the file tools are charged too; small writes still fit.
     let out = bash(&mut sb, "seq 1 300 >> small.txt");
     stopped_by(&out, Limit::WrittenBytes);
-    let out = call(&mut sb, "write_file", json!({"file": "w.txt", "content": "x".repeat(2000)}));
+    let out = call(
+        &mut sb,
+        "write_file",
+        json!({"file": "w.txt", "content": "x".repeat(2000)}),
+    );
     stopped_by(&out, Limit::WrittenBytes);
     // The quota is per call: within it, writes go through.
     ok(bash(&mut sb, "seq 1 100 > ok.txt"));
@@ -349,7 +375,7 @@ fn episode_fuel_budget_stops_and_then_refuses() {
     // What one call costs (fuel is deterministic), measured in a throwaway sandbox.
     let per_call = {
         let (_d, mut probe) = default_sandbox();
-        ok(bash(&mut probe, LINE).clone());
+        ok(bash(&mut probe, LINE));
         probe.used().fuel
     };
     let budget_fuel = per_call * 7 / 2;
@@ -378,13 +404,27 @@ fn episode_fuel_budget_stops_and_then_refuses() {
     assert_eq!(sb.used().fuel, budget_fuel);
     let used = sb.used();
     // Spent: further calls do not run at all.
-    let out = call(&mut sb, "write_file", json!({"file": "late.txt", "content": "x"}));
-    assert_eq!(out.termination, Termination::NotRun { limit: Limit::EpisodeFuel });
+    let out = call(
+        &mut sb,
+        "write_file",
+        json!({"file": "late.txt", "content": "x"}),
+    );
+    assert_eq!(
+        out.termination,
+        Termination::NotRun {
+            limit: Limit::EpisodeFuel
+        }
+    );
     assert_eq!(out.limit(), Some(Limit::EpisodeFuel));
     assert!(out.stdout.is_empty() && out.usage.fuel == 0);
     assert!(!d.path().join("late.txt").exists());
     let out = bash(&mut sb, "echo hi");
-    assert_eq!(out.termination, Termination::NotRun { limit: Limit::EpisodeFuel });
+    assert_eq!(
+        out.termination,
+        Termination::NotRun {
+            limit: Limit::EpisodeFuel
+        }
+    );
     assert_eq!(sb.used(), used, "refused calls consume nothing");
 }
 
@@ -403,10 +443,23 @@ fn episode_wall_time_stops_a_spinning_call_and_then_refuses() {
     let started = Instant::now();
     let out = run(&mut sb, &hostile("spin"), "spin");
     stopped_by(&out, Limit::EpisodeWallTime);
-    assert!(started.elapsed() < Duration::from_millis(800), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(sb.used().wall_time_us >= 200_000, "{:?}", sb.used());
-    let out = call(&mut sb, "write_file", json!({"file": "late.txt", "content": "x"}));
-    assert_eq!(out.termination, Termination::NotRun { limit: Limit::EpisodeWallTime });
+    let out = call(
+        &mut sb,
+        "write_file",
+        json!({"file": "late.txt", "content": "x"}),
+    );
+    assert_eq!(
+        out.termination,
+        Termination::NotRun {
+            limit: Limit::EpisodeWallTime
+        }
+    );
     assert!(!d.path().join("late.txt").exists());
     assert!(Limit::EpisodeWallTime.is_episode() && !Limit::WallTime.is_episode());
 }
@@ -448,13 +501,26 @@ fn hostile_calls_leave_the_host_usable_for_other_sandboxes() {
     };
     let (_d, mut sb) = sandbox(limits, EpisodeBudget::default());
     let mut ended = Vec::new();
-    for name in ["spin", "membomb", "flood", "stackbomb", "trap", "filebomb", "diskbomb"] {
+    for name in [
+        "spin",
+        "membomb",
+        "flood",
+        "stackbomb",
+        "trap",
+        "filebomb",
+        "diskbomb",
+    ] {
         let out = run(&mut sb, &hostile(name), name);
         assert!(!out.success(), "{name}: {out:?}");
         ended.push(out.termination);
         assert_eq!(ok(bash(&mut sb, "echo ok")), "ok\n", "after {name}");
     }
-    assert!(matches!(ended[0], Termination::Limit { limit: Limit::WallTime }));
+    assert!(matches!(
+        ended[0],
+        Termination::Limit {
+            limit: Limit::WallTime
+        }
+    ));
     let (d2, mut other) = default_sandbox();
     write(d2.path(), "a.txt", "fresh\n");
     assert_eq!(ok(cmd(&mut other, "cat", &["a.txt"])), "fresh\n");

@@ -1,0 +1,109 @@
+//! A deterministic host gives the same outcomes for the same calls and seed.
+
+mod common;
+
+use common::*;
+use klong_sandbox::{CallLimits, EpisodeBudget, Outcome, Sandbox, Usage};
+use serde_json::{json, Value};
+
+const PY: &str = "import random, time, os\n\
+print(random.random())\n\
+print(time.time())\n\
+print(time.monotonic() > 0)\n\
+print(list({'alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta', 'eta', 'theta'}))\n\
+print(os.urandom(8).hex())\n\
+print(hash('klong'))\n";
+
+fn script() -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "write_file",
+            json!({"file": "a.txt", "content": "b\na\nc\nb\n"}),
+        ),
+        (
+            "bash",
+            json!({"command": "sort -u a.txt > s.txt; cat s.txt | wc -l; ls -l"}),
+        ),
+        ("read_file_chunk", json!({"file": "s.txt"})),
+        (
+            "bash",
+            json!({"command": "cat missing.txt; seq 5 | grep -v 3"}),
+        ),
+        ("python", json!({ "code": PY })),
+        ("python", json!({ "code": PY })),
+        (
+            "replace_in_file",
+            json!({"file": "a.txt", "old": "c", "new": "C"}),
+        ),
+    ]
+}
+
+/// An outcome without the one field that measures the host: elapsed wall time.
+fn comparable(out: &Outcome) -> Outcome {
+    let mut out = out.clone();
+    out.usage = Usage {
+        wall_time_us: 0,
+        ..out.usage
+    };
+    out
+}
+
+fn run(seed: u64) -> Vec<Outcome> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sb: Sandbox = sandbox_in(
+        dir.path(),
+        CallLimits::default(),
+        EpisodeBudget::default(),
+        seed,
+    );
+    script()
+        .into_iter()
+        .map(|(tool, args)| call(&mut sb, tool, args))
+        .collect()
+}
+
+fn python_lines(outcomes: &[Outcome]) -> Vec<&str> {
+    let py = outcomes.iter().find(|o| o.tool == "python").unwrap();
+    assert!(py.success(), "{py:?}");
+    py.stdout.lines().collect()
+}
+
+#[test]
+fn same_seed_same_outcomes() {
+    let first = run(42);
+    let second = run(42);
+    assert_eq!(first.len(), second.len());
+    for (a, b) in first.iter().zip(&second) {
+        assert_eq!(comparable(a), comparable(b), "{} differs", a.tool);
+        assert!(a.usage.fuel > 0);
+    }
+    // The deterministic clock starts at 2026-01-01T00:00:00Z.
+    let lines = python_lines(&first);
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    let t: f64 = lines[1].parse().unwrap();
+    assert!(
+        (1_767_225_600.0..1_767_225_700.0).contains(&t),
+        "time.time() = {t}"
+    );
+    assert_eq!(lines[2], "True");
+    // Two python calls in one episode draw different numbers (each call has its own seed).
+    let pys: Vec<_> = first.iter().filter(|o| o.tool == "python").collect();
+    assert_ne!(
+        pys[0].stdout.lines().next(),
+        pys[1].stdout.lines().next(),
+        "random.random() repeated across calls"
+    );
+}
+
+#[test]
+fn different_seed_different_random() {
+    let a = run(1);
+    let b = run(2);
+    let (la, lb) = (python_lines(&a), python_lines(&b));
+    assert_ne!(la[0], lb[0], "random.random() ignores the seed");
+    assert_ne!(la[4], lb[4], "os.urandom ignores the seed");
+    // What does not depend on randomness is the same.
+    assert_eq!(la[1], lb[1], "the clock does not depend on the seed");
+    assert_eq!(comparable(&a[1]), comparable(&b[1]));
+    assert_eq!(comparable(&a[2]), comparable(&b[2]));
+}

@@ -1,0 +1,338 @@
+//! End-to-end tests of the `klongd` binary: exit codes, config errors, `run` and resume, and
+//! `sandbox run` / `sandbox tools`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tools_dir() -> PathBuf {
+    let dir = repo().join("sandboxes/tools/manifests");
+    assert!(
+        repo().join("sandboxes/tools/wasm/coreutils.wasm").exists(),
+        "guest tools are not built: run sandboxes/tools/build.sh"
+    );
+    dir
+}
+
+/// Shared by all tests (and with the sandbox crate's tests) so modules compile once.
+fn cache_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("klong-module-cache")
+}
+
+fn klongd(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_klongd"))
+        .args(args)
+        .current_dir(cwd)
+        .env("KLONGD_TOOLS_DIR", tools_dir())
+        .env(
+            "XDG_CACHE_HOME",
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xdg-cache"),
+        )
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("klongd runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn write_config(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("run.ron");
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+fn config_text(run_dir: &Path, extra_call: &str) -> String {
+    format!(
+        r#"(
+    name: "e2e",
+    run_dir: "{}",
+    seed: 3,
+    sandbox: (
+        tools_dir: "{}",
+        cache_dir: Some("{}"),
+        call: (wall_time: "5s"{extra_call}),
+    ),
+)"#,
+        run_dir.display(),
+        tools_dir().display(),
+        cache_dir().display()
+    )
+}
+
+#[test]
+fn check_prints_the_resolved_plan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), &config_text(&tmp.path().join("run"), ""));
+    let out = klongd(&["check", cfg.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("wall_time: \"5s\""), "{stdout}");
+    assert!(
+        stdout.contains("files_created: 1000"),
+        "defaults are filled in: {stdout}"
+    );
+    assert!(stdout.contains("bash"), "tools are listed: {stdout}");
+}
+
+#[test]
+fn bad_configs_exit_2_naming_file_line_column_and_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "(name: \"x\",\n run_dir: \"r\",\n seed: 1,\n sandbox: (call: (wall_time: \"10\")))",
+            ":4:",
+            "sandbox.call.wall_time",
+        ),
+        (
+            "(name: \"x\", run_dir: \"r\", seed: 1,\n sandbox: (call: (memory: \"lots\")))",
+            ":2:",
+            "sandbox.call.memory",
+        ),
+        (
+            "(name: \"x\", run_dir: \"r\", seed: 1,\n  colour: \"red\")",
+            ":2:",
+            "colour",
+        ),
+        ("(name: \"x\", run_dir: \"r\", seed: 1", ":1:", ""),
+        (
+            "(name: \"x\", run_dir: \"r\", seed: 1, sandbox: (episode: (fuel: 0)))",
+            ":1:",
+            "sandbox.episode.fuel",
+        ),
+    ];
+    for (body, position, field) in cases {
+        let cfg = write_config(tmp.path(), body);
+        for command in ["check", "run"] {
+            let out = klongd(&[command, cfg.to_str().unwrap()], tmp.path());
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{command} {body}: {err}");
+            assert!(err.contains(&format!("run.ron{position}")), "{body}: {err}");
+            assert!(err.contains(field), "{body}: {err}");
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
+    let out = klongd(&["check", "/nonexistent/x.ron"], tmp.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("/nonexistent/x.ron"));
+}
+
+#[test]
+fn run_starts_resumes_and_refuses_a_different_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &config_text(&run_dir, ""));
+    let out = klongd(&["run", cfg.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("sandbox self-check passed"),
+        "{}",
+        stderr(&out)
+    );
+    let stored = std::fs::read_to_string(run_dir.join("config.ron")).unwrap();
+    assert!(stored.contains("\"e2e\""));
+
+    let out = klongd(
+        &["run", cfg.to_str().unwrap(), "--log-format", "json"],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<Value> = stderr(&out)
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line: {l}: {e}"))
+        })
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "resuming run"),
+        "{lines:?}"
+    );
+
+    let changed = write_config(tmp.path(), &config_text(&run_dir, ", fuel: 1000000"));
+    let out = klongd(&["run", changed.to_str().unwrap()], tmp.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("different config"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_locked_run_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    let _held = klongd::run::RunDir::open(&run_dir).unwrap();
+    let cfg = write_config(tmp.path(), &config_text(&run_dir, ""));
+    let out = klongd(&["run", cfg.to_str().unwrap()], tmp.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("in use by another klongd process"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn sandbox_run(dir: &Path, args: &[&str]) -> (Output, Value) {
+    let cache = cache_dir();
+    let mut all = vec![
+        "sandbox",
+        "run",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let out = klongd(&all, dir.parent().unwrap());
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out, json)
+}
+
+#[test]
+fn sandbox_run_prints_the_outcome_and_exits_0_whatever_the_guest_did() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ep = tmp.path().join("ep");
+    let (out, o) = sandbox_run(
+        &ep,
+        &[
+            "write_file",
+            r#"{"file": "a.txt", "content": "one\ntwo\nthree\n"}"#,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(o["termination"]["kind"], "exited");
+    assert_eq!(
+        std::fs::read_to_string(ep.join("a.txt")).unwrap(),
+        "one\ntwo\nthree\n"
+    );
+
+    let (_, o) = sandbox_run(&ep, &["bash", r#"{"command": "grep -n t a.txt | wc -l"}"#]);
+    assert_eq!(o["stdout"], "2\n");
+
+    // Raw argv for shell commands, with flags after the tool name.
+    let (_, o) = sandbox_run(&ep, &["grep", "-c", "o", "a.txt"]);
+    assert_eq!(o["stdout"], "2\n");
+
+    // key=value arguments.
+    let (_, o) = sandbox_run(
+        &ep,
+        &[
+            "read_file_chunk",
+            "file=a.txt",
+            "start_line=2",
+            "max_lines=1",
+        ],
+    );
+    assert!(o["stdout"].as_str().unwrap().contains("two"), "{o}");
+
+    // The guest fails: the host did its job, so exit 0 with the guest's code in the outcome.
+    let (out, o) = sandbox_run(&ep, &["cat", "missing.txt"]);
+    assert!(out.status.success());
+    assert_eq!(o["termination"]["code"], 1);
+    assert!(o["stderr"].as_str().unwrap().contains("missing.txt"));
+
+    // A limit hit is a typed outcome.
+    let (out, o) = sandbox_run(
+        &ep,
+        &[
+            "--fuel",
+            "100000",
+            "bash",
+            r#"{"command": "seq 1 100000000"}"#,
+        ],
+    );
+    assert!(out.status.success());
+    assert_eq!(o["termination"]["kind"], "limit");
+    assert_eq!(o["termination"]["limit"], "fuel");
+}
+
+#[test]
+fn sandbox_run_takes_any_wasm_module() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ep = tmp.path().join("ep");
+    let hello = repo().join("sandboxes/tools/wasm/hostile/hello.wasm");
+    let (out, o) = sandbox_run(&ep, &[hello.to_str().unwrap(), "--flag", "x"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = o["stdout"].as_str().unwrap();
+    assert!(
+        stdout.contains("hello") && stdout.contains("--flag"),
+        "{stdout}"
+    );
+
+    let spin = repo().join("sandboxes/tools/wasm/hostile/spin.wasm");
+    let (out, o) = sandbox_run(
+        &ep,
+        &[
+            "--wall-time",
+            "200ms",
+            "--fuel",
+            "100000000000000",
+            spin.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success());
+    assert_eq!(o["termination"]["limit"], "wall_time");
+}
+
+#[test]
+fn sandbox_run_bad_requests_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ep = tmp.path().join("ep");
+    for args in [
+        vec!["no_such_tool"],
+        vec!["read_file_chunk", r#"{"file": 3}"#],
+        vec!["read_file_chunk", r#"{"bogus": "x"}"#],
+        vec!["read_file_chunk", "{not json"],
+        vec!["submit", "novalue"],
+        vec!["--wall-time", "10", "cat"],
+    ] {
+        let (out, _) = sandbox_run(&ep, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn sandbox_tools_lists_the_agent_tools() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = klongd(&["sandbox", "tools", "--json"], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tools: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = tools
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "bash",
+        "python",
+        "read_file_chunk",
+        "search_file",
+        "submit",
+        "write_file",
+    ] {
+        assert!(names.contains(&name), "{names:?}");
+    }
+    assert!(
+        !names.contains(&"cat"),
+        "plain commands are not agent tools: {names:?}"
+    );
+    let out = klongd(&["sandbox", "tools"], tmp.path());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("shell command"));
+}
+
+#[test]
+fn quickstart_config_is_valid() {
+    let out = klongd(&["check", "examples/quickstart.ron"], &repo());
+    assert!(out.status.success(), "{}", stderr(&out));
+}
