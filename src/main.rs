@@ -49,7 +49,7 @@ enum SandboxCommand {
     /// Run one tool call and print its outcome as JSON. TOOL is a registry name or the path of
     /// a `.wasm` WASI command. ARGS: one JSON object (the agent's arguments), KEY=VALUE pairs,
     /// or, for shell commands and `.wasm` paths, the raw argv.
-    Run(SandboxRunArgs),
+    Run(Box<SandboxRunArgs>),
     /// List the tool registry with its schemas.
     Tools {
         #[arg(long)]
@@ -203,7 +203,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Sandbox(SandboxCommand::Run(a)) => sandbox_run(a),
+        Command::Sandbox(SandboxCommand::Run(a)) => sandbox_run(*a),
         Command::Bench(BenchCommand::Sandbox {
             tools,
             iterations,

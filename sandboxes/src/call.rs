@@ -133,6 +133,9 @@ impl ResourceLimiter for Limiter {
     }
 }
 
+type PathOpenArgs = (i32, i32, i32, i32, i32, i64, i64, i32, i32);
+type PathLinkArgs = (i32, i32, i32, i32, i32, i32, i32);
+
 /// The real wasmtime-wasi functions, reached through the pass-through instance.
 #[derive(Clone)]
 struct Forward {
@@ -140,10 +143,10 @@ struct Forward {
     fd_pwrite: TypedFunc<(i32, i32, i32, i64, i32), i32>,
     fd_allocate: TypedFunc<(i32, i64, i64), i32>,
     fd_filestat_set_size: TypedFunc<(i32, i64), i32>,
-    path_open: TypedFunc<(i32, i32, i32, i32, i32, i64, i64, i32, i32), i32>,
+    path_open: TypedFunc<PathOpenArgs, i32>,
     path_create_directory: TypedFunc<(i32, i32, i32), i32>,
     path_symlink: TypedFunc<(i32, i32, i32, i32, i32), i32>,
-    path_link: TypedFunc<(i32, i32, i32, i32, i32, i32, i32), i32>,
+    path_link: TypedFunc<PathLinkArgs, i32>,
     fd_renumber: TypedFunc<(i32, i32), i32>,
     fd_close: TypedFunc<i32, i32>,
     poll_oneoff: TypedFunc<(i32, i32, i32, i32), i32>,

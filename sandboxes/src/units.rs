@@ -148,7 +148,7 @@ impl fmt::Display for HumanDuration {
             if *name == "µs" {
                 continue;
             }
-            if ns != 0 && ns % scale == 0 {
+            if ns != 0 && ns.is_multiple_of(*scale) {
                 return write!(f, "{}{}", ns / scale, name);
             }
         }
@@ -164,7 +164,7 @@ impl fmt::Display for ByteSize {
             ("MiB", 1 << 20),
             ("KiB", 1 << 10),
         ] {
-            if self.0 != 0 && self.0 % scale == 0 {
+            if self.0 != 0 && self.0.is_multiple_of(scale) {
                 return write!(f, "{}{}", self.0 / scale, name);
             }
         }

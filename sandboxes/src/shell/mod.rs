@@ -366,7 +366,7 @@ fn glob_paths(root: &Path, pattern: &str, max: usize) -> Result<Vec<String>, Str
         .split('/')
         .filter(|p| !p.is_empty() && *p != ".")
         .collect();
-    if parts.iter().any(|p| *p == "..") {
+    if parts.contains(&"..") {
         return Ok(Vec::new());
     }
     let mut current: Vec<(PathBuf, String)> = vec![(root.to_path_buf(), String::new())];
@@ -377,10 +377,8 @@ fn glob_paths(root: &Path, pattern: &str, max: usize) -> Result<Vec<String>, Str
             if !glob::has_magic(part) {
                 let literal = glob::unescape(part);
                 let host = host.join(&literal);
-                if last || is_real_dir(&host) {
-                    if host.symlink_metadata().is_ok() {
-                        next.push((host, join_shown(shown, &literal)));
-                    }
+                if (last || is_real_dir(&host)) && host.symlink_metadata().is_ok() {
+                    next.push((host, join_shown(shown, &literal)));
                 }
                 continue;
             }
