@@ -177,16 +177,32 @@ pub fn tools(dir: &Path, json: bool) -> anyhow::Result<String> {
             (false, true) => "shell command",
             (false, false) => "hidden",
         };
-        let params = m
+        out.push_str(&format!("{}  ({role})\n    {}\n", m.name, m.description));
+        let required: Vec<&str> = m
             .parameters
-            .get("properties")
-            .and_then(Value::as_object)
-            .map(|p| p.keys().cloned().collect::<Vec<_>>().join(", "))
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
-        out.push_str(&format!(
-            "{:<16} {:<26} ({params})\n    {}\n",
-            m.name, role, m.description
-        ));
+        if let Some(props) = m.parameters.get("properties").and_then(Value::as_object) {
+            for (name, prop) in props {
+                let ty = prop.get("type").and_then(Value::as_str).unwrap_or("?");
+                let need = if required.contains(&name.as_str()) {
+                    ", required"
+                } else {
+                    ""
+                };
+                let default = prop
+                    .get("default")
+                    .map(|d| format!(" [default: {d}]"))
+                    .unwrap_or_default();
+                let about = prop
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                out.push_str(&format!("      {name}: {ty}{need}  {about}{default}\n"));
+            }
+        }
     }
     Ok(out)
 }

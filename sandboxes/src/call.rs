@@ -509,13 +509,18 @@ fn iovecs_len(mem: &[u8], iovs: u32, count: u32) -> Option<u64> {
     Some(total)
 }
 
-/// Copies an iovec array's bytes into `out` (already bounds-checked by `iovecs_len`).
-fn gather(mem: &[u8], iovs: u32, count: u32, out: &mut Vec<u8>) -> Option<()> {
+/// Copies at most `max` bytes of an iovec array into `out` (already bounds-checked by
+/// `iovecs_len`).
+fn gather(mem: &[u8], iovs: u32, count: u32, max: usize, out: &mut Vec<u8>) -> Option<()> {
     for i in 0..count as usize {
         let at = (iovs as usize).checked_add(i * 8)?;
         let ptr = read_u32(mem, at)? as usize;
         let len = read_u32(mem, at + 4)? as usize;
-        out.extend_from_slice(mem.get(ptr..ptr.checked_add(len)?)?);
+        let take = len.min(max.saturating_sub(out.len()));
+        out.extend_from_slice(mem.get(ptr..ptr.checked_add(take)?)?);
+        if out.len() >= max {
+            break;
+        }
     }
     Some(())
 }
@@ -601,16 +606,35 @@ fn add_shadows(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
                 return Ok(ERRNO_FAULT);
             };
             if captured {
-                // stdout / stderr go straight into the capped buffers.
-                let mut data = Vec::with_capacity(total as usize);
-                if gather(mem.data(&caller), iovs as u32, count as u32, &mut data).is_none() {
+                // stdout / stderr go straight into the capped buffers; never copy more than
+                // the room left, whatever length the guest claims.
+                let (room, limit) = {
+                    let s = caller.data();
+                    let stream = if fd == 1 { &s.stdout } else { &s.stderr };
+                    let limit = if fd == 1 {
+                        Limit::Stdout
+                    } else {
+                        Limit::Stderr
+                    };
+                    (stream.cap.saturating_sub(stream.bytes.len()), limit)
+                };
+                let mut data = Vec::with_capacity(room.min(total as usize));
+                if gather(
+                    mem.data(&caller),
+                    iovs as u32,
+                    count as u32,
+                    room.saturating_add(1),
+                    &mut data,
+                )
+                .is_none()
+                {
                     return Ok(ERRNO_FAULT);
                 }
                 let state = caller.data_mut();
-                let (stream, limit) = if fd == 1 {
-                    (&mut state.stdout, Limit::Stdout)
+                let stream = if fd == 1 {
+                    &mut state.stdout
                 } else {
-                    (&mut state.stderr, Limit::Stderr)
+                    &mut state.stderr
                 };
                 if !stream.push(&data) {
                     return Err(trap(&mut caller, limit));
