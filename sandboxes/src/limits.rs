@@ -119,7 +119,13 @@ impl Limit {
         }
     }
 
-    /// Whether this limit belongs to the episode's budget (further calls will not run).
+    /// Whether, once hit, no further call of the episode can run: its wall time or fuel is
+    /// spent. (A spent write or file budget only stops calls that write or create.)
+    pub fn ends_episode(self) -> bool {
+        matches!(self, Limit::EpisodeWallTime | Limit::EpisodeFuel)
+    }
+
+    /// Whether this limit belongs to the episode's budget rather than the call's.
     pub fn is_episode(self) -> bool {
         matches!(
             self,

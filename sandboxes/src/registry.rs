@@ -102,7 +102,11 @@ impl ToolModule {
         host: &SandboxHost,
     ) -> Result<InstancePre<CallState>, SandboxError> {
         let mut slot = self.pre.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pre) = slot.as_ref() {
+        // A registry may serve several hosts (tests do); a prepared module belongs to one engine.
+        if let Some(pre) = slot
+            .as_ref()
+            .filter(|pre| wasmtime::Engine::same(pre.module().engine(), host.engine()))
+        {
             return Ok(pre.clone());
         }
         let pre = host.prepare(&self.path)?;

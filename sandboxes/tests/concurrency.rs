@@ -70,6 +70,7 @@ async fn many_sandboxes_at_once_stay_independent() {
 
 /// A host of its own (its own registry too: compiled modules belong to one host's engine).
 fn tight_host() -> (Arc<SandboxHost>, Arc<ToolRegistry>) {
+    warm_python_cache();
     let host = SandboxHost::new(HostSettings {
         max_concurrent: 1,
         max_queued: 2,
@@ -248,7 +249,6 @@ async fn exec_async_does_not_block_the_runtime() {
 /// Known bug (reported): a `ToolModule` keeps the `InstancePre` of the first host that ran it,
 /// so a registry shared by two hosts fails on the second host with a cross-engine error.
 #[test]
-#[ignore = "src bug: ToolModule caches one host's InstancePre (see report)"]
 fn a_registry_can_serve_two_hosts() {
     require_tools();
     let registry = Arc::new(ToolRegistry::load_dir(Path::new(MANIFESTS)).unwrap());

@@ -150,7 +150,6 @@ fn stdout_cap_applies_through_the_shell() {
 /// copies the stage's capped bytes into the call's stdout but not its `truncated` flag, so the
 /// outcome says `stdout_truncated: false` although output was cut.
 #[test]
-#[ignore = "src bug: shell stage's stdout_truncated flag is dropped (see report)"]
 fn shell_stage_stopped_by_stdout_limit_reports_truncation() {
     let limits = CallLimits {
         stdout: ByteSize(1000),

@@ -22,7 +22,7 @@ pub struct ToolCall {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Observation {
     pub text: String,
-    /// The agent submitted, or the episode's budget is spent: no further calls will run.
+    /// The agent submitted, or the episode's wall time or fuel is spent: no further call can run.
     pub ends_episode: bool,
     /// The limit that stopped or refused the call, if any.
     pub limit: Option<Limit>,
@@ -121,7 +121,7 @@ fn render(call: &ToolCall, outcome: Outcome, max_bytes: usize) -> Observation {
     }
     let limit = outcome.limit();
     let submitted = call.name == SUBMIT_TOOL && outcome.success();
-    let budget_spent = limit.is_some_and(Limit::is_episode);
+    let budget_spent = limit.is_some_and(Limit::ends_episode);
     Observation {
         text: bound(&text, max_bytes),
         ends_episode: submitted || budget_spent,

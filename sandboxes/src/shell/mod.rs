@@ -232,6 +232,8 @@ fn command(
             // The call is over; keep what the stage printed so the agent sees how far it got.
             io.out.push(&stage.stdout.bytes);
             io.err.push(&stage.stderr.bytes);
+            io.out.truncated |= stage.stdout.truncated;
+            io.err.truncated |= stage.stderr.truncated;
             return Ok(Err(other));
         }
     };

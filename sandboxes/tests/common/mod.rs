@@ -141,3 +141,14 @@ pub fn write(dir: &Path, name: &str, content: impl AsRef<[u8]>) {
 pub fn read(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"))
 }
+
+/// Makes sure CPython's compiled module is in the on-disk cache, once per test binary, so that
+/// hosts created by tests load it instead of each compiling it (seconds) at the same time.
+pub fn warm_python_cache() {
+    static WARM: OnceLock<()> = OnceLock::new();
+    WARM.get_or_init(|| {
+        host()
+            .load_module(&Path::new(WASM_DIR).join("python.wasm"))
+            .expect("python.wasm compiles");
+    });
+}
