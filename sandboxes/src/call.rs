@@ -335,12 +335,11 @@ pub(crate) fn execute(
     let fuel_left = store.get_fuel().unwrap_or(0);
     let state = store.into_data();
     let hit = state.hit.or(state.limiter.hit);
-    let termination = match run {
-        Ok(()) => Termination::Exited { code: 0 },
-        Err(_) if hit.is_some() => Termination::Limit {
-            limit: hit.unwrap_or(Limit::WallTime),
-        },
-        Err(e) => classify(e, wall_limit, fuel_limit),
+    let termination = match (run, hit) {
+        (Ok(()), _) => Termination::Exited { code: 0 },
+        // A limit our host functions or the limiter enforced: it names itself.
+        (Err(_), Some(limit)) => Termination::Limit { limit },
+        (Err(e), None) => classify(e, wall_limit, fuel_limit),
     };
     let usage = Usage {
         wall_time_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -554,26 +553,32 @@ fn read_path(caller: &mut Caller<'_, CallState>, ptr: i32, len: i32) -> Option<V
     )
 }
 
-/// Accounts one creation request before it is forwarded; returns whether it would create.
-fn admit_creation(
+/// Runs `op`, the forwarded call that may create `path` under `dir_fd`, charging the
+/// creation to the file quota: refused beforehand when the quota is spent, counted afterwards
+/// when the call succeeded and the path did not exist.
+fn creating(
     caller: &mut Caller<'_, CallState>,
     dir_fd: i32,
-    path: &[u8],
-) -> wasmtime::Result<bool> {
-    let new = !exists_under_root(caller.data(), dir_fd, path);
+    path: i32,
+    path_len: i32,
+    op: impl FnOnce(&mut Caller<'_, CallState>, &Forward) -> wasmtime::Result<i32>,
+) -> wasmtime::Result<i32> {
+    let Some(p) = read_path(caller, path, path_len) else {
+        return Ok(ERRNO_FAULT);
+    };
+    let new = !exists_under_root(caller.data(), dir_fd, &p);
     if new && caller.data().files_left == 0 {
         let limit = caller.data().files_limit;
         return Err(trap(caller, limit));
     }
-    Ok(new)
-}
-
-fn record_creation(caller: &mut Caller<'_, CallState>, new: bool, errno: i32) {
+    let f = forward(caller)?;
+    let errno = op(caller, &f)?;
     if new && errno == ERRNO_SUCCESS {
         let s = caller.data_mut();
         s.files_left = s.files_left.saturating_sub(1);
         s.created += 1;
     }
+    Ok(errno)
 }
 
 /// Charges `len` bytes of file writes, or ends the call when the quota cannot cover them.
@@ -718,31 +723,24 @@ fn add_shadows(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
          fdflags: i32,
          opened: i32|
          -> wasmtime::Result<i32> {
-            let new = if oflags & OFLAGS_CREAT != 0 {
-                let Some(p) = read_path(&mut caller, path, path_len) else {
-                    return Ok(ERRNO_FAULT);
-                };
-                admit_creation(&mut caller, fd, &p)?
-            } else {
-                false
-            };
-            let f = forward(&mut caller)?;
-            let errno = f.path_open.call(
-                &mut caller,
-                (
-                    fd,
-                    dirflags,
-                    path,
-                    path_len,
-                    oflags,
-                    rights_base,
-                    rights_inheriting,
-                    fdflags,
-                    opened,
-                ),
-            )?;
-            record_creation(&mut caller, new, errno);
-            Ok(errno)
+            let args = (
+                fd,
+                dirflags,
+                path,
+                path_len,
+                oflags,
+                rights_base,
+                rights_inheriting,
+                fdflags,
+                opened,
+            );
+            if oflags & OFLAGS_CREAT == 0 {
+                let f = forward(&mut caller)?;
+                return f.path_open.call(&mut caller, args);
+            }
+            creating(&mut caller, fd, path, path_len, |c, f| {
+                f.path_open.call(c, args)
+            })
         },
     )?;
     linker.func_wrap(
@@ -753,16 +751,9 @@ fn add_shadows(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
          path: i32,
          path_len: i32|
          -> wasmtime::Result<i32> {
-            let Some(p) = read_path(&mut caller, path, path_len) else {
-                return Ok(ERRNO_FAULT);
-            };
-            let new = admit_creation(&mut caller, fd, &p)?;
-            let f = forward(&mut caller)?;
-            let errno = f
-                .path_create_directory
-                .call(&mut caller, (fd, path, path_len))?;
-            record_creation(&mut caller, new, errno);
-            Ok(errno)
+            creating(&mut caller, fd, path, path_len, |c, f| {
+                f.path_create_directory.call(c, (fd, path, path_len))
+            })
         },
     )?;
     linker.func_wrap(
@@ -775,16 +766,10 @@ fn add_shadows(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
          new_path: i32,
          new_len: i32|
          -> wasmtime::Result<i32> {
-            let Some(p) = read_path(&mut caller, new_path, new_len) else {
-                return Ok(ERRNO_FAULT);
-            };
-            let new = admit_creation(&mut caller, fd, &p)?;
-            let f = forward(&mut caller)?;
-            let errno = f
-                .path_symlink
-                .call(&mut caller, (old, old_len, fd, new_path, new_len))?;
-            record_creation(&mut caller, new, errno);
-            Ok(errno)
+            creating(&mut caller, fd, new_path, new_len, |c, f| {
+                f.path_symlink
+                    .call(c, (old, old_len, fd, new_path, new_len))
+            })
         },
     )?;
     linker.func_wrap(
@@ -799,17 +784,12 @@ fn add_shadows(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
          new_path: i32,
          new_len: i32|
          -> wasmtime::Result<i32> {
-            let Some(p) = read_path(&mut caller, new_path, new_len) else {
-                return Ok(ERRNO_FAULT);
-            };
-            let new = admit_creation(&mut caller, new_fd, &p)?;
-            let f = forward(&mut caller)?;
-            let errno = f.path_link.call(
-                &mut caller,
-                (old_fd, old_flags, old, old_len, new_fd, new_path, new_len),
-            )?;
-            record_creation(&mut caller, new, errno);
-            Ok(errno)
+            creating(&mut caller, new_fd, new_path, new_len, |c, f| {
+                f.path_link.call(
+                    c,
+                    (old_fd, old_flags, old, old_len, new_fd, new_path, new_len),
+                )
+            })
         },
     )?;
     linker.func_wrap(

@@ -56,6 +56,13 @@ pub struct ToolManifest {
     pub stdin: Option<String>,
 }
 
+impl ToolManifest {
+    /// The guest's `argv[0]`: `argv0`, else the tool's name.
+    pub fn program_name(&self) -> String {
+        self.argv0.clone().unwrap_or_else(|| self.name.clone())
+    }
+}
+
 fn yes() -> bool {
     true
 }

@@ -12,7 +12,8 @@ use crate::host::SandboxHost;
 use crate::limits::{CallLimits, Effective, EpisodeBudget, Limit, Usage};
 use crate::outcome::{Outcome, Termination};
 use crate::registry::{
-    build_invocation, validate_arguments, ToolKind, ToolModule, ToolRegistry, MAX_ARGUMENT_BYTES,
+    build_invocation, validate_arguments, Tool, ToolKind, ToolModule, ToolRegistry,
+    MAX_ARGUMENT_BYTES,
 };
 use crate::{shell, SandboxError};
 
@@ -72,41 +73,29 @@ impl Sandbox {
     /// Calls one registry tool with the agent's JSON arguments.
     pub fn exec(&mut self, tool: &str, args: &Value) -> Result<Outcome, SandboxError> {
         let registry = self.registry.clone();
-        let t = registry
-            .get(tool)
-            .ok_or_else(|| SandboxError::UnknownTool {
-                tool: tool.to_string(),
-            })?;
-        let args = validate_arguments(&t.manifest.parameters, args).map_err(|reason| {
-            SandboxError::InvalidArguments {
-                tool: tool.to_string(),
-                reason,
-            }
-        })?;
+        let t = lookup(&registry, tool)?;
+        let invalid = |reason: String| SandboxError::InvalidArguments {
+            tool: tool.to_string(),
+            reason,
+        };
+        let args = validate_arguments(&t.manifest.parameters, args).map_err(invalid)?;
         match &t.kind {
             ToolKind::Shell => {
-                let command = args.get("command").and_then(Value::as_str).ok_or_else(|| {
-                    SandboxError::InvalidArguments {
-                        tool: tool.to_string(),
-                        reason: "missing `command`".into(),
-                    }
-                })?;
+                let command = args
+                    .get("command")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| invalid("missing `command`".into()))?;
                 check_size(tool, command.len())?;
                 self.run_call(tool, |run| shell::run(run, command))
             }
             ToolKind::Module(module) => {
                 let (argv, stdin) = build_invocation(&t.manifest, &args);
-                check_size(
-                    tool,
-                    argv.iter().map(String::len).sum::<usize>() + stdin.len(),
-                )?;
-                let module = module.clone();
-                self.run_call(tool, |run| run.stage(&module, &argv, stdin))
+                self.module_call(tool, module, &argv, stdin)
             }
         }
     }
 
-    /// Runs a registry tool with a raw argv (`argv[0]` is replaced by the tool's own).
+    /// Runs a registry tool with a raw argv after its own `argv[0]`, as `bash` would.
     pub fn exec_argv(
         &mut self,
         tool: &str,
@@ -114,27 +103,16 @@ impl Sandbox {
         stdin: Vec<u8>,
     ) -> Result<Outcome, SandboxError> {
         let registry = self.registry.clone();
-        let t = registry
-            .get(tool)
-            .ok_or_else(|| SandboxError::UnknownTool {
-                tool: tool.to_string(),
-            })?;
+        let t = lookup(&registry, tool)?;
         let ToolKind::Module(module) = &t.kind else {
-            let command = args.join(" ");
-            return self.exec(tool, &serde_json::json!({ "command": command }));
+            return Err(SandboxError::InvalidArguments {
+                tool: tool.to_string(),
+                reason: "the shell takes a command line: call it with {\"command\": ...}".into(),
+            });
         };
-        let mut argv = vec![t
-            .manifest
-            .argv0
-            .clone()
-            .unwrap_or_else(|| t.manifest.name.clone())];
+        let mut argv = vec![t.manifest.program_name()];
         argv.extend(args.iter().cloned());
-        check_size(
-            tool,
-            argv.iter().map(String::len).sum::<usize>() + stdin.len(),
-        )?;
-        let module = module.clone();
-        self.run_call(tool, |run| run.stage(&module, &argv, stdin))
+        self.module_call(tool, module, &argv, stdin)
     }
 
     /// Runs any WASI command module (not necessarily in the registry) with `argv`.
@@ -144,13 +122,22 @@ impl Sandbox {
         argv: &[String],
         stdin: Vec<u8>,
     ) -> Result<Outcome, SandboxError> {
+        let name = argv.first().cloned().unwrap_or_default();
+        self.module_call(&name, module, argv, stdin)
+    }
+
+    fn module_call(
+        &mut self,
+        tool: &str,
+        module: &Arc<ToolModule>,
+        argv: &[String],
+        stdin: Vec<u8>,
+    ) -> Result<Outcome, SandboxError> {
         check_size(
-            "module",
+            tool,
             argv.iter().map(String::len).sum::<usize>() + stdin.len(),
         )?;
-        let name = argv.first().cloned().unwrap_or_default();
-        let module = module.clone();
-        self.run_call(&name, |run| run.stage(&module, argv, stdin))
+        self.run_call(tool, |run| run.stage(module, argv, stdin))
     }
 
     /// [`Sandbox::exec`] for tokio tasks: waits (bounded) for an execution slot, then runs on
@@ -201,6 +188,12 @@ impl Sandbox {
             usage,
         })
     }
+}
+
+fn lookup<'r>(registry: &'r ToolRegistry, tool: &str) -> Result<&'r Tool, SandboxError> {
+    registry.get(tool).ok_or_else(|| SandboxError::UnknownTool {
+        tool: tool.to_string(),
+    })
 }
 
 fn check_size(tool: &str, bytes: usize) -> Result<(), SandboxError> {

@@ -218,11 +218,7 @@ fn command(
     let ToolKind::Module(module) = &tool.kind else {
         fail!(126, "{name}: nested shells are not supported")
     };
-    let mut argv = vec![tool
-        .manifest
-        .argv0
-        .clone()
-        .unwrap_or_else(|| tool.manifest.name.clone())];
+    let mut argv = vec![tool.manifest.program_name()];
     argv.extend(words[1..].iter().cloned());
     let module = module.clone();
     let stage = call.stage(&module, &argv, stdin)?;
@@ -281,17 +277,16 @@ fn helper(
     io: &mut Io,
 ) -> Result<Result<Option<Vec<u8>>, Termination>, SandboxError> {
     let registry = call.sandbox.registry().clone();
-    let Some(ToolKind::Module(module)) = registry.get(tool).map(|t| &t.kind) else {
+    let Some((ToolKind::Module(module), argv0)) = registry
+        .get(tool)
+        .map(|t| (&t.kind, t.manifest.program_name()))
+    else {
         return Ok(io
             .shell_error(format!(
                 "redirection needs the `{tool}` tool, which the registry lacks"
             ))
             .map(|_| None));
     };
-    let argv0 = registry
-        .get(tool)
-        .and_then(|t| t.manifest.argv0.clone())
-        .unwrap_or_else(|| tool.to_string());
     let module = module.clone();
     let stage = call.stage(&module, &[argv0, path.to_string()], stdin)?;
     match stage.termination {
