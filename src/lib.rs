@@ -4,5 +4,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod rubric_cli;
 pub mod run;
 pub mod sandbox_cli;
+pub mod tasks_cli;

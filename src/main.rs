@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use klong_actors::judge::rubric::Variant;
 use klong_sandbox::{ByteSize, CallLimits, EpisodeBudget, HumanDuration};
 use klongd::config::{Config, ConfigError};
 use klongd::sandbox_cli::{self, RequestError};
-use klongd::{bench, run};
+use klongd::{bench, rubric_cli, run, tasks_cli};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +43,64 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Rubric trees (PaperBench's schema).
+    #[command(subcommand)]
+    Rubric(RubricCommand),
+    /// Task folders: the built-in family, and its scripted expert.
+    #[command(subcommand)]
+    Tasks(TasksCommand),
+}
+
+#[derive(Subcommand)]
+enum RubricCommand {
+    /// Score a rubric from leaf grades and print the scored tree as JSON.
+    Score {
+        rubric: PathBuf,
+        /// JSON object: leaf id -> 0 or 1.
+        #[arg(long)]
+        grades: PathBuf,
+        /// full, code-dev (Code Development leaves only) or resources-provided.
+        #[arg(long, default_value = "full")]
+        variant: Variant,
+    },
+}
+
+#[derive(Subcommand)]
+enum TasksCommand {
+    /// Write task folders of a generated family.
+    Gen {
+        #[arg(long, default_value = klong_actors::environment::family::FAMILY)]
+        family: String,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Experiments per task (the task's length in tool calls grows with it).
+        #[arg(long)]
+        horizon: u32,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run the scripted expert on task folders through the sandbox, judge, and print scores.
+    Solve {
+        /// A task folder, or a folder of task folders.
+        dir: PathBuf,
+        /// Probability that the expert skips or botches each experiment.
+        #[arg(long, default_value_t = 0.0)]
+        expert_noise: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Episodes the judge grades at once.
+        #[arg(long, default_value_t = 2)]
+        judge_concurrency: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -204,6 +263,93 @@ fn main() -> ExitCode {
             }
         }
         Command::Sandbox(SandboxCommand::Run(a)) => sandbox_run(*a),
+        Command::Rubric(RubricCommand::Score {
+            rubric,
+            grades,
+            variant,
+        }) => match rubric_cli::score_command(&rubric, &grades, variant) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                report(&e);
+                ExitCode::from(2)
+            }
+        },
+        Command::Tasks(TasksCommand::Gen {
+            family,
+            seed,
+            count,
+            horizon,
+            out,
+        }) => match tasks_cli::generate(&family, seed, count, horizon, &out) {
+            Ok(dirs) => {
+                for dir in dirs {
+                    println!("{}", dir.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                report(&e);
+                ExitCode::from(2)
+            }
+        },
+        Command::Tasks(TasksCommand::Solve {
+            dir,
+            expert_noise,
+            seed,
+            tools,
+            cache_dir,
+            judge_concurrency,
+            json,
+        }) => {
+            let cache_dir = match cache_dir
+                .map(Ok)
+                .unwrap_or_else(klongd::config::default_cache_dir)
+            {
+                Ok(dir) => Some(dir),
+                Err(e) => return config_error(&e),
+            };
+            let opts = tasks_cli::SolveOptions {
+                dir,
+                tools_dir: tools.unwrap_or_else(sandbox_cli::default_tools_dir),
+                cache_dir,
+                expert_noise,
+                seed,
+                judge_concurrency,
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(tasks_cli::solve(opts)) {
+                Ok(report) => {
+                    if json {
+                        match serde_json::to_string_pretty(&report) {
+                            Ok(s) => println!("{s}"),
+                            Err(e) => {
+                                eprintln!("error: {e}");
+                                return ExitCode::FAILURE;
+                            }
+                        }
+                    } else {
+                        print!("{}", report.render());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    report(&e);
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Bench(BenchCommand::Sandbox {
             tools,
             iterations,

@@ -336,3 +336,148 @@ fn quickstart_config_is_valid() {
     let out = klongd(&["check", "examples/quickstart.ron"], &repo());
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn rubric_score_scores_a_paperbench_rubric() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rubric = repo().join("../shared/paperbench/fixtures/rubrics/hex_flags.json");
+    let tree: Value = serde_json::from_str(&std::fs::read_to_string(&rubric).unwrap()).unwrap();
+    let leaves: Vec<String> = tree["sub_tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(leaves.len() >= 2);
+    // Pass the first leaf only: the root scores its weight share.
+    let grades: serde_json::Map<String, Value> = leaves
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.clone(), Value::from(u8::from(i == 0))))
+        .collect();
+    let grades_path = tmp.path().join("grades.json");
+    std::fs::write(&grades_path, Value::Object(grades).to_string()).unwrap();
+    let out = klongd(
+        &[
+            "rubric",
+            "score",
+            rubric.to_str().unwrap(),
+            "--grades",
+            grades_path.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let scored: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let weights: Vec<f64> = tree["sub_tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["weight"].as_f64().unwrap())
+        .collect();
+    let expected = weights[0] / weights.iter().sum::<f64>();
+    assert!(
+        (scored["root_score"].as_f64().unwrap() - expected).abs() < 1e-12,
+        "{scored}"
+    );
+
+    // A grade for a leaf that does not exist is bad input.
+    std::fs::write(&grades_path, r#"{"no-such-leaf": 1}"#).unwrap();
+    let out = klongd(
+        &[
+            "rubric",
+            "score",
+            rubric.to_str().unwrap(),
+            "--grades",
+            grades_path.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no-such-leaf"), "{}", stderr(&out));
+}
+
+#[test]
+fn tasks_gen_then_solve_with_the_expert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("tasks");
+    let out = klongd(
+        &[
+            "tasks",
+            "gen",
+            "--family",
+            "repro",
+            "--seed",
+            "5",
+            "--count",
+            "2",
+            "--horizon",
+            "3",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+
+    let cache = cache_dir();
+    let solve = |noise: &str| {
+        klongd(
+            &[
+                "tasks",
+                "solve",
+                out_dir.to_str().unwrap(),
+                "--expert-noise",
+                noise,
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "--json",
+            ],
+            tmp.path(),
+        )
+    };
+    let out = solve("0");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["tasks"].as_array().unwrap().len(), 2);
+    assert_eq!(report["mean"], 1.0, "{report}");
+    let out = solve("1");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["mean"].as_f64().unwrap() < 0.5,
+        "an always-erring expert scores low: {report}"
+    );
+
+    let out = klongd(
+        &[
+            "tasks",
+            "gen",
+            "--seed",
+            "1",
+            "--horizon",
+            "0",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let out = klongd(
+        &[
+            "tasks",
+            "gen",
+            "--family",
+            "nope",
+            "--seed",
+            "1",
+            "--horizon",
+            "2",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("repro"), "{}", stderr(&out));
+}

@@ -5,3 +5,4 @@
 //! This crate knows nothing of the daemon: no CLI, no config files, no run directory.
 
 pub mod environment;
+pub mod judge;

@@ -149,5 +149,7 @@ int tool_write_file(int, char **);
 int tool_append_file(int, char **);
 int tool_replace_in_file(int, char **);
 int tool_submit(int, char **);
+/* sim.c: the task family's deterministic experiment simulator */
+int tool_simulate(int, char **);
 
 #endif

@@ -25,6 +25,7 @@ static const struct {
     {"rm", tool_rm},
     {"search_file", tool_search_file},
     {"seq", tool_seq},
+    {"simulate", tool_simulate},
     {"sort", tool_sort},
     {"submit", tool_submit},
     {"tail", tool_tail},
