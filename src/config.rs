@@ -148,44 +148,60 @@ fn field_prefix(field: &str) -> String {
     }
 }
 
+/// Reads a RON file of any settings type, bounded in size, with positioned errors.
+pub fn load_ron<T: serde::de::DeserializeOwned>(file: &Path) -> Result<T, ConfigError> {
+    let read_err = |source| ConfigError::Read {
+        file: file.to_path_buf(),
+        source,
+    };
+    let len = std::fs::metadata(file).map_err(read_err)?.len();
+    if len > MAX_CONFIG_BYTES {
+        return Err(ConfigError::Invalid {
+            file: file.to_path_buf(),
+            message: format!("{len} bytes is over the {MAX_CONFIG_BYTES}-byte config limit"),
+        });
+    }
+    let text = std::fs::read_to_string(file).map_err(read_err)?;
+    parse_ron(file, &text)
+}
+
+/// Parses RON text; errors carry `file:line:col` and the path of the field.
+pub fn parse_ron<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
+    let syntax = |e: ron::error::SpannedError, field: String| ConfigError::Syntax {
+        file: file.to_path_buf(),
+        line: e.span.start.line,
+        col: e.span.start.col,
+        field,
+        message: e.code.to_string(),
+    };
+    let mut de = ron::Deserializer::from_str(text).map_err(|e| syntax(e, String::new()))?;
+    let value: T = match serde_path_to_error::deserialize(&mut de) {
+        Ok(v) => v,
+        Err(e) => {
+            let field = e.path().to_string();
+            let spanned = de.span_error(e.into_inner());
+            return Err(syntax(spanned, field));
+        }
+    };
+    de.end()
+        .map_err(|e| syntax(de.span_error(e), String::new()))?;
+    Ok(value)
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
-        let read_err = |source| ConfigError::Read {
-            file: file.to_path_buf(),
-            source,
-        };
-        let len = std::fs::metadata(file).map_err(read_err)?.len();
-        if len > MAX_CONFIG_BYTES {
-            return Err(ConfigError::Invalid {
-                file: file.to_path_buf(),
-                message: format!("{len} bytes is over the {MAX_CONFIG_BYTES}-byte config limit"),
-            });
-        }
-        let text = std::fs::read_to_string(file).map_err(read_err)?;
-        Config::parse(file, &text)
+        let config: Config = load_ron(file)?;
+        config.validate(file)?;
+        Ok(config)
     }
 
     /// Parses `text`; `file` only names it in errors.
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
-        let syntax = |e: ron::error::SpannedError, field: String| ConfigError::Syntax {
-            file: file.to_path_buf(),
-            line: e.span.start.line,
-            col: e.span.start.col,
-            field,
-            message: e.code.to_string(),
-        };
-        let mut de = ron::Deserializer::from_str(text).map_err(|e| syntax(e, String::new()))?;
-        let config: Config = match serde_path_to_error::deserialize(&mut de) {
-            Ok(c) => c,
-            Err(e) => {
-                let field = e.path().to_string();
-                let spanned = de.span_error(e.into_inner());
-                return Err(syntax(spanned, field));
-            }
-        };
-        de.end()
-            .map_err(|e| syntax(de.span_error(e), String::new()))?;
+        let config: Config = parse_ron(file, text)?;
         config.validate(file)?;
         Ok(config)
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use klong_actors::judge::llm::LlmJudgeSettings;
 use klong_actors::judge::rubric::Variant;
 use klong_sandbox::{ByteSize, CallLimits, EpisodeBudget, HumanDuration};
 use klongd::config::{Config, ConfigError};
@@ -97,6 +98,10 @@ enum TasksCommand {
         /// Episodes the judge grades at once.
         #[arg(long, default_value_t = 2)]
         judge_concurrency: usize,
+        /// RON file of LLM grader settings (base_url, model, api_key_env, timeout, ...), needed
+        /// by tasks whose rubric has LLM-graded leaves.
+        #[arg(long)]
+        llm_judge: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -302,8 +307,23 @@ fn main() -> ExitCode {
             tools,
             cache_dir,
             judge_concurrency,
+            llm_judge,
             json,
         }) => {
+            let llm_judge = match llm_judge
+                .as_deref()
+                .map(|f| (f, klongd::config::load_ron::<LlmJudgeSettings>(f)))
+            {
+                None => None,
+                Some((_, Err(e))) => return config_error(&e),
+                Some((file, Ok(settings))) => match settings.validate() {
+                    Ok(()) => Some(settings),
+                    Err(e) => {
+                        eprintln!("error: {}: {e}", file.display());
+                        return ExitCode::from(2);
+                    }
+                },
+            };
             let cache_dir = match cache_dir
                 .map(Ok)
                 .unwrap_or_else(klongd::config::default_cache_dir)
@@ -318,6 +338,7 @@ fn main() -> ExitCode {
                 expert_noise,
                 seed,
                 judge_concurrency,
+                llm_judge,
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use klong_actors::environment::expert::{run_episode, ScriptedExpert};
 use klong_actors::environment::family;
 use klong_actors::environment::task::{CopyBounds, Task, TaskSet};
+use klong_actors::judge::llm::{LlmGrader, LlmJudgeSettings};
 use klong_actors::judge::queue::{
     FinishedEpisode, GradedEpisode, Judge, JudgeArgs, JudgeContext, JudgeMsg,
 };
@@ -59,6 +60,8 @@ pub struct SolveOptions {
     pub expert_noise: f64,
     pub seed: u64,
     pub judge_concurrency: usize,
+    /// Settings of the LLM grader (an OpenAI-compatible endpoint), for tasks with LLM leaves.
+    pub llm_judge: Option<LlmJudgeSettings>,
 }
 
 #[derive(Debug, Serialize)]
@@ -129,7 +132,12 @@ pub async fn solve(opts: SolveOptions) -> anyhow::Result<SolveReport> {
         host: host.clone(),
         registry: registry.clone(),
         check_limits: CallLimits::default(),
-        llm: None,
+        llm: match opts.llm_judge {
+            Some(settings) => Some(Arc::new(
+                LlmGrader::new(settings).context("cannot set up the LLM grader")?,
+            )),
+            None => None,
+        },
         seed: opts.seed,
     });
     let (judge, judge_handle) = ractor::Actor::spawn(

@@ -90,21 +90,11 @@ fn grade_fast(task: &GeneratedTask, final_files: &Path) -> BTreeMap<String, f64>
     grades
 }
 
-/// PaperBench's score: a leaf's grade; a node's weighted mean of its children (0 when the
-/// weights sum to 0).
+/// The rubric's score under the judge's own scoring.
 fn score(node: &RubricNode, grades: &BTreeMap<String, f64>) -> f64 {
-    if node.sub_tasks.is_empty() {
-        return grades.get(&node.id).copied().unwrap_or(0.0);
-    }
-    let total: f64 = node.sub_tasks.iter().map(|c| c.weight).sum();
-    if total == 0.0 {
-        return 0.0;
-    }
-    node.sub_tasks
-        .iter()
-        .map(|c| c.weight * score(c, grades))
-        .sum::<f64>()
-        / total
+    klong_actors::judge::rubric::score(node, grades, klong_actors::judge::rubric::Variant::Full)
+        .expect("every leaf graded")
+        .score
 }
 
 struct Solved {
