@@ -6,3 +6,5 @@
 
 pub mod environment;
 pub mod judge;
+pub mod learner;
+pub mod policy;

@@ -1,0 +1,4 @@
+//! The learner's training primitives: losses and the optimizer.
+
+pub mod loss;
+pub mod optim;
