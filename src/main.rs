@@ -203,6 +203,35 @@ fn report(err: &anyhow::Error) {
     }
 }
 
+/// Prints a command's report as JSON or as its readable rendering.
+fn print_report<T: serde::Serialize>(
+    result: anyhow::Result<T>,
+    json: bool,
+    render: impl FnOnce(&T) -> String,
+) -> ExitCode {
+    let report_value = match result {
+        Ok(r) => r,
+        Err(e) => {
+            report(&e);
+            return ExitCode::FAILURE;
+        }
+    };
+    if !json {
+        print!("{}", render(&report_value));
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::to_string_pretty(&report_value) {
+        Ok(s) => {
+            println!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn config_error(e: &ConfigError) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(2)
@@ -350,26 +379,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(tasks_cli::solve(opts)) {
-                Ok(report) => {
-                    if json {
-                        match serde_json::to_string_pretty(&report) {
-                            Ok(s) => println!("{s}"),
-                            Err(e) => {
-                                eprintln!("error: {e}");
-                                return ExitCode::FAILURE;
-                            }
-                        }
-                    } else {
-                        print!("{}", report.render());
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    report(&e);
-                    ExitCode::FAILURE
-                }
-            }
+            let result = runtime.block_on(tasks_cli::solve(opts));
+            print_report(result, json, tasks_cli::SolveReport::render)
         }
         Command::Bench(BenchCommand::Sandbox {
             tools,
@@ -385,26 +396,11 @@ fn main() -> ExitCode {
                 iterations,
                 sandboxes,
             };
-            match bench::sandbox(&opts) {
-                Ok(report) => {
-                    if json {
-                        match serde_json::to_string_pretty(&report) {
-                            Ok(s) => println!("{s}"),
-                            Err(e) => {
-                                eprintln!("error: {e}");
-                                return ExitCode::FAILURE;
-                            }
-                        }
-                    } else {
-                        print!("{}", report.render());
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    report(&e);
-                    ExitCode::FAILURE
-                }
-            }
+            print_report(
+                bench::sandbox(&opts),
+                json,
+                bench::SandboxBenchReport::render,
+            )
         }
     }
 }
