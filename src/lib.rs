@@ -3,8 +3,11 @@
 //! to exit codes.
 
 pub mod bench;
+pub mod bench_model;
 pub mod config;
+pub mod generate_cli;
 pub mod rubric_cli;
 pub mod run;
 pub mod sandbox_cli;
+pub mod store;
 pub mod tasks_cli;

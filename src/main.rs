@@ -10,7 +10,7 @@ use klong_actors::judge::rubric::Variant;
 use klong_sandbox::{ByteSize, CallLimits, EpisodeBudget, HumanDuration};
 use klongd::config::{Config, ConfigError};
 use klongd::sandbox_cli::{self, RequestError};
-use klongd::{bench, rubric_cli, run, tasks_cli};
+use klongd::{bench, bench_model, generate_cli, rubric_cli, run, tasks_cli};
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +50,38 @@ enum Command {
     /// Task folders: the built-in family, and its scripted expert.
     #[command(subcommand)]
     Tasks(TasksCommand),
+    /// Generate a completion with a model (an HF folder or a .gguf file).
+    Generate(Box<GenerateArgs>),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// An HF folder (config.json, *.safetensors, tokenizer.json) or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print the prompt's token ids, the generated ids and their logprobs as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -180,6 +212,36 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Model R training and KV-cache decode tokens/s against PyTorch + transformers.
+    Model {
+        /// Timed training steps (each side).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Untimed training steps first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Python interpreter with torch and transformers, for the peer.
+        #[arg(long, default_value = "python3")]
+        peer: String,
+        /// Measure klongd only.
+        #[arg(long)]
+        no_peer: bool,
+        /// The peer script [default: benches/peer/llama_peer.py].
+        #[arg(long)]
+        peer_script: Option<PathBuf>,
+        /// Seconds the peer may run before it is killed.
+        #[arg(long, default_value_t = 900)]
+        peer_timeout: u64,
+        /// Compute threads of both sides.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Timed decode runs per batch size (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        decode_runs: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -297,6 +359,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Sandbox(SandboxCommand::Run(a)) => sandbox_run(*a),
+        Command::Generate(a) => generate(*a),
         Command::Rubric(RubricCommand::Score {
             rubric,
             grades,
@@ -402,7 +465,58 @@ fn main() -> ExitCode {
                 bench::SandboxBenchReport::render,
             )
         }
+        Command::Bench(BenchCommand::Model {
+            steps,
+            warmup,
+            peer,
+            no_peer,
+            peer_script,
+            peer_timeout,
+            threads,
+            decode_runs,
+            json,
+        }) => {
+            let opts = bench_model::ModelBenchOptions {
+                steps,
+                warmup,
+                threads,
+                peer_python: (!no_peer).then_some(peer),
+                peer_script,
+                peer_timeout: std::time::Duration::from_secs(peer_timeout),
+                decode_runs,
+                ..Default::default()
+            };
+            let result = bench_model::model(&opts);
+            // A failed peer still prints klongd's numbers, then fails the command.
+            let peer_failed = matches!(&result, Ok(r) if r.peer_failed());
+            let code = print_report(result, json, bench_model::ModelBenchReport::render);
+            if peer_failed {
+                eprintln!("error: the peer gave no numbers (see the report)");
+                ExitCode::FAILURE
+            } else {
+                code
+            }
+        }
     }
+}
+
+fn generate(a: GenerateArgs) -> ExitCode {
+    let opts = generate_cli::GenerateOptions {
+        model: a.model,
+        prompt: a.prompt,
+        chat: a.chat,
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+        device: a.device,
+    };
+    print_report(
+        generate_cli::run(&opts),
+        a.json,
+        generate_cli::GenerateReport::render,
+    )
 }
 
 fn sandbox_run(a: SandboxRunArgs) -> ExitCode {

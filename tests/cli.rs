@@ -481,3 +481,117 @@ fn tasks_gen_then_solve_with_the_expert() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("repro"), "{}", stderr(&out));
 }
+
+/// A tiny random model saved as an HF folder with the byte-level tokenizer.
+fn tiny_model_dir(dir: &Path) -> PathBuf {
+    use klong_actors::policy::model::{Llama, LlamaConfig};
+    use klong_actors::policy::pretrained::save_hf;
+    use klong_actors::policy::tokenizer::{ByteTokenizer, Tokenizer};
+    let cfg = LlamaConfig::tiny(ByteTokenizer::VOCAB_SIZE);
+    let vm = candle_nn::VarMap::new();
+    let vb =
+        candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu);
+    Llama::new(&cfg, vb).unwrap();
+    let weights = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let out = dir.join("tiny");
+    save_hf(&out, &cfg, &weights, Some(&Tokenizer::Byte(ByteTokenizer))).unwrap();
+    out
+}
+
+fn generate_json(args: &[&str]) -> Value {
+    let mut all = vec!["generate", "--json"];
+    all.extend_from_slice(args);
+    let out = klongd(&all, &repo());
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn generate_with_a_saved_model_is_seeded_and_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(tmp.path());
+    let model = model.to_str().unwrap();
+    let base = ["--model", model, "--prompt", "hi", "--max-new-tokens", "6"];
+    let sampled = |seed: &str| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(&["--temperature", "1.0", "--seed", seed]);
+        generate_json(&a)
+    };
+    let (a, b, c) = (sampled("3"), sampled("3"), sampled("4"));
+    assert_eq!(a["prompt_ids"], serde_json::json!([104, 105]));
+    assert_eq!(a["ids"], b["ids"], "same seed, same tokens");
+    assert_ne!(a["ids"], c["ids"], "another seed, other tokens");
+    let ids = a["ids"].as_array().unwrap();
+    assert!(!ids.is_empty() && ids.len() <= 6);
+    assert_eq!(a["logprobs"].as_array().unwrap().len(), ids.len());
+    for lp in a["logprobs"].as_array().unwrap() {
+        assert!(lp.as_f64().unwrap() <= 0.0);
+    }
+
+    let mut chat = base.to_vec();
+    chat.push("--chat");
+    let v = generate_json(&chat);
+    assert_eq!(
+        v["prompt_text"],
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(v["prompt_ids"][0], 257, "<|im_start|> is one special token");
+}
+
+#[test]
+fn generate_with_smollm2_gguf_answers() {
+    let gguf = repo().join("target/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(gguf.exists(), "model missing: run tests/fetch-models.sh");
+    let v = generate_json(&[
+        "--model",
+        gguf.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "12",
+    ]);
+    let text = v["text"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{text}");
+}
+
+#[test]
+fn generate_errors_name_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = klongd(
+        &["generate", "--model", "/nonexistent/model", "--prompt", "x"],
+        tmp.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("/nonexistent/model"),
+        "{}",
+        stderr(&out)
+    );
+
+    let model = tiny_model_dir(tmp.path());
+    let model = model.to_str().unwrap();
+    let out = klongd(
+        &[
+            "generate", "--model", model, "--prompt", "x", "--device", "cuda:0",
+        ],
+        tmp.path(),
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("`cuda` feature"), "{}", stderr(&out));
+
+    let out = klongd(
+        &[
+            "generate", "--model", model, "--prompt", "x", "--top-p", "0",
+        ],
+        tmp.path(),
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("top_p"), "{}", stderr(&out));
+}

@@ -8,3 +8,4 @@ pub mod environment;
 pub mod judge;
 pub mod learner;
 pub mod policy;
+pub mod trajectory;

@@ -6,6 +6,11 @@ use candle_core::{DType, Result, Tensor, D};
 /// Log-softmax over the last dimension. The max is detached: the result does not depend on
 /// it, and it keeps `max` (whose backward picks one element) out of the graph.
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    // CPU f32/f64: one fused pass forward and one backward (same values, max-subtracted).
+    if crate::policy::model::fused::supported(logits, crate::policy::model::fused::Kind::LogSoftmax)
+    {
+        return crate::policy::model::fused::log_softmax(logits);
+    }
     let m = logits.max_keepdim(D::Minus1)?.detach();
     let z = logits.broadcast_sub(&m)?;
     let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;

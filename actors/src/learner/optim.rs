@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
 use candle_nn::VarMap;
 
+use crate::policy::model::fused;
+
 /// Named-tensor key of the step count in an export.
 pub const STEP_KEY: &str = "optim.step";
 
@@ -137,6 +139,13 @@ impl AdamW {
         {
             let Some(g) = g else { continue };
             let g = g.to_dtype(p.dtype())?;
+            if fused::supported(p.as_tensor(), fused::Kind::AdamW) {
+                match p.dtype() {
+                    DType::F32 => fused_adamw::<f32>(p, m, v, &g, &self.hp, bc1, bc2)?,
+                    _ => fused_adamw::<f64>(p, m, v, &g, &self.hp, bc1, bc2)?,
+                }
+                continue;
+            }
             let m_new = ((m.as_tensor() * beta1)? + (&g * (1.0 - beta1))?)?;
             let v_new = ((v.as_tensor() * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let denom = ((&v_new / bc2)?.sqrt()? + eps)?;
@@ -218,6 +227,61 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// One AdamW update of one parameter in a single pass over its data (CPU f32/f64), with the
+/// same operations in the same order as the tensor path of `AdamW::step`.
+fn fused_adamw<T: fused::Real>(
+    p: &Var,
+    m: &Var,
+    v: &Var,
+    g: &Tensor,
+    hp: &AdamWParams,
+    bc1: f64,
+    bc2: f64,
+) -> Result<()> {
+    let c = |x: f64| T::from_f64(x);
+    let (b1, one_b1, b2, one_b2) = (
+        c(hp.beta1),
+        c(1.0 - hp.beta1),
+        c(hp.beta2),
+        c(1.0 - hp.beta2),
+    );
+    let (inv_bc1, inv_bc2, eps) = (c(1.0 / bc1), c(1.0 / bc2), c(hp.eps));
+    let (decay, lr) = (c(1.0 - hp.lr * hp.weight_decay), c(hp.lr));
+    let (np, nm, nv) = fused::with_data::<T, _>(p.as_tensor(), |pd| {
+        fused::with_data::<T, _>(m.as_tensor(), |md| {
+            fused::with_data::<T, _>(v.as_tensor(), |vd| {
+                fused::with_data::<T, _>(g, |gd| {
+                    if gd.len() != pd.len() {
+                        candle_core::bail!("gradient of {} elements for {}", gd.len(), pd.len());
+                    }
+                    let n = pd.len();
+                    let (mut np, mut nm, mut nv) = (
+                        Vec::with_capacity(n),
+                        Vec::with_capacity(n),
+                        Vec::with_capacity(n),
+                    );
+                    for i in 0..n {
+                        let gi = gd[i];
+                        let m_new = md[i] * b1 + gi * one_b1;
+                        let v_new = vd[i] * b2 + gi * gi * one_b2;
+                        let denom = (v_new * inv_bc2).sqrt() + eps;
+                        let upd = m_new * inv_bc1 / denom;
+                        np.push(pd[i] * decay - upd * lr);
+                        nm.push(m_new);
+                        nv.push(v_new);
+                    }
+                    Ok((np, nm, nv))
+                })
+            })
+        })
+    })?;
+    let shape = p.shape().clone();
+    p.set(&Tensor::from_vec(np, shape.clone(), p.device())?)?;
+    m.set(&Tensor::from_vec(nm, shape.clone(), p.device())?)?;
+    v.set(&Tensor::from_vec(nv, shape, p.device())?)?;
+    Ok(())
 }
 
 /// Global L2 norm of all gradients (computed in f64 on the host).

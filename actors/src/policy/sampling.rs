@@ -250,6 +250,8 @@ pub enum StopReason {
     StopString { stop: String, at: usize },
     /// `max_new_tokens` were generated.
     MaxTokens,
+    /// The sequence reached the model's context (`max_position_embeddings`).
+    ContextFull,
 }
 
 /// Decides after each token whether generation is over: EOS ids first, then stop strings in

@@ -1,6 +1,6 @@
 //! Tokenizers: the built-in byte-level one for tiny models trained from scratch, and Hugging
 //! Face `tokenizer.json` (through the `tokenizers` crate, pure Rust: fancy-regex, no C).
-//! GGUF-metadata tokenizers are not built yet: [`TokenizerError::GgufUnsupported`] says so.
+//! A `.gguf` file's tokenizer is rebuilt from its metadata (see [`super::gguf`]).
 
 use std::path::{Path, PathBuf};
 
@@ -18,8 +18,8 @@ pub enum TokenizerError {
     Parse { path: PathBuf, message: String },
     #[error("tokenizer: {0}")]
     Hf(String),
-    #[error("tokenizers from GGUF metadata are not supported yet ({0})")]
-    GgufUnsupported(PathBuf),
+    #[error(transparent)]
+    Gguf(#[from] super::gguf::GgufError),
 }
 
 /// The special tokens of the byte-level tokenizer, in id order from 256.
@@ -146,7 +146,7 @@ impl HfTokenizer {
     }
 
     /// From an already parsed `tokenizer.json` and optional `tokenizer_config.json` /
-    /// `generation_config.json` values (tests, and GGUF later).
+    /// `generation_config.json` values (tests, and GGUF metadata).
     pub fn from_parts(
         inner: tokenizers::Tokenizer,
         config: Option<&Value>,
@@ -208,6 +208,51 @@ impl HfTokenizer {
     }
 }
 
+impl HfTokenizer {
+    /// Writes `tokenizer.json` (what `save_hf` puts beside the weights).
+    pub fn save_json(&self, path: &Path) -> Result<(), TokenizerError> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| TokenizerError::Hf(format!("{}: {e}", path.display())))
+    }
+
+    /// A `tokenizer_config.json` carrying what this tokenizer knows: bos, eos, the chat
+    /// template(s). `tokenizer_class` is the generic fast tokenizer, so transformers encodes
+    /// exactly as `tokenizer.json` says (a model-specific class may add its own BOS logic).
+    pub fn config_json(&self) -> Value {
+        let mut o = serde_json::Map::new();
+        o.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+        if let Some(b) = &self.bos_token {
+            o.insert("bos_token".into(), b.clone().into());
+        }
+        if let Some(e) = &self.eos_token {
+            o.insert("eos_token".into(), e.clone().into());
+        }
+        match (&self.chat_template, &self.tool_use_template) {
+            (Some(c), Some(t)) => {
+                o.insert(
+                    "chat_template".into(),
+                    serde_json::json!([
+                        {"name": "default", "template": c},
+                        {"name": "tool_use", "template": t}
+                    ]),
+                );
+            }
+            (Some(c), None) => {
+                o.insert("chat_template".into(), c.clone().into());
+            }
+            (None, Some(t)) => {
+                o.insert(
+                    "chat_template".into(),
+                    serde_json::json!([{"name": "tool_use", "template": t}]),
+                );
+            }
+            (None, None) => {}
+        }
+        Value::Object(o)
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, TokenizerError> {
     std::fs::read(path).map_err(|source| TokenizerError::Io {
         path: path.to_path_buf(),
@@ -236,14 +281,14 @@ pub enum Tokenizer {
 }
 
 impl Tokenizer {
-    /// Loads from a model path: an HF folder (with `tokenizer.json`). A `.gguf` file is a
-    /// typed "not supported yet" error.
+    /// Loads from a model path: an HF folder (with `tokenizer.json`), or a `.gguf` file (the
+    /// tokenizer its metadata describes; no tensor data is read).
     pub fn load(path: &Path) -> Result<Self, TokenizerError> {
         if path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         {
-            return Err(TokenizerError::GgufUnsupported(path.to_path_buf()));
+            return Ok(Tokenizer::Hf(Box::new(super::gguf::load_tokenizer(path)?)));
         }
         Ok(Tokenizer::Hf(Box::new(HfTokenizer::from_dir(path)?)))
     }

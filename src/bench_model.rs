@@ -1,0 +1,878 @@
+//! `klongd bench model`: the model core's speed on the CPU against PyTorch + transformers.
+//!
+//! The reference tiny model R (Llama-style: 4 layers, d_model 256, 8 heads, 4 kv heads, ffn
+//! 768, vocab 512, f32) is timed here on two numbers, each against the same measurement made
+//! by `benches/peer/llama_peer.py` (transformers' `LlamaForCausalLM`, SDPA attention, torch
+//! AdamW) in a subprocess with the same thread count:
+//!
+//! 1. training tokens/s at batch 8 x 512: forward, masked cross-entropy, backward, AdamW step
+//!    (goal: at least 1.5x PyTorch);
+//! 2. greedy decode tokens/s with the KV cache at batch 1 and 8, 256 new tokens from a
+//!    16-token prompt, prefill included (goal: at least 5x transformers' `generate`).
+//!
+//! Both sides draw their own weights and tokens (different RNGs), so the numbers compare
+//! speed, not outputs; the first losses are reported as a sanity check (both near ln 512).
+//! A failed peer is reported as an error beside klongd's numbers, never as a number.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+use klong_actors::learner::loss::masked_cross_entropy;
+use klong_actors::learner::optim::{AdamW, AdamWParams};
+use klong_actors::policy::model::{KvCache, Llama, LlamaConfig};
+use serde::{Deserialize, Serialize};
+
+/// Design goal: training tokens/s, klongd ÷ PyTorch.
+pub const GOAL_TRAIN_RATIO: f64 = 1.5;
+/// Design goal: decode tokens/s, klongd ÷ transformers `generate`.
+pub const GOAL_DECODE_RATIO: f64 = 5.0;
+
+/// Where the peer script lives in the repository.
+pub const PEER_SCRIPT: &str = "benches/peer/llama_peer.py";
+
+pub struct ModelBenchOptions {
+    /// Timed training steps (each side).
+    pub steps: usize,
+    /// Untimed training steps first.
+    pub warmup: usize,
+    /// Compute threads for both sides (candle's rayon pool, torch intra-op threads).
+    pub threads: usize,
+    /// Python interpreter of the peer; `None` skips the peer.
+    pub peer_python: Option<String>,
+    /// The peer script; `None` finds `benches/peer/llama_peer.py`.
+    pub peer_script: Option<PathBuf>,
+    /// The longest the peer may run before it is killed.
+    pub peer_timeout: Duration,
+    /// Training batch shape.
+    pub batch: usize,
+    pub seq: usize,
+    /// Decode: prompt length, new tokens, timed runs per batch size (the median is reported).
+    pub prompt: usize,
+    pub new_tokens: usize,
+    pub decode_runs: usize,
+}
+
+impl Default for ModelBenchOptions {
+    fn default() -> Self {
+        ModelBenchOptions {
+            steps: 5,
+            warmup: 1,
+            threads: 2,
+            peer_python: Some("python3".into()),
+            peer_script: None,
+            peer_timeout: Duration::from_secs(900),
+            batch: 8,
+            seq: 512,
+            prompt: 16,
+            new_tokens: 256,
+            decode_runs: 3,
+        }
+    }
+}
+
+/// The reference tiny model R.
+pub fn reference_config() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 512,
+        hidden_size: 256,
+        intermediate_size: 768,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: Some(4),
+        head_dim: None,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10_000.0,
+        rope_scaling: None,
+        max_position_embeddings: 2048,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        use_qk_norm: false,
+        bos_token_id: None,
+        eos_token_id: None,
+    }
+}
+
+/// The learning rate and decay both sides train with (PyTorch's AdamW defaults otherwise).
+const LR: f64 = 1e-3;
+const WEIGHT_DECAY: f64 = 0.01;
+
+/// Training throughput of one side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainNumbers {
+    pub tok_s: f64,
+    pub step_ms_mean: f64,
+    pub step_ms_min: f64,
+    pub loss_first: f64,
+    pub loss_last: f64,
+}
+
+/// Decode throughput of one side at one batch size: the median over the timed runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecodeNumbers {
+    pub tok_s: f64,
+    pub runs_tok_s: Vec<f64>,
+}
+
+/// One side's three numbers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SideNumbers {
+    pub train: TrainNumbers,
+    pub decode_b1: DecodeNumbers,
+    pub decode_b8: DecodeNumbers,
+}
+
+/// Where klongd's training step spends its time (means over the timed steps, ms).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainBreakdown {
+    pub forward_ms: f64,
+    pub loss_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerInfo {
+    pub python: String,
+    pub torch: String,
+    pub transformers: String,
+    pub threads: usize,
+    pub attention: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratios {
+    pub train: f64,
+    pub decode_b1: f64,
+    pub decode_b8: f64,
+    pub meets_train_goal: bool,
+    pub meets_decode_b1_goal: bool,
+    pub meets_decode_b8_goal: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelBenchReport {
+    pub machine: String,
+    pub model: String,
+    /// Threads candle actually uses.
+    pub threads: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub prompt: usize,
+    pub new_tokens: usize,
+    pub steps: usize,
+    pub klongd: SideNumbers,
+    pub klongd_train_breakdown: TrainBreakdown,
+    pub peer: Option<SideNumbers>,
+    pub peer_info: Option<PeerInfo>,
+    /// Why there are no peer numbers (the peer failed, timed out, or was skipped).
+    pub peer_error: Option<String>,
+    /// klongd ÷ peer, when the peer ran.
+    pub ratios: Option<Ratios>,
+}
+
+impl ModelBenchReport {
+    /// Whether the peer was asked for but gave no numbers (the command then exits nonzero).
+    pub fn peer_failed(&self) -> bool {
+        self.peer.is_none() && self.peer_error.is_some()
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "model benchmark ({}; f32, {} threads; {})\n",
+            self.model, self.threads, self.machine
+        );
+        if let Some(p) = &self.peer_info {
+            s.push_str(&format!(
+                "peer: torch {} + transformers {} ({} attention, {} threads, {})\n",
+                p.torch, p.transformers, p.attention, p.threads, p.python
+            ));
+        }
+        s.push('\n');
+        row(&mut s, "", "klongd", "peer", "ratio", "");
+        let k = &self.klongd;
+        let p = self.peer.as_ref();
+        let r = self.ratios.as_ref();
+        let goal = |met: Option<bool>, g: f64| match met {
+            Some(m) => format!("(goal >= {g}x: {})", verdict(m)),
+            None => format!("(goal >= {g}x: no peer)"),
+        };
+        row(
+            &mut s,
+            &format!("train tok/s ({} x {}, AdamW)", self.batch, self.seq),
+            &format!("{:.1}", k.train.tok_s),
+            &p.map_or("-".into(), |p| format!("{:.1}", p.train.tok_s)),
+            &r.map_or("-".into(), |r| format!("{:.2}x", r.train)),
+            &goal(r.map(|r| r.meets_train_goal), GOAL_TRAIN_RATIO),
+        );
+        row(
+            &mut s,
+            &format!("decode tok/s batch 1 ({} new)", self.new_tokens),
+            &format!("{:.1}", k.decode_b1.tok_s),
+            &p.map_or("-".into(), |p| format!("{:.1}", p.decode_b1.tok_s)),
+            &r.map_or("-".into(), |r| format!("{:.2}x", r.decode_b1)),
+            &goal(r.map(|r| r.meets_decode_b1_goal), GOAL_DECODE_RATIO),
+        );
+        row(
+            &mut s,
+            &format!("decode tok/s batch 8 ({} new)", self.new_tokens),
+            &format!("{:.1}", k.decode_b8.tok_s),
+            &p.map_or("-".into(), |p| format!("{:.1}", p.decode_b8.tok_s)),
+            &r.map_or("-".into(), |r| format!("{:.2}x", r.decode_b8)),
+            &goal(r.map(|r| r.meets_decode_b8_goal), GOAL_DECODE_RATIO),
+        );
+        row(
+            &mut s,
+            "train step ms (mean)",
+            &format!("{:.0}", k.train.step_ms_mean),
+            &p.map_or("-".into(), |p| format!("{:.0}", p.train.step_ms_mean)),
+            "",
+            "",
+        );
+        row(
+            &mut s,
+            "loss first -> last step",
+            &format!("{:.3} -> {:.3}", k.train.loss_first, k.train.loss_last),
+            &p.map_or("-".into(), |p| {
+                format!("{:.3} -> {:.3}", p.train.loss_first, p.train.loss_last)
+            }),
+            "",
+            "",
+        );
+        let b = &self.klongd_train_breakdown;
+        s.push_str(&format!(
+            "\nklongd train step: forward {:.0} ms, loss {:.0} ms, backward {:.0} ms, AdamW {:.0} ms\n",
+            b.forward_ms, b.loss_ms, b.backward_ms, b.optimizer_ms
+        ));
+        if let Some(e) = &self.peer_error {
+            s.push_str(&format!("\npeer FAILED (no peer numbers): {e}\n"));
+        }
+        s
+    }
+}
+
+fn row(out: &mut String, label: &str, a: &str, b: &str, ratio: &str, goal: &str) {
+    let line = format!("{label:<34} {a:>16} {b:>16} {ratio:>8}   {goal}");
+    out.push_str(line.trim_end());
+    out.push('\n');
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// A small deterministic generator for token ids (SplitMix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn tokens(&mut self, n: usize, vocab: usize) -> Vec<u32> {
+        (0..n)
+            .map(|_| (self.next() % vocab as u64) as u32)
+            .collect()
+    }
+}
+
+/// A fresh model R with HF's init (normal 0.02), seeded.
+fn build_model(cfg: &LlamaConfig, seed: u64) -> Result<(VarMap, Llama)> {
+    let device = Device::Cpu;
+    device.set_seed(seed).ok();
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &device);
+    let model = Llama::new(cfg, vb).context("building model R")?;
+    Ok((vm, model))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn train(
+    cfg: &LlamaConfig,
+    opts: &ModelBenchOptions,
+    seed: u64,
+) -> Result<(TrainNumbers, TrainBreakdown)> {
+    let (vm, model) = build_model(cfg, seed)?;
+    let mut opt = AdamW::from_varmap(
+        &vm,
+        AdamWParams {
+            lr: LR,
+            weight_decay: WEIGHT_DECAY,
+            ..AdamWParams::default()
+        },
+    )?;
+    let (b, t) = (opts.batch, opts.seq);
+    let mut rng = Rng(seed ^ 0x7261_696e);
+    let tokens = rng.tokens(b * (t + 1), cfg.vocab_size);
+    let rows: Vec<&[u32]> = tokens.chunks(t + 1).collect();
+    let ids: Vec<u32> = rows.iter().flat_map(|r| r[..t].iter().copied()).collect();
+    let targets: Vec<u32> = rows.iter().flat_map(|r| r[1..].iter().copied()).collect();
+    let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
+    let targets = Tensor::from_vec(targets, (b, t), &Device::Cpu)?;
+    let mask = Tensor::ones((b, t), DType::F32, &Device::Cpu)?;
+
+    let mut losses = Vec::new();
+    let mut step_times = Vec::new();
+    let mut parts = [0.0f64; 4];
+    for i in 0..opts.warmup + opts.steps {
+        let t0 = Instant::now();
+        let logits = model.forward(&ids, None, None)?;
+        let t1 = Instant::now();
+        let (loss, _) = masked_cross_entropy(&logits, &targets, &mask)?;
+        let t2 = Instant::now();
+        let grads = loss.backward()?;
+        let t3 = Instant::now();
+        opt.step(&opt.grads_from(&grads))?;
+        let t4 = Instant::now();
+        // The loss is read after the step so that the timing has no extra sync point; it is a
+        // scalar already computed.
+        let loss = f64::from(loss.to_scalar::<f32>()?);
+        ensure!(loss.is_finite(), "training loss is {loss} at step {i}");
+        losses.push(loss);
+        tracing::info!(
+            step = i,
+            ms = ms(t4 - t0),
+            loss,
+            "klongd train step (forward {:.0} ms, loss {:.0} ms, backward {:.0} ms, adamw {:.0} ms)",
+            ms(t1 - t0),
+            ms(t2 - t1),
+            ms(t3 - t2),
+            ms(t4 - t3)
+        );
+        if i >= opts.warmup {
+            step_times.push(ms(t4 - t0));
+            for (p, d) in parts.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
+                *p += ms(d);
+            }
+        }
+    }
+    let n = step_times.len() as f64;
+    let total_ms: f64 = step_times.iter().sum();
+    Ok((
+        TrainNumbers {
+            tok_s: (opts.steps * b * t) as f64 / (total_ms / 1e3),
+            step_ms_mean: total_ms / n,
+            step_ms_min: step_times.iter().copied().fold(f64::INFINITY, f64::min),
+            loss_first: losses[0],
+            loss_last: *losses.last().unwrap_or(&f64::NAN),
+        },
+        TrainBreakdown {
+            forward_ms: parts[0] / n,
+            loss_ms: parts[1] / n,
+            backward_ms: parts[2] / n,
+            optimizer_ms: parts[3] / n,
+        },
+    ))
+}
+
+/// Greedy decode of `new_tokens` tokens for each of `prompt` rows ([B, P]), prefill included.
+/// Returns the generated ids (row-major) so that runs can be checked against each other.
+fn greedy_decode(model: &Llama, prompt: &Tensor, new_tokens: usize) -> Result<Vec<u32>> {
+    let (b, _) = prompt.dims2()?;
+    let mut cache = KvCache::new();
+    let mut input = prompt.clone();
+    let mut out = Vec::with_capacity(b * new_tokens);
+    for _ in 0..new_tokens {
+        let logits = model.forward(&input, None, Some(&mut cache))?;
+        let t = logits.dim(1)?;
+        let next = logits.i((.., t - 1, ..))?.argmax(D::Minus1)?; // [B] u32
+        out.extend(next.to_vec1::<u32>()?);
+        input = next.unsqueeze(1)?;
+    }
+    Ok(out)
+}
+
+fn decode(
+    model: &Llama,
+    cfg: &LlamaConfig,
+    opts: &ModelBenchOptions,
+    batch: usize,
+    seed: u64,
+) -> Result<DecodeNumbers> {
+    let mut rng = Rng(seed ^ (0x6465_636f + batch as u64));
+    let prompt = Tensor::from_vec(
+        rng.tokens(batch * opts.prompt, cfg.vocab_size),
+        (batch, opts.prompt),
+        &Device::Cpu,
+    )?;
+    // Warm-up, as the peer does.
+    greedy_decode(model, &prompt, 8.min(opts.new_tokens))?;
+    let mut rates = Vec::new();
+    let mut first: Option<Vec<u32>> = None;
+    for _ in 0..opts.decode_runs.max(1) {
+        let t0 = Instant::now();
+        let ids = greedy_decode(model, &prompt, opts.new_tokens)?;
+        let dt = t0.elapsed().as_secs_f64();
+        ensure!(
+            ids.len() == batch * opts.new_tokens,
+            "decode made {} tokens, expected {}",
+            ids.len(),
+            batch * opts.new_tokens
+        );
+        match &first {
+            None => first = Some(ids),
+            Some(f) => ensure!(*f == ids, "greedy decode is not deterministic across runs"),
+        }
+        rates.push((batch * opts.new_tokens) as f64 / dt);
+        tracing::info!(
+            batch,
+            ms = dt * 1e3,
+            tok_s = rates.last(),
+            "klongd decode run"
+        );
+    }
+    Ok(DecodeNumbers {
+        tok_s: median(&rates),
+        runs_tok_s: rates,
+    })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// Runs klongd's side, then the peer's.
+pub fn model(opts: &ModelBenchOptions) -> Result<ModelBenchReport> {
+    ensure!(opts.steps > 0, "steps must be at least 1");
+    ensure!(opts.threads > 0, "threads must be at least 1");
+    ensure!(
+        opts.batch > 0 && opts.seq > 0 && opts.prompt > 0 && opts.new_tokens > 0,
+        "batch, seq, prompt and new tokens must be positive"
+    );
+    // candle's matmuls read RAYON_NUM_THREADS on every call and rayon sizes its global pool
+    // from it on first use; set it before any tensor work.
+    std::env::set_var("RAYON_NUM_THREADS", opts.threads.to_string());
+    let threads = candle_core::utils::get_num_threads();
+    ensure!(
+        threads == opts.threads,
+        "candle uses {threads} threads, not the {} asked for",
+        opts.threads
+    );
+    keep_freed_memory();
+    let cfg = reference_config();
+    let seed = 0;
+
+    tracing::info!(
+        steps = opts.steps,
+        warmup = opts.warmup,
+        threads,
+        "klongd: training"
+    );
+    let (train_numbers, breakdown) = train(&cfg, opts, seed)?;
+    tracing::info!("klongd: decode");
+    let (_vm, m) = build_model(&cfg, seed)?;
+    let decode_b1 = decode(&m, &cfg, opts, 1, seed)?;
+    let decode_b8 = decode(&m, &cfg, opts, 8, seed)?;
+    drop(m);
+    let klongd = SideNumbers {
+        train: train_numbers,
+        decode_b1,
+        decode_b8,
+    };
+
+    let (peer, peer_info, peer_error) = match &opts.peer_python {
+        None => (None, None, None),
+        Some(python) => match run_peer(python, opts) {
+            Ok((numbers, info)) => (Some(numbers), Some(info), None),
+            Err(e) => (None, None, Some(format!("{e:#}"))),
+        },
+    };
+    let ratios = peer.as_ref().map(|p| {
+        let div = |a: f64, b: f64| a / b.max(f64::MIN_POSITIVE);
+        let train = div(klongd.train.tok_s, p.train.tok_s);
+        let decode_b1 = div(klongd.decode_b1.tok_s, p.decode_b1.tok_s);
+        let decode_b8 = div(klongd.decode_b8.tok_s, p.decode_b8.tok_s);
+        Ratios {
+            train,
+            decode_b1,
+            decode_b8,
+            meets_train_goal: train >= GOAL_TRAIN_RATIO,
+            meets_decode_b1_goal: decode_b1 >= GOAL_DECODE_RATIO,
+            meets_decode_b8_goal: decode_b8 >= GOAL_DECODE_RATIO,
+        }
+    });
+    Ok(ModelBenchReport {
+        machine: machine_description(),
+        model: format!(
+            "tiny Llama R: {} layers, d_model {}, {} heads / {} kv, ffn {}, vocab {}",
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.intermediate_size,
+            cfg.vocab_size
+        ),
+        threads,
+        batch: opts.batch,
+        seq: opts.seq,
+        prompt: opts.prompt,
+        new_tokens: opts.new_tokens,
+        steps: opts.steps,
+        klongd,
+        klongd_train_breakdown: breakdown,
+        peer,
+        peer_info,
+        peer_error,
+        ratios,
+    })
+}
+
+/// Tells glibc's malloc to serve every allocation from its heap and to keep freed memory
+/// there. By default it maps each large block (the attention scores of a training step are
+/// 64 MiB each) with mmap and unmaps it on free, so every step page-faults and zeroes its
+/// activations afresh: that was a third of the training step's time. A training process
+/// wants the same setting. A no-op on other C libraries.
+fn keep_freed_memory() {
+    // For measuring what this is worth: KLONGD_BENCH_MALLOC=default leaves malloc alone.
+    if std::env::var("KLONGD_BENCH_MALLOC").is_ok_and(|v| v == "default") {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_MAX: i32 = -4;
+        // SAFETY: mallopt only changes allocator tunables; it is called before the
+        // benchmark's threads start allocating.
+        let ok = unsafe { mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, i32::MAX) == 1 };
+        if !ok {
+            tracing::warn!("mallopt refused; large tensors stay on mmap");
+        }
+    }
+}
+
+/// "Model name, N CPUs", best effort from /proc/cpuinfo (as `bench sandbox` reports it).
+fn machine_description() -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .and_then(|rest| rest.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!("{model}, {cpus} CPUs")
+}
+
+/// The peer script: as given, else under the working directory, else under the source tree
+/// this binary was built from.
+fn find_peer_script(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        ensure!(p.is_file(), "peer script {} not found", p.display());
+        return Ok(p.to_path_buf());
+    }
+    let candidates = [
+        PathBuf::from(PEER_SCRIPT),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(PEER_SCRIPT),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| format!("peer script {PEER_SCRIPT} not found (run from the repository root or pass --peer-script)"))
+}
+
+/// Kills the peer and its process group (it leads one: see `run_peer`).
+fn kill_tree(child: &mut std::process::Child) {
+    #[cfg(unix)]
+    {
+        extern "C" {
+            fn kill(pid: i32, sig: i32) -> i32;
+        }
+        const SIGKILL: i32 = 9;
+        if let Ok(pid) = i32::try_from(child.id()) {
+            // SAFETY: signals the process group this benchmark created for its own child.
+            unsafe { kill(-pid, SIGKILL) };
+        }
+    }
+    let _ = child.kill();
+}
+
+/// What the peer prints: one JSON line.
+#[derive(Deserialize)]
+struct PeerOutput {
+    ok: bool,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    torch: String,
+    #[serde(default)]
+    transformers: String,
+    #[serde(default)]
+    threads: usize,
+    #[serde(default)]
+    results: std::collections::BTreeMap<String, PeerResults>,
+}
+
+#[derive(Deserialize)]
+struct PeerResults {
+    train: TrainNumbers,
+    decode_b1: DecodeNumbers,
+    decode_b8: DecodeNumbers,
+}
+
+/// Runs the peer with a bounded wait; its stderr (progress, tracebacks) is kept for errors.
+fn run_peer(python: &str, opts: &ModelBenchOptions) -> Result<(SideNumbers, PeerInfo)> {
+    let script = find_peer_script(opts.peer_script.as_deref())?;
+    let attention = "sdpa";
+    let mut cmd = Command::new(python);
+    cmd.arg(&script)
+        .args(["--steps", &opts.steps.to_string()])
+        .args(["--warmup", &opts.warmup.to_string()])
+        .args(["--threads", &opts.threads.to_string()])
+        .args(["--batch", &opts.batch.to_string()])
+        .args(["--seq", &opts.seq.to_string()])
+        .args(["--prompt", &opts.prompt.to_string()])
+        .args(["--new-tokens", &opts.new_tokens.to_string()])
+        .args(["--decode-runs", &opts.decode_runs.to_string()])
+        .args(["--lr", &LR.to_string()])
+        .args(["--weight-decay", &WEIGHT_DECAY.to_string()])
+        .args(["--attn", attention])
+        .env("OMP_NUM_THREADS", opts.threads.to_string())
+        .env("MKL_NUM_THREADS", opts.threads.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // Its own process group, so that a timeout kills whatever it started too (a child still
+    // holding the pipes would otherwise keep the reads below waiting).
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    tracing::info!(python, script = %script.display(), "running the peer");
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting the peer `{python} {}`", script.display()))?;
+    // Drain both pipes on threads, so that a chatty peer cannot block on a full pipe.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + opts.peer_timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("waiting for the peer")? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            kill_tree(&mut child);
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    let tail = |s: &str| {
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    };
+    let Some(status) = status else {
+        bail!(
+            "the peer ran past {:?} and was killed; its stderr ended:\n{}",
+            opts.peer_timeout,
+            tail(&stderr)
+        );
+    };
+    let parsed: Option<PeerOutput> = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l.trim()).ok());
+    let Some(parsed) = parsed else {
+        bail!(
+            "the peer exited with {status} and printed no JSON result; its stderr ended:\n{}",
+            tail(&stderr)
+        );
+    };
+    if !parsed.ok || !status.success() {
+        bail!(
+            "the peer failed ({status}): {}",
+            parsed.error.as_deref().unwrap_or("no error message")
+        );
+    }
+    let Some(r) = parsed.results.get(attention) else {
+        bail!("the peer printed no `{attention}` results");
+    };
+    Ok((
+        SideNumbers {
+            train: r.train.clone(),
+            decode_b1: r.decode_b1.clone(),
+            decode_b8: r.decode_b8.clone(),
+        },
+        PeerInfo {
+            python: python.to_string(),
+            torch: parsed.torch,
+            transformers: parsed.transformers,
+            threads: parsed.threads,
+            attention: attention.into(),
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(script: &Path, timeout: Duration) -> ModelBenchOptions {
+        ModelBenchOptions {
+            peer_script: Some(script.to_path_buf()),
+            peer_timeout: timeout,
+            ..Default::default()
+        }
+    }
+
+    fn script(dir: &Path, body: &str) -> PathBuf {
+        let path = dir.join("peer.sh");
+        std::fs::write(&path, body).expect("write script");
+        path
+    }
+
+    #[test]
+    fn peer_error_line_is_an_error_not_a_number() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = script(
+            dir.path(),
+            "echo progress >&2\necho '{\"ok\": false, \"error\": \"ModuleNotFoundError: No module named torch\"}'\nexit 1\n",
+        );
+        let err = run_peer("sh", &opts(&s, Duration::from_secs(30))).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("No module named torch"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn peer_without_json_reports_its_stderr() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = script(dir.path(), "echo 'Traceback: boom' >&2\nexit 3\n");
+        let err = run_peer("sh", &opts(&s, Duration::from_secs(30))).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("no JSON") && msg.contains("boom"), "{msg}");
+    }
+
+    #[test]
+    fn peer_past_its_timeout_is_killed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = script(dir.path(), "sleep 30\n");
+        let started = Instant::now();
+        let err = run_peer("sh", &opts(&s, Duration::from_millis(300))).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(format!("{err:#}").contains("killed"), "{err:#}");
+    }
+
+    #[test]
+    fn peer_results_are_parsed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let train = r#"{"tok_s": 100.0, "step_ms_mean": 40.0, "step_ms_min": 39.0, "loss_first": 6.2, "loss_last": 6.0}"#;
+        let dec = r#"{"tok_s": 50.0, "runs_tok_s": [50.0]}"#;
+        let line = format!(
+            r#"{{"ok": true, "torch": "2.x", "transformers": "5.x", "threads": 2, "results": {{"sdpa": {{"train": {train}, "decode_b1": {dec}, "decode_b8": {dec}}}}}}}"#
+        );
+        let s = script(dir.path(), &format!("echo 'noise'\necho '{line}'\n"));
+        let (numbers, info) = run_peer("sh", &opts(&s, Duration::from_secs(30))).expect("peer");
+        assert_eq!(numbers.train.tok_s, 100.0);
+        assert_eq!(numbers.decode_b8.tok_s, 50.0);
+        assert_eq!((info.torch.as_str(), info.threads), ("2.x", 2));
+    }
+
+    #[test]
+    fn report_renders_ratios_and_peer_failures() {
+        let side = SideNumbers {
+            train: TrainNumbers {
+                tok_s: 300.0,
+                step_ms_mean: 10.0,
+                step_ms_min: 9.0,
+                loss_first: 6.2,
+                loss_last: 6.0,
+            },
+            decode_b1: DecodeNumbers {
+                tok_s: 500.0,
+                runs_tok_s: vec![500.0],
+            },
+            decode_b8: DecodeNumbers {
+                tok_s: 800.0,
+                runs_tok_s: vec![800.0],
+            },
+        };
+        let mut report = ModelBenchReport {
+            machine: "test".into(),
+            model: "R".into(),
+            threads: 2,
+            batch: 8,
+            seq: 512,
+            prompt: 16,
+            new_tokens: 256,
+            steps: 1,
+            klongd: side.clone(),
+            klongd_train_breakdown: TrainBreakdown {
+                forward_ms: 1.0,
+                loss_ms: 1.0,
+                backward_ms: 1.0,
+                optimizer_ms: 1.0,
+            },
+            peer: None,
+            peer_info: None,
+            peer_error: Some("torch missing".into()),
+            ratios: None,
+        };
+        assert!(report.peer_failed());
+        let text = report.render();
+        assert!(
+            text.contains("peer FAILED") && text.contains("torch missing"),
+            "{text}"
+        );
+        assert!(text.contains("300.0") && !text.contains("x   (goal >= 1.5x: met"));
+        report.peer = Some(side);
+        report.peer_error = None;
+        report.ratios = Some(Ratios {
+            train: 1.0,
+            decode_b1: 6.0,
+            decode_b8: 1.0,
+            meets_train_goal: false,
+            meets_decode_b1_goal: true,
+            meets_decode_b8_goal: false,
+        });
+        assert!(!report.peer_failed());
+        let text = report.render();
+        assert!(text.contains("6.00x") && text.contains("MISSED") && text.contains("met"));
+    }
+}
