@@ -384,7 +384,7 @@ fn train(
 /// Returns the generated ids (row-major) so that runs can be checked against each other.
 fn greedy_decode(model: &Llama, prompt: &Tensor, new_tokens: usize) -> Result<Vec<u32>> {
     let (b, _) = prompt.dims2()?;
-    let mut cache = KvCache::new();
+    let mut cache = KvCache::inference();
     let mut input = prompt.clone();
     let mut out = Vec::with_capacity(b * new_tokens);
     for _ in 0..new_tokens {
@@ -469,7 +469,6 @@ pub fn model(opts: &ModelBenchOptions) -> Result<ModelBenchReport> {
         "candle uses {threads} threads, not the {} asked for",
         opts.threads
     );
-    keep_freed_memory();
     let cfg = reference_config();
     let seed = 0;
 
@@ -536,32 +535,6 @@ pub fn model(opts: &ModelBenchOptions) -> Result<ModelBenchReport> {
         peer_error,
         ratios,
     })
-}
-
-/// Tells glibc's malloc to serve every allocation from its heap and to keep freed memory
-/// there. By default it maps each large block (the attention scores of a training step are
-/// 64 MiB each) with mmap and unmaps it on free, so every step page-faults and zeroes its
-/// activations afresh: that was a third of the training step's time. A training process
-/// wants the same setting. A no-op on other C libraries.
-fn keep_freed_memory() {
-    // For measuring what this is worth: KLONGD_BENCH_MALLOC=default leaves malloc alone.
-    if std::env::var("KLONGD_BENCH_MALLOC").is_ok_and(|v| v == "default") {
-        return;
-    }
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            fn mallopt(param: i32, value: i32) -> i32;
-        }
-        const M_TRIM_THRESHOLD: i32 = -1;
-        const M_MMAP_MAX: i32 = -4;
-        // SAFETY: mallopt only changes allocator tunables; it is called before the
-        // benchmark's threads start allocating.
-        let ok = unsafe { mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, i32::MAX) == 1 };
-        if !ok {
-            tracing::warn!("mallopt refused; large tensors stay on mmap");
-        }
-    }
 }
 
 /// "Model name, N CPUs", best effort from /proc/cpuinfo (as `bench sandbox` reports it).

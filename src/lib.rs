@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_model;
 pub mod config;
 pub mod generate_cli;
+pub mod malloc;
 pub mod rubric_cli;
 pub mod run;
 pub mod sandbox_cli;

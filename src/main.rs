@@ -302,6 +302,7 @@ fn config_error(e: &ConfigError) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    klongd::malloc::keep_freed_memory();
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {

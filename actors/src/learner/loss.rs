@@ -7,9 +7,8 @@ use candle_core::{DType, Result, Tensor, D};
 /// it, and it keeps `max` (whose backward picks one element) out of the graph.
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
     // CPU f32/f64: one fused pass forward and one backward (same values, max-subtracted).
-    if crate::policy::model::fused::supported(logits, crate::policy::model::fused::Kind::LogSoftmax)
-    {
-        return crate::policy::model::fused::log_softmax(logits);
+    if crate::policy::fused::supported(logits, crate::policy::fused::Kind::LogSoftmax) {
+        return crate::policy::fused::log_softmax(logits);
     }
     let m = logits.max_keepdim(D::Minus1)?.detach();
     let z = logits.broadcast_sub(&m)?;

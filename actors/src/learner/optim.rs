@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
 use candle_nn::VarMap;
 
-use crate::policy::model::fused;
+use crate::policy::fused;
 
 /// Named-tensor key of the step count in an export.
 pub const STEP_KEY: &str = "optim.step";

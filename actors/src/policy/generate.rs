@@ -105,7 +105,8 @@ pub fn generate(
         ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
         mask.extend(std::iter::repeat_n(0u8, pad).chain(std::iter::repeat_n(1u8, p.len())));
     }
-    let mut cache = KvCache::new();
+    // Generation never backpropagates: the in-place cache, even over trainable weights.
+    let mut cache = KvCache::inference();
     let mut logits = last_logits(model, &device, ids, mask, b, longest, &mut cache)?;
 
     let mut rows: Vec<Row> = prompts

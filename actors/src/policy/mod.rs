@@ -1,6 +1,7 @@
 //! The policy: the model that acts (and, through the learner, trains).
 
 pub mod chat;
+pub(crate) mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod model;

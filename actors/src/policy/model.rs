@@ -6,9 +6,12 @@
 //! (a `KvCache`, incremental decode, left-padded batches). Tensor names are Hugging Face's, so
 //! a `VarBuilder` over safetensors loads HF checkpoints unchanged.
 //!
-//! Norms and softmax are composed from basic tensor ops on purpose: in candle 0.11 the fused
-//! `candle_nn::RmsNorm` and `softmax_last_dim` have no backward pass on CPU, so a model built on
-//! them trains silently wrong (see design.md §13; the finite-difference test guards this).
+//! candle 0.11's fused `candle_nn::RmsNorm` and `softmax_last_dim` have no backward pass on
+//! CPU, so a model built on them trains silently wrong (design.md §13). On CPU in f32/f64 the
+//! norms, RoPE + attention softmax, SwiGLU and the loss's log-softmax run as this crate's own
+//! fused kernels with hand-written backward passes (`fused.rs`); elsewhere they are composed
+//! from basic tensor ops, which backpropagate everywhere. The finite-difference tests check
+//! the fused gradients (f64); the bf16 test (composed path) checks against them.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
@@ -205,9 +208,10 @@ impl LlamaConfig {
 /// Additive mask value for keys a query must not see. Finite (not -inf) so that a query row
 /// with no visible key (a pad position in a left-padded batch) gives a uniform distribution
 /// instead of NaN; such rows are never read.
-const MASKED: f32 = -1e9;
+pub(crate) const MASKED: f32 = -1e9;
 
-/// RMSNorm composed from basic ops (the fused one has no gradient in candle 0.11 CPU).
+/// RMSNorm: the fused kernel where supported, else composed from basic ops (candle's own
+/// fused one has no gradient on CPU in 0.11).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
@@ -267,16 +271,101 @@ fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<L
 
 /// Per-layer keys and values of the tokens seen so far, plus which of them are real tokens
 /// (pads stay in the cache, masked, so that all rows keep one length).
-#[derive(Debug, Clone, Default)]
+///
+/// On the CPU, when no gradient can flow into the cached keys and values (the weights are not
+/// variables, or the cache was made with [`KvCache::inference`]), they are written in place
+/// into buffers with room to grow (doubling), so a decode step copies only its new position
+/// instead of the whole cache. Otherwise each step concatenates, and gradients flow through
+/// the cache.
+#[derive(Debug, Default)]
 pub struct KvCache {
+    /// Per layer: (keys, values) `[B, Hkv, S, D]` of the positions seen so far (views into
+    /// `bufs` when those are used).
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per layer: the in-place buffers `[B, Hkv, capacity, D]`, if any.
+    bufs: Vec<Option<(Tensor, Tensor)>>,
+    /// Store keys and values detached (no gradient into earlier positions), in place.
+    detached: bool,
     /// `key_mask[b][j]`: key j of row b is a real token.
     key_mask: Vec<Vec<bool>>,
+}
+
+impl Clone for KvCache {
+    /// A clone shares the cached tensors (immutable) but not the in-place buffers: its next
+    /// step starts buffers of its own, so the two caches never write over each other.
+    fn clone(&self) -> Self {
+        KvCache {
+            layers: self.layers.clone(),
+            bufs: vec![None; self.bufs.len()],
+            detached: self.detached,
+            key_mask: self.key_mask.clone(),
+        }
+    }
+}
+
+/// One layer's part of a [`KvCache`], lent to the attention for a forward pass.
+struct LayerSlot<'a> {
+    kv: &'a mut Option<(Tensor, Tensor)>,
+    buf: &'a mut Option<(Tensor, Tensor)>,
+    detached: bool,
+}
+
+impl LayerSlot<'_> {
+    /// Appends this step's keys and values `[B, Hkv, T, D]` along the sequence; returns all
+    /// of them.
+    fn append(self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let in_place = k.device().is_cpu() && (self.detached || !(k.track_op() || v.track_op()));
+        if !in_place {
+            *self.buf = None;
+            let kv = match self.kv.take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                None => (k, v),
+            };
+            *self.kv = Some(kv.clone());
+            return Ok(kv);
+        }
+        let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
+        let (b, h, t, d) = k.dims4()?;
+        let len = self.kv.as_ref().map_or(Ok(0), |(pk, _)| pk.dim(2))?;
+        let need = len + t;
+        let cap = self.buf.as_ref().map_or(Ok(0), |(bk, _)| bk.dim(2))?;
+        let fits = self.buf.as_ref().is_some_and(|(bk, _)| {
+            bk.dims4()
+                .is_ok_and(|(bb, bh, _, bd)| (bb, bh, bd) == (b, h, d))
+        });
+        if !fits || need > cap {
+            let cap = need.max(2 * cap).max(64);
+            let nk = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?;
+            if let Some((pk, pv)) = self.kv.as_ref() {
+                nk.slice_set(&pk.contiguous()?, 2, 0)?;
+                nv.slice_set(&pv.contiguous()?, 2, 0)?;
+            }
+            *self.buf = Some((nk, nv));
+        }
+        let Some((bk, bv)) = self.buf.as_ref() else {
+            candle_core::bail!("kv cache buffer missing");
+        };
+        bk.slice_set(&k, 2, len)?;
+        bv.slice_set(&v, 2, len)?;
+        let kv = (bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?);
+        *self.kv = Some(kv.clone());
+        Ok(kv)
+    }
 }
 
 impl KvCache {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A cache for inference only: keys and values are stored detached, in place, even when
+    /// the model's weights are variables (no gradient flows into earlier positions).
+    pub fn inference() -> Self {
+        KvCache {
+            detached: true,
+            ..Self::default()
+        }
     }
 
     /// Number of cached positions (pads included).
@@ -365,7 +454,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<LayerSlot<'_>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
@@ -387,14 +476,7 @@ impl Attention {
         let q = fused::rope(&q, cos, sin, scale)?; // [B, H, T, D], pre-scaled
         let k = fused::rope(&k, cos, sin, 1.0)?; // [B, Hkv, T, D]
         let (k, v) = match cache {
-            Some(slot) => {
-                let kv = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some(kv.clone());
-                kv
-            }
+            Some(slot) => slot.append(k, v)?,
             None => (k, v),
         };
         let n_rep = h / hkv;
@@ -415,7 +497,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<LayerSlot<'_>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
@@ -437,14 +519,7 @@ impl Attention {
         let q = apply_rope(&q.contiguous()?, cos, sin)?;
         let k = apply_rope(&k.contiguous()?, cos, sin)?;
         let (k, v) = match cache {
-            Some(slot) => {
-                let kv = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some(kv.clone());
-                kv
-            }
+            Some(slot) => slot.append(k, v)?,
             None => (k, v),
         };
         let n_rep = self.n_heads / self.n_kv_heads;
@@ -658,10 +733,17 @@ impl Llama {
             if c.layers.len() != self.layers.len() {
                 c.layers = vec![None; self.layers.len()];
             }
+            if c.bufs.len() != self.layers.len() {
+                c.bufs = vec![None; self.layers.len()];
+            }
         }
         let mut x = self.embed_tokens.forward(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let slot = cache.as_deref_mut().map(|c| LayerSlot {
+                kv: &mut c.layers[i],
+                buf: &mut c.bufs[i],
+                detached: c.detached,
+            });
             let h = layer.input_layernorm.forward(&x)?;
             let h = layer.self_attn.forward(&h, &cos, &sin, &mask, slot)?;
             x = (x + h)?;
@@ -692,694 +774,63 @@ impl Llama {
     }
 }
 
-/// Fused CPU kernels with hand-written backward passes, for the f32/f64 CPU paths of the
-/// model and the loss: RMSNorm, RoPE (with the attention scale folded in), masked softmax,
-/// SwiGLU's `silu(gate) * up`, and log-softmax. candle 0.11's own fused norm/softmax have no
-/// CPU backward; these do, and the finite-difference tests check them. Other devices and
-/// dtypes take the composed path (`fused::supported`).
-pub(crate) mod fused {
-    use candle_core::{
-        CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-        WithDType,
-    };
-    use rayon::prelude::*;
+use super::fused;
 
-    /// The fused kernels, each of which can be switched off for measurements and debugging
-    /// with `KLONGD_FUSED_OFF` (a comma-separated list of these names, or `all`).
-    #[derive(Debug, Clone, Copy)]
-    pub(crate) enum Kind {
-        RmsNorm,
-        Attention,
-        SiluMul,
-        LogSoftmax,
-        AdamW,
-        LinearRows,
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
 
-    pub(crate) fn enabled(kind: Kind) -> bool {
-        static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-        let off = OFF.get_or_init(|| {
-            std::env::var("KLONGD_FUSED_OFF")
-                .unwrap_or_default()
-                .split(',')
-                .map(|s| s.trim().to_ascii_lowercase())
-                .filter(|s| !s.is_empty())
-                .collect()
-        });
-        let name = match kind {
-            Kind::RmsNorm => "rms_norm",
-            Kind::Attention => "attention",
-            Kind::SiluMul => "silu_mul",
-            Kind::LogSoftmax => "log_softmax",
-            Kind::AdamW => "adamw",
-            Kind::LinearRows => "linear_rows",
+    /// Decoding through the in-place cache (growing past its first capacity, cloned midway)
+    /// gives the logits of the concatenating cache and of the full forward.
+    #[test]
+    fn in_place_kv_cache_matches_concatenating_cache_and_full_forward() {
+        let mut cfg = LlamaConfig::tiny(32);
+        cfg.max_position_embeddings = 256;
+        let vm = VarMap::new();
+        let model = Llama::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
+            .expect("model");
+        let (b, n) = (2usize, 80usize); // 80 > the first capacity (64)
+        let ids: Vec<u32> = (0..b * n).map(|i| ((i * 7 + 3) % 32) as u32).collect();
+        let ids = Tensor::from_vec(ids, (b, n), &Device::Cpu).expect("ids");
+        let full = model.forward(&ids, None, None).expect("full");
+        let decode = |mut cache: KvCache| -> (Tensor, Tensor) {
+            let mut parts = vec![model
+                .forward(
+                    &ids.narrow(1, 0, 5).expect("prefix"),
+                    None,
+                    Some(&mut cache),
+                )
+                .expect("prefill")];
+            let mut fork = None;
+            for p in 5..n {
+                let step = ids.narrow(1, p, 1).expect("step");
+                parts.push(model.forward(&step, None, Some(&mut cache)).expect("step"));
+                if p == 40 {
+                    fork = Some(cache.clone());
+                }
+            }
+            // The clone, advanced on its own, still sees its own history.
+            let mut fork = fork.expect("fork");
+            let next = ids.narrow(1, 41, 1).expect("next");
+            let forked = model
+                .forward(&next, None, Some(&mut fork))
+                .expect("fork step");
+            (Tensor::cat(&parts, 1).expect("cat"), forked)
         };
-        !off.iter().any(|o| o == "all" || o == name)
-    }
-
-    /// Whether the fused kernel `kind` serves `t` (CPU, f32 or f64, not switched off).
-    pub(crate) fn supported(t: &Tensor, kind: Kind) -> bool {
-        t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) && enabled(kind)
-    }
-
-    pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> {
-        fn exp(self) -> Self;
-        fn sqrt(self) -> Self;
-        fn ln(self) -> Self;
-        fn lowest() -> Self;
-    }
-    impl Real for f32 {
-        fn exp(self) -> Self {
-            f32::exp(self)
-        }
-        fn sqrt(self) -> Self {
-            f32::sqrt(self)
-        }
-        fn ln(self) -> Self {
-            f32::ln(self)
-        }
-        fn lowest() -> Self {
-            f32::MIN
-        }
-    }
-    impl Real for f64 {
-        fn exp(self) -> Self {
-            f64::exp(self)
-        }
-        fn sqrt(self) -> Self {
-            f64::sqrt(self)
-        }
-        fn ln(self) -> Self {
-            f64::ln(self)
-        }
-        fn lowest() -> Self {
-            f64::MIN
-        }
-    }
-
-    /// The contiguous slice of a CPU storage under `l`.
-    fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-        let all = T::cpu_storage_as_slice(s)?;
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(&all[a..b]),
-            None => candle_core::bail!("fused op: non-contiguous input"),
-        }
-    }
-
-    /// Runs `f` over a tensor's contiguous CPU data.
-    pub(crate) fn with_data<T: WithDType, R>(
-        t: &Tensor,
-        f: impl FnOnce(&[T]) -> Result<R>,
-    ) -> Result<R> {
-        let t = t.contiguous()?;
-        let (st, l) = t.storage_and_layout();
-        match &*st {
-            Storage::Cpu(c) => f(slice::<T>(c, l)?),
-            _ => candle_core::bail!("fused op: CPU tensors only"),
-        }
-    }
-
-    /// Below this many elements an op runs on the calling thread alone.
-    const PAR_MIN: usize = 1 << 15;
-
-    /// Splits `out` (rows of `row` elements) into one contiguous run of rows per thread and
-    /// calls `f(first_row, rows)` on each, in parallel.
-    fn par_rows<T: Send>(out: &mut [T], row: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-        let rows = out.len() / row.max(1);
-        let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
-        if threads == 1 || out.len() < PAR_MIN {
-            f(0, out);
-            return;
-        }
-        let per = rows.div_ceil(threads);
-        out.par_chunks_mut(per * row)
-            .enumerate()
-            .for_each(|(i, c)| f(i * per, c));
-    }
-
-    /// Dispatches on the dtype of a CPU storage to a generic body.
-    macro_rules! dispatch {
-        ($s:expr, $body:ident ( $($arg:expr),* )) => {
-            match $s {
-                CpuStorage::F32(_) => $body::<f32>($($arg),*),
-                CpuStorage::F64(_) => $body::<f64>($($arg),*),
-                _ => candle_core::bail!("fused op: f32/f64 only"),
-            }
+        let (in_place, fork_a) = decode(KvCache::inference());
+        let (concat, fork_b) = decode(KvCache::new());
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.flatten_all())
+                .and_then(|d| d.max(0))
+                .and_then(|d| d.to_scalar::<f32>())
+                .expect("diff")
         };
-    }
-
-    // ---------------------------------------------------------------- RMSNorm
-
-    /// `x / sqrt(mean(x²) + eps) * w` over the last dimension. x: [.., N], w: [N].
-    pub(crate) struct RmsNorm {
-        pub eps: f64,
-    }
-
-    fn rms_fwd<T: Real>(
-        x: &CpuStorage,
-        lx: &Layout,
-        w: &CpuStorage,
-        lw: &Layout,
-        eps: f64,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (slice::<T>(x, lx)?, slice::<T>(w, lw)?);
-        let n = w.len();
-        let eps = T::from_f64(eps);
-        let nn = T::from_f64(n as f64);
-        let mut out = vec![T::zero(); x.len()];
-        par_rows(&mut out, n, |r0, out| {
-            for (i, o) in out.chunks_mut(n).enumerate() {
-                let xr = &x[(r0 + i) * n..(r0 + i + 1) * n];
-                let mut ss = T::zero();
-                for &v in xr {
-                    ss += v * v;
-                }
-                let s = (ss / nn + eps).sqrt();
-                for ((o, &v), &wv) in o.iter_mut().zip(xr).zip(w) {
-                    *o = v / s * wv;
-                }
-            }
-        });
-        Ok((T::to_cpu_storage_owned(out), lx.shape().clone()))
-    }
-
-    /// (dx, dw) for RMSNorm.
-    fn rms_bwd<T: Real>(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-        let n = w.elem_count();
-        let threads = candle_core::utils::get_num_threads().max(1);
-        let (dx, dw) = with_data::<T, _>(x, |x| {
-            with_data::<T, _>(w, |w| {
-                with_data::<T, _>(g, |g| {
-                    let eps = T::from_f64(eps);
-                    let nn = T::from_f64(n as f64);
-                    let mut dx = vec![T::zero(); x.len()];
-                    let rows = x.len() / n;
-                    let per = rows.div_ceil(threads).max(1);
-                    // dw partial sums per chunk of rows, summed after.
-                    let mut partial = vec![vec![T::zero(); n]; rows.div_ceil(per)];
-                    let work = |r0: usize, dx: &mut [T], dw: &mut [T]| {
-                        for (i, d) in dx.chunks_mut(n).enumerate() {
-                            let r = r0 + i;
-                            let (xr, gr) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
-                            let mut ss = T::zero();
-                            let mut dot = T::zero();
-                            for k in 0..n {
-                                ss += xr[k] * xr[k];
-                                dot += w[k] * gr[k] * xr[k];
-                            }
-                            let s = (ss / nn + eps).sqrt();
-                            // d/dx_j of x_j / s: 1/s - x_j Σ(...) / (N s³).
-                            let c = dot / (nn * s * s * s);
-                            for k in 0..n {
-                                d[k] = w[k] * gr[k] / s - xr[k] * c;
-                                dw[k] += gr[k] * (xr[k] / s);
-                            }
-                        }
-                    };
-                    if threads == 1 || x.len() < PAR_MIN {
-                        work(0, &mut dx, &mut partial[0]);
-                    } else {
-                        dx.par_chunks_mut(per * n)
-                            .zip(partial.par_iter_mut())
-                            .enumerate()
-                            .for_each(|(i, (c, p))| work(i * per, c, p));
-                    }
-                    let mut dw = vec![T::zero(); n];
-                    for p in &partial {
-                        for (a, b) in dw.iter_mut().zip(p) {
-                            *a += *b;
-                        }
-                    }
-                    Ok((dx, dw))
-                })
-            })
-        })?;
-        Ok((
-            Tensor::from_vec(dx, x.shape(), x.device())?,
-            Tensor::from_vec(dw, w.shape(), w.device())?,
-        ))
-    }
-
-    impl CustomOp2 for RmsNorm {
-        fn name(&self) -> &'static str {
-            "klong-rms-norm"
-        }
-        fn cpu_fwd(
-            &self,
-            x: &CpuStorage,
-            lx: &Layout,
-            w: &CpuStorage,
-            lw: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            dispatch!(x, rms_fwd(x, lx, w, lw, self.eps))
-        }
-        fn bwd(
-            &self,
-            x: &Tensor,
-            w: &Tensor,
-            _res: &Tensor,
-            g: &Tensor,
-        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            let (dx, dw) = match x.dtype() {
-                DType::F32 => rms_bwd::<f32>(x, w, g, self.eps)?,
-                DType::F64 => rms_bwd::<f64>(x, w, g, self.eps)?,
-                dt => candle_core::bail!("klong-rms-norm: unsupported dtype {dt:?}"),
-            };
-            Ok((Some(dx), Some(dw)))
-        }
-    }
-
-    pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-        x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
-    }
-
-    // ---------------------------------------------------------------- RoPE
-
-    /// RoPE on x `[B, T, H, D]` (the projection's layout) with cos/sin `[B, T, D]`, times
-    /// `scale`, written out as `[B, H, T, D]`: HF's `x·cos + rotate_half(x)·sin`.
-    pub(crate) struct Rope {
-        pub scale: f64,
-    }
-
-    /// One head vector: out = scale · (x·cos + rot(x)·sin), rot(x) = (-x2, x1).
-    #[inline]
-    fn rope_vec<T: Real>(x: &[T], c: &[T], s: &[T], scale: T, out: &mut [T]) {
-        let h = x.len() / 2;
-        for i in 0..h {
-            out[i] = (x[i] * c[i] - x[i + h] * s[i]) * scale;
-            out[i + h] = (x[i + h] * c[i + h] + x[i] * s[i + h]) * scale;
-        }
-    }
-
-    /// The transpose of `rope_vec` (its gradient): dx = scale · (g·cos + rotᵀ(g·sin)).
-    #[inline]
-    fn rope_vec_t<T: Real>(g: &[T], c: &[T], s: &[T], scale: T, out: &mut [T]) {
-        let h = g.len() / 2;
-        for i in 0..h {
-            out[i] = (g[i] * c[i] + g[i + h] * s[i + h]) * scale;
-            out[i + h] = (g[i + h] * c[i + h] - g[i] * s[i]) * scale;
-        }
-    }
-
-    fn rope_fwd<T: Real>(
-        x: &CpuStorage,
-        lx: &Layout,
-        c: &CpuStorage,
-        lc: &Layout,
-        s: &CpuStorage,
-        ls: &Layout,
-        scale: f64,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (b, t, h, d) = lx.shape().dims4()?;
-        let (x, c, s) = (slice::<T>(x, lx)?, slice::<T>(c, lc)?, slice::<T>(s, ls)?);
-        let scale = T::from_f64(scale);
-        let mut out = vec![T::zero(); x.len()];
-        // Output rows are (b, h, t) vectors of d.
-        par_rows(&mut out, t * d, |r0, out| {
-            for (i, o) in out.chunks_mut(t * d).enumerate() {
-                let (bi, hi) = ((r0 + i) / h, (r0 + i) % h);
-                for ti in 0..t {
-                    let xo = ((bi * t + ti) * h + hi) * d;
-                    let co = (bi * t + ti) * d;
-                    rope_vec(
-                        &x[xo..xo + d],
-                        &c[co..co + d],
-                        &s[co..co + d],
-                        scale,
-                        &mut o[ti * d..(ti + 1) * d],
-                    );
-                }
-            }
-        });
-        Ok((T::to_cpu_storage_owned(out), Shape::from((b, h, t, d))))
-    }
-
-    fn rope_bwd<T: Real>(
-        g: &Tensor,
-        c: &Tensor,
-        s: &Tensor,
-        shape: &Shape,
-        scale: f64,
-    ) -> Result<Tensor> {
-        let (b, t, h, d) = shape.dims4()?;
-        let scale = T::from_f64(scale);
-        let dx = with_data::<T, _>(g, |g| {
-            with_data::<T, _>(c, |c| {
-                with_data::<T, _>(s, |s| {
-                    let mut dx = vec![T::zero(); g.len()];
-                    // dx rows are (b, t) blocks of h·d; g is [B, H, T, D].
-                    par_rows(&mut dx, h * d, |r0, dx| {
-                        for (i, o) in dx.chunks_mut(h * d).enumerate() {
-                            let (bi, ti) = ((r0 + i) / t, (r0 + i) % t);
-                            let co = (bi * t + ti) * d;
-                            for hi in 0..h {
-                                let go = ((bi * h + hi) * t + ti) * d;
-                                rope_vec_t(
-                                    &g[go..go + d],
-                                    &c[co..co + d],
-                                    &s[co..co + d],
-                                    scale,
-                                    &mut o[hi * d..(hi + 1) * d],
-                                );
-                            }
-                        }
-                    });
-                    Ok(dx)
-                })
-            })
-        })?;
-        let _ = b;
-        Tensor::from_vec(dx, shape, g.device())
-    }
-
-    impl CustomOp3 for Rope {
-        fn name(&self) -> &'static str {
-            "klong-rope"
-        }
-        fn cpu_fwd(
-            &self,
-            x: &CpuStorage,
-            lx: &Layout,
-            c: &CpuStorage,
-            lc: &Layout,
-            s: &CpuStorage,
-            ls: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            dispatch!(x, rope_fwd(x, lx, c, lc, s, ls, self.scale))
-        }
-        fn bwd(
-            &self,
-            x: &Tensor,
-            c: &Tensor,
-            s: &Tensor,
-            _res: &Tensor,
-            g: &Tensor,
-        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            // cos/sin come from positions, which are constants.
-            let dx = match x.dtype() {
-                DType::F32 => rope_bwd::<f32>(g, c, s, x.shape(), self.scale)?,
-                DType::F64 => rope_bwd::<f64>(g, c, s, x.shape(), self.scale)?,
-                dt => candle_core::bail!("klong-rope: unsupported dtype {dt:?}"),
-            };
-            Ok((Some(dx), None, None))
-        }
-    }
-
-    /// x `[B, T, H, D]`, cos/sin `[B, T, D]` -> `[B, H, T, D]`, scaled.
-    pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
-        x.contiguous()?
-            .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { scale })
-    }
-
-    // ---------------------------------------------------------------- masked softmax
-
-    /// softmax(att + mask) over the last dimension. att: `[B, R, S]` viewed as rows of S
-    /// (R rows per batch entry), mask `[B, T, S]` (additive); att row r of batch entry b takes
-    /// mask row `r % T` (so att may be `[B, H, T, S]` or GQA's `[B, Hkv, n_rep·T, S]`).
-    pub(crate) struct MaskedSoftmax;
-
-    fn softmax_fwd<T: Real>(
-        a: &CpuStorage,
-        la: &Layout,
-        m: &CpuStorage,
-        lm: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dims = lm.shape().dims();
-        let (b, t, s) = (dims[0], dims[dims.len() - 2], dims[dims.len() - 1]);
-        let (a, m) = (slice::<T>(a, la)?, slice::<T>(m, lm)?);
-        let per_batch = a.len() / b.max(1);
-        let half_masked = T::from_f64(f64::from(super::MASKED) / 2.0);
-        let mut out = vec![T::zero(); a.len()];
-        par_rows(&mut out, s, |r0, out| {
-            for (i, o) in out.chunks_mut(s).enumerate() {
-                let r = r0 + i;
-                let (bi, ri) = (r * s / per_batch, (r * s % per_batch) / s);
-                let mr = &m[(bi * t + ri % t) * s..(bi * t + ri % t + 1) * s];
-                let ar = &a[r * s..(r + 1) * s];
-                let mut mx = T::lowest();
-                for ((o, &av), &mv) in o.iter_mut().zip(ar).zip(mr) {
-                    let z = av + mv;
-                    *o = z;
-                    if z > mx {
-                        mx = z;
-                    }
-                }
-                let mut sum = T::zero();
-                if mx > half_masked {
-                    // Some key is visible: masked keys sit ~1e9 below the max, where exp is
-                    // exactly 0, so they are set to 0 without computing it (causal rows skip
-                    // half their exps, and glibc's slow underflow path).
-                    for (o, &mv) in o.iter_mut().zip(mr) {
-                        let e = if mv < half_masked {
-                            T::zero()
-                        } else {
-                            (*o - mx).exp()
-                        };
-                        *o = e;
-                        sum += e;
-                    }
-                } else {
-                    for o in o.iter_mut() {
-                        let e = (*o - mx).exp();
-                        *o = e;
-                        sum += e;
-                    }
-                }
-                for o in o.iter_mut() {
-                    *o /= sum;
-                }
-            }
-        });
-        Ok((T::to_cpu_storage_owned(out), la.shape().clone()))
-    }
-
-    /// dz = y ⊙ (g − Σ g⊙y), row-wise.
-    fn softmax_bwd<T: Real>(y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        let s = y.dim(candle_core::D::Minus1)?;
-        let dz = with_data::<T, _>(y, |y| {
-            with_data::<T, _>(g, |g| {
-                let mut dz = vec![T::zero(); y.len()];
-                par_rows(&mut dz, s, |r0, dz| {
-                    for (i, d) in dz.chunks_mut(s).enumerate() {
-                        let r = r0 + i;
-                        let (yr, gr) = (&y[r * s..(r + 1) * s], &g[r * s..(r + 1) * s]);
-                        let mut dot = T::zero();
-                        for (&yv, &gv) in yr.iter().zip(gr) {
-                            dot += yv * gv;
-                        }
-                        for ((d, &yv), &gv) in d.iter_mut().zip(yr).zip(gr) {
-                            *d = yv * (gv - dot);
-                        }
-                    }
-                });
-                Ok(dz)
-            })
-        })?;
-        Tensor::from_vec(dz, y.shape(), y.device())
-    }
-
-    impl CustomOp2 for MaskedSoftmax {
-        fn name(&self) -> &'static str {
-            "klong-masked-softmax"
-        }
-        fn cpu_fwd(
-            &self,
-            a: &CpuStorage,
-            la: &Layout,
-            m: &CpuStorage,
-            lm: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            dispatch!(a, softmax_fwd(a, la, m, lm))
-        }
-        fn bwd(
-            &self,
-            a: &Tensor,
-            _m: &Tensor,
-            res: &Tensor,
-            g: &Tensor,
-        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            // The mask is a constant.
-            let da = match a.dtype() {
-                DType::F32 => softmax_bwd::<f32>(res, g)?,
-                DType::F64 => softmax_bwd::<f64>(res, g)?,
-                dt => candle_core::bail!("klong-masked-softmax: unsupported dtype {dt:?}"),
-            };
-            Ok((Some(da), None))
-        }
-    }
-
-    /// softmax(att + mask) with att `[B, X, R, S]` and mask `[B, 1, T, S]`, `R` a multiple
-    /// of `T` (see [`MaskedSoftmax`]).
-    pub(crate) fn masked_softmax(att: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        att.contiguous()?
-            .apply_op2(&mask.contiguous()?, MaskedSoftmax)
-    }
-
-    // ---------------------------------------------------------------- SwiGLU
-
-    /// silu(gate) · up, elementwise.
-    pub(crate) struct SiluMul;
-
-    fn silu_mul_fwd<T: Real>(
-        a: &CpuStorage,
-        la: &Layout,
-        u: &CpuStorage,
-        lu: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (a, u) = (slice::<T>(a, la)?, slice::<T>(u, lu)?);
-        let mut out = vec![T::zero(); a.len()];
-        let row = 1024.min(a.len().max(1));
-        par_rows(&mut out, row, |r0, out| {
-            let o0 = r0 * row;
-            for (k, o) in out.iter_mut().enumerate() {
-                let x = a[o0 + k];
-                *o = x / (T::one() + (-x).exp()) * u[o0 + k];
-            }
-        });
-        Ok((T::to_cpu_storage_owned(out), la.shape().clone()))
-    }
-
-    /// (d gate, d up): σ = sigmoid(a); d silu = σ(1 + a(1 − σ)).
-    fn silu_mul_bwd<T: Real>(a: &Tensor, u: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
-        let n = a.elem_count();
-        let (da, du) = with_data::<T, _>(a, |a| {
-            with_data::<T, _>(u, |u| {
-                with_data::<T, _>(g, |g| {
-                    let mut da = vec![T::zero(); n];
-                    let mut du = vec![T::zero(); n];
-                    let row = 1024.min(n).max(1);
-                    par_rows(&mut da, row, |r0, out| {
-                        let e0 = r0 * row;
-                        for (k, o) in out.iter_mut().enumerate() {
-                            let (x, i) = (a[e0 + k], e0 + k);
-                            let sg = T::one() / (T::one() + (-x).exp());
-                            *o = g[i] * u[i] * sg * (T::one() + x * (T::one() - sg));
-                        }
-                    });
-                    par_rows(&mut du, row, |r0, out| {
-                        let e0 = r0 * row;
-                        for (k, o) in out.iter_mut().enumerate() {
-                            let x = a[e0 + k];
-                            *o = g[e0 + k] * (x / (T::one() + (-x).exp()));
-                        }
-                    });
-                    Ok((da, du))
-                })
-            })
-        })?;
-        Ok((
-            Tensor::from_vec(da, a.shape(), a.device())?,
-            Tensor::from_vec(du, u.shape(), u.device())?,
-        ))
-    }
-
-    impl CustomOp2 for SiluMul {
-        fn name(&self) -> &'static str {
-            "klong-silu-mul"
-        }
-        fn cpu_fwd(
-            &self,
-            a: &CpuStorage,
-            la: &Layout,
-            u: &CpuStorage,
-            lu: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            dispatch!(a, silu_mul_fwd(a, la, u, lu))
-        }
-        fn bwd(
-            &self,
-            a: &Tensor,
-            u: &Tensor,
-            _res: &Tensor,
-            g: &Tensor,
-        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            let (da, du) = match a.dtype() {
-                DType::F32 => silu_mul_bwd::<f32>(a, u, g)?,
-                DType::F64 => silu_mul_bwd::<f64>(a, u, g)?,
-                dt => candle_core::bail!("klong-silu-mul: unsupported dtype {dt:?}"),
-            };
-            Ok((Some(da), Some(du)))
-        }
-    }
-
-    pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
-    }
-
-    // ---------------------------------------------------------------- log-softmax
-
-    /// Log-softmax over the last dimension.
-    pub(crate) struct LogSoftmax;
-
-    fn log_softmax_fwd<T: Real>(x: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
-        let v = *lx.shape().dims().last().unwrap_or(&1);
-        let x = slice::<T>(x, lx)?;
-        let mut out = vec![T::zero(); x.len()];
-        par_rows(&mut out, v, |r0, out| {
-            for (i, o) in out.chunks_mut(v).enumerate() {
-                let xr = &x[(r0 + i) * v..(r0 + i + 1) * v];
-                let mut mx = T::lowest();
-                for &z in xr {
-                    if z > mx {
-                        mx = z;
-                    }
-                }
-                let mut sum = T::zero();
-                for &z in xr {
-                    sum += (z - mx).exp();
-                }
-                let lse = sum.ln();
-                for (o, &z) in o.iter_mut().zip(xr) {
-                    *o = (z - mx) - lse;
-                }
-            }
-        });
-        Ok((T::to_cpu_storage_owned(out), lx.shape().clone()))
-    }
-
-    /// dz = g − softmax · Σ g, with softmax = exp(log-softmax).
-    fn log_softmax_bwd<T: Real>(y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        let v = y.dim(candle_core::D::Minus1)?;
-        let dz = with_data::<T, _>(y, |y| {
-            with_data::<T, _>(g, |g| {
-                let mut dz = vec![T::zero(); y.len()];
-                par_rows(&mut dz, v, |r0, dz| {
-                    for (i, d) in dz.chunks_mut(v).enumerate() {
-                        let r = r0 + i;
-                        let (yr, gr) = (&y[r * v..(r + 1) * v], &g[r * v..(r + 1) * v]);
-                        let mut sg = T::zero();
-                        for &gv in gr {
-                            sg += gv;
-                        }
-                        for ((d, &yv), &gv) in d.iter_mut().zip(yr).zip(gr) {
-                            *d = gv - yv.exp() * sg;
-                        }
-                    }
-                });
-                Ok(dz)
-            })
-        })?;
-        Tensor::from_vec(dz, y.shape(), y.device())
-    }
-
-    impl CustomOp1 for LogSoftmax {
-        fn name(&self) -> &'static str {
-            "klong-log-softmax"
-        }
-        fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
-            dispatch!(x, log_softmax_fwd(x, lx))
-        }
-        fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-            let dz = match x.dtype() {
-                DType::F32 => log_softmax_bwd::<f32>(res, g)?,
-                DType::F64 => log_softmax_bwd::<f64>(res, g)?,
-                dt => candle_core::bail!("klong-log-softmax: unsupported dtype {dt:?}"),
-            };
-            Ok(Some(dz))
-        }
-    }
-
-    pub(crate) fn log_softmax(x: &Tensor) -> Result<Tensor> {
-        x.contiguous()?.apply_op1(LogSoftmax)
+        assert!(diff(&in_place, &concat) < 1e-5);
+        assert!(diff(&in_place, &full) < 1e-4);
+        assert!(diff(&fork_a, &fork_b) < 1e-5);
+        assert!(diff(&fork_a, &full.narrow(1, 41, 1).expect("col")) < 1e-4);
     }
 }

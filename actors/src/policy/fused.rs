@@ -1,0 +1,691 @@
+//! Fused CPU kernels with hand-written backward passes, for the f32/f64 CPU paths of the
+//! model and the loss: RMSNorm, RoPE (with the attention scale folded in), masked softmax,
+//! SwiGLU's `silu(gate) * up`, and log-softmax. candle 0.11's own fused norm/softmax have no
+//! CPU backward; these do, and the finite-difference tests check them. Other devices and
+//! dtypes take the composed path (`fused::supported`).
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
+};
+use rayon::prelude::*;
+
+/// The fused kernels, each of which can be switched off for measurements and debugging
+/// with `KLONGD_FUSED_OFF` (a comma-separated list of these names, or `all`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    RmsNorm,
+    Attention,
+    SiluMul,
+    LogSoftmax,
+    AdamW,
+    LinearRows,
+}
+
+pub(crate) fn enabled(kind: Kind) -> bool {
+    static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let off = OFF.get_or_init(|| {
+        std::env::var("KLONGD_FUSED_OFF")
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect()
+    });
+    let name = match kind {
+        Kind::RmsNorm => "rms_norm",
+        Kind::Attention => "attention",
+        Kind::SiluMul => "silu_mul",
+        Kind::LogSoftmax => "log_softmax",
+        Kind::AdamW => "adamw",
+        Kind::LinearRows => "linear_rows",
+    };
+    !off.iter().any(|o| o == "all" || o == name)
+}
+
+/// Whether the fused kernel `kind` serves `t` (CPU, f32 or f64, not switched off).
+pub(crate) fn supported(t: &Tensor, kind: Kind) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) && enabled(kind)
+}
+
+pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> {
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn ln(self) -> Self;
+    fn lowest() -> Self;
+}
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    fn lowest() -> Self {
+        f32::MIN
+    }
+}
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    fn lowest() -> Self {
+        f64::MIN
+    }
+}
+
+/// The contiguous slice of a CPU storage under `l`.
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let all = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("fused op: non-contiguous input"),
+    }
+}
+
+/// Runs `f` over a tensor's contiguous CPU data.
+pub(crate) fn with_data<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(c) => f(slice::<T>(c, l)?),
+        _ => candle_core::bail!("fused op: CPU tensors only"),
+    }
+}
+
+/// Below this many elements an op runs on the calling thread alone.
+const PAR_MIN: usize = 1 << 15;
+
+/// Splits `out` (rows of `row` elements) into one contiguous run of rows per thread and
+/// calls `f(first_row, rows)` on each, in parallel.
+fn par_rows<T: Send>(out: &mut [T], row: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let rows = out.len() / row.max(1);
+    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    if threads == 1 || out.len() < PAR_MIN {
+        f(0, out);
+        return;
+    }
+    let per = rows.div_ceil(threads);
+    out.par_chunks_mut(per * row)
+        .enumerate()
+        .for_each(|(i, c)| f(i * per, c));
+}
+
+/// Dispatches on the dtype of a CPU storage to a generic body.
+macro_rules! dispatch {
+    ($s:expr, $body:ident ( $($arg:expr),* )) => {
+        match $s {
+            CpuStorage::F32(_) => $body::<f32>($($arg),*),
+            CpuStorage::F64(_) => $body::<f64>($($arg),*),
+            _ => candle_core::bail!("fused op: f32/f64 only"),
+        }
+    };
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+/// `x / sqrt(mean(x²) + eps) * w` over the last dimension. x: [.., N], w: [N].
+pub(crate) struct RmsNorm {
+    pub eps: f64,
+}
+
+fn rms_fwd<T: Real>(
+    x: &CpuStorage,
+    lx: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+    eps: f64,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, w) = (slice::<T>(x, lx)?, slice::<T>(w, lw)?);
+    let n = w.len();
+    let eps = T::from_f64(eps);
+    let nn = T::from_f64(n as f64);
+    let mut out = vec![T::zero(); x.len()];
+    par_rows(&mut out, n, |r0, out| {
+        for (i, o) in out.chunks_mut(n).enumerate() {
+            let xr = &x[(r0 + i) * n..(r0 + i + 1) * n];
+            let mut ss = T::zero();
+            for &v in xr {
+                ss += v * v;
+            }
+            let s = (ss / nn + eps).sqrt();
+            for ((o, &v), &wv) in o.iter_mut().zip(xr).zip(w) {
+                *o = v / s * wv;
+            }
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), lx.shape().clone()))
+}
+
+/// (dx, dw) for RMSNorm.
+fn rms_bwd<T: Real>(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let n = w.elem_count();
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let (dx, dw) = with_data::<T, _>(x, |x| {
+        with_data::<T, _>(w, |w| {
+            with_data::<T, _>(g, |g| {
+                let eps = T::from_f64(eps);
+                let nn = T::from_f64(n as f64);
+                let mut dx = vec![T::zero(); x.len()];
+                let rows = x.len() / n;
+                let per = rows.div_ceil(threads).max(1);
+                // dw partial sums per chunk of rows, summed after.
+                let mut partial = vec![vec![T::zero(); n]; rows.div_ceil(per).max(1)];
+                let work = |r0: usize, dx: &mut [T], dw: &mut [T]| {
+                    for (i, d) in dx.chunks_mut(n).enumerate() {
+                        let r = r0 + i;
+                        let (xr, gr) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
+                        let mut ss = T::zero();
+                        let mut dot = T::zero();
+                        for k in 0..n {
+                            ss += xr[k] * xr[k];
+                            dot += w[k] * gr[k] * xr[k];
+                        }
+                        let s = (ss / nn + eps).sqrt();
+                        // d/dx_j of x_j / s: 1/s - x_j Σ(...) / (N s³).
+                        let c = dot / (nn * s * s * s);
+                        for k in 0..n {
+                            d[k] = w[k] * gr[k] / s - xr[k] * c;
+                            dw[k] += gr[k] * (xr[k] / s);
+                        }
+                    }
+                };
+                if threads == 1 || x.len() < PAR_MIN {
+                    work(0, &mut dx, &mut partial[0]);
+                } else {
+                    dx.par_chunks_mut(per * n)
+                        .zip(partial.par_iter_mut())
+                        .enumerate()
+                        .for_each(|(i, (c, p))| work(i * per, c, p));
+                }
+                let mut dw = vec![T::zero(); n];
+                for p in &partial {
+                    for (a, b) in dw.iter_mut().zip(p) {
+                        *a += *b;
+                    }
+                }
+                Ok((dx, dw))
+            })
+        })
+    })?;
+    Ok((
+        Tensor::from_vec(dx, x.shape(), x.device())?,
+        Tensor::from_vec(dw, w.shape(), w.device())?,
+    ))
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "klong-rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(x, rms_fwd(x, lx, w, lw, self.eps))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = match x.dtype() {
+            DType::F32 => rms_bwd::<f32>(x, w, g, self.eps)?,
+            DType::F64 => rms_bwd::<f64>(x, w, g, self.eps)?,
+            dt => candle_core::bail!("klong-rms-norm: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
+}
+
+// ---------------------------------------------------------------- RoPE
+
+/// RoPE on x `[B, T, H, D]` (the projection's layout) with cos/sin `[B, T, D]`, times
+/// `scale`, written out as `[B, H, T, D]`: HF's `x·cos + rotate_half(x)·sin`.
+pub(crate) struct Rope {
+    pub scale: f64,
+}
+
+/// One head vector: out = scale · (x·cos + rot(x)·sin), rot(x) = (-x2, x1).
+#[inline]
+fn rope_vec<T: Real>(x: &[T], c: &[T], s: &[T], scale: T, out: &mut [T]) {
+    let h = x.len() / 2;
+    for i in 0..h {
+        out[i] = (x[i] * c[i] - x[i + h] * s[i]) * scale;
+        out[i + h] = (x[i + h] * c[i + h] + x[i] * s[i + h]) * scale;
+    }
+}
+
+/// The transpose of `rope_vec` (its gradient): dx = scale · (g·cos + rotᵀ(g·sin)).
+#[inline]
+fn rope_vec_t<T: Real>(g: &[T], c: &[T], s: &[T], scale: T, out: &mut [T]) {
+    let h = g.len() / 2;
+    for i in 0..h {
+        out[i] = (g[i] * c[i] + g[i + h] * s[i + h]) * scale;
+        out[i + h] = (g[i + h] * c[i + h] - g[i] * s[i]) * scale;
+    }
+}
+
+fn rope_fwd<T: Real>(
+    x: &CpuStorage,
+    lx: &Layout,
+    c: &CpuStorage,
+    lc: &Layout,
+    s: &CpuStorage,
+    ls: &Layout,
+    scale: f64,
+) -> Result<(CpuStorage, Shape)> {
+    let (b, t, h, d) = lx.shape().dims4()?;
+    let (x, c, s) = (slice::<T>(x, lx)?, slice::<T>(c, lc)?, slice::<T>(s, ls)?);
+    let scale = T::from_f64(scale);
+    let mut out = vec![T::zero(); x.len()];
+    // Output rows are (b, h, t) vectors of d.
+    par_rows(&mut out, t * d, |r0, out| {
+        for (i, o) in out.chunks_mut(t * d).enumerate() {
+            let (bi, hi) = ((r0 + i) / h, (r0 + i) % h);
+            for ti in 0..t {
+                let xo = ((bi * t + ti) * h + hi) * d;
+                let co = (bi * t + ti) * d;
+                rope_vec(
+                    &x[xo..xo + d],
+                    &c[co..co + d],
+                    &s[co..co + d],
+                    scale,
+                    &mut o[ti * d..(ti + 1) * d],
+                );
+            }
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), Shape::from((b, h, t, d))))
+}
+
+fn rope_bwd<T: Real>(
+    g: &Tensor,
+    c: &Tensor,
+    s: &Tensor,
+    shape: &Shape,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, h, d) = shape.dims4()?;
+    let scale = T::from_f64(scale);
+    let dx = with_data::<T, _>(g, |g| {
+        with_data::<T, _>(c, |c| {
+            with_data::<T, _>(s, |s| {
+                let mut dx = vec![T::zero(); g.len()];
+                // dx rows are (b, t) blocks of h·d; g is [B, H, T, D].
+                par_rows(&mut dx, h * d, |r0, dx| {
+                    for (i, o) in dx.chunks_mut(h * d).enumerate() {
+                        let (bi, ti) = ((r0 + i) / t, (r0 + i) % t);
+                        let co = (bi * t + ti) * d;
+                        for hi in 0..h {
+                            let go = ((bi * h + hi) * t + ti) * d;
+                            rope_vec_t(
+                                &g[go..go + d],
+                                &c[co..co + d],
+                                &s[co..co + d],
+                                scale,
+                                &mut o[hi * d..(hi + 1) * d],
+                            );
+                        }
+                    }
+                });
+                Ok(dx)
+            })
+        })
+    })?;
+    let _ = b;
+    Tensor::from_vec(dx, shape, g.device())
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "klong-rope"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        c: &CpuStorage,
+        lc: &Layout,
+        s: &CpuStorage,
+        ls: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(x, rope_fwd(x, lx, c, lc, s, ls, self.scale))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        c: &Tensor,
+        s: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // cos/sin come from positions, which are constants.
+        let dx = match x.dtype() {
+            DType::F32 => rope_bwd::<f32>(g, c, s, x.shape(), self.scale)?,
+            DType::F64 => rope_bwd::<f64>(g, c, s, x.shape(), self.scale)?,
+            dt => candle_core::bail!("klong-rope: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// x `[B, T, H, D]`, cos/sin `[B, T, D]` -> `[B, H, T, D]`, scaled.
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { scale })
+}
+
+// ---------------------------------------------------------------- masked softmax
+
+/// softmax(att + mask) over the last dimension. att: `[B, R, S]` viewed as rows of S
+/// (R rows per batch entry), mask `[B, T, S]` (additive); att row r of batch entry b takes
+/// mask row `r % T` (so att may be `[B, H, T, S]` or GQA's `[B, Hkv, n_rep·T, S]`).
+pub(crate) struct MaskedSoftmax;
+
+fn softmax_fwd<T: Real>(
+    a: &CpuStorage,
+    la: &Layout,
+    m: &CpuStorage,
+    lm: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let dims = lm.shape().dims();
+    let (b, t, s) = (dims[0], dims[dims.len() - 2], dims[dims.len() - 1]);
+    let (a, m) = (slice::<T>(a, la)?, slice::<T>(m, lm)?);
+    let per_batch = a.len() / b.max(1);
+    let half_masked = T::from_f64(f64::from(super::model::MASKED) / 2.0);
+    let mut out = vec![T::zero(); a.len()];
+    par_rows(&mut out, s, |r0, out| {
+        for (i, o) in out.chunks_mut(s).enumerate() {
+            let r = r0 + i;
+            let (bi, ri) = (r * s / per_batch, (r * s % per_batch) / s);
+            let mr = &m[(bi * t + ri % t) * s..(bi * t + ri % t + 1) * s];
+            let ar = &a[r * s..(r + 1) * s];
+            let mut mx = T::lowest();
+            for ((o, &av), &mv) in o.iter_mut().zip(ar).zip(mr) {
+                let z = av + mv;
+                *o = z;
+                if z > mx {
+                    mx = z;
+                }
+            }
+            let mut sum = T::zero();
+            if mx > half_masked {
+                // Some key is visible: masked keys sit ~1e9 below the max, where exp is
+                // exactly 0, so they are set to 0 without computing it (causal rows skip
+                // half their exps, and glibc's slow underflow path).
+                for (o, &mv) in o.iter_mut().zip(mr) {
+                    let e = if mv < half_masked {
+                        T::zero()
+                    } else {
+                        (*o - mx).exp()
+                    };
+                    *o = e;
+                    sum += e;
+                }
+            } else {
+                for o in o.iter_mut() {
+                    let e = (*o - mx).exp();
+                    *o = e;
+                    sum += e;
+                }
+            }
+            let inv = T::one() / sum;
+            for o in o.iter_mut() {
+                *o *= inv;
+            }
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), la.shape().clone()))
+}
+
+/// dz = y ⊙ (g − Σ g⊙y), row-wise.
+fn softmax_bwd<T: Real>(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let s = y.dim(candle_core::D::Minus1)?;
+    let dz = with_data::<T, _>(y, |y| {
+        with_data::<T, _>(g, |g| {
+            let mut dz = vec![T::zero(); y.len()];
+            par_rows(&mut dz, s, |r0, dz| {
+                for (i, d) in dz.chunks_mut(s).enumerate() {
+                    let r = r0 + i;
+                    let (yr, gr) = (&y[r * s..(r + 1) * s], &g[r * s..(r + 1) * s]);
+                    let mut dot = T::zero();
+                    for (&yv, &gv) in yr.iter().zip(gr) {
+                        dot += yv * gv;
+                    }
+                    for ((d, &yv), &gv) in d.iter_mut().zip(yr).zip(gr) {
+                        *d = yv * (gv - dot);
+                    }
+                }
+            });
+            Ok(dz)
+        })
+    })?;
+    Tensor::from_vec(dz, y.shape(), y.device())
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "klong-masked-softmax"
+    }
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        la: &Layout,
+        m: &CpuStorage,
+        lm: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(a, softmax_fwd(a, la, m, lm))
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        _m: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // The mask is a constant.
+        let da = match a.dtype() {
+            DType::F32 => softmax_bwd::<f32>(res, g)?,
+            DType::F64 => softmax_bwd::<f64>(res, g)?,
+            dt => candle_core::bail!("klong-masked-softmax: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(da), None))
+    }
+}
+
+/// softmax(att + mask) with att `[B, X, R, S]` and mask `[B, 1, T, S]`, `R` a multiple
+/// of `T` (see [`MaskedSoftmax`]).
+pub(crate) fn masked_softmax(att: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    att.contiguous()?
+        .apply_op2(&mask.contiguous()?, MaskedSoftmax)
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+/// silu(gate) · up, elementwise.
+pub(crate) struct SiluMul;
+
+fn silu_mul_fwd<T: Real>(
+    a: &CpuStorage,
+    la: &Layout,
+    u: &CpuStorage,
+    lu: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (a, u) = (slice::<T>(a, la)?, slice::<T>(u, lu)?);
+    let mut out = vec![T::zero(); a.len()];
+    let row = 1024.min(a.len().max(1));
+    par_rows(&mut out, row, |r0, out| {
+        let o0 = r0 * row;
+        for (k, o) in out.iter_mut().enumerate() {
+            let x = a[o0 + k];
+            *o = x / (T::one() + (-x).exp()) * u[o0 + k];
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), la.shape().clone()))
+}
+
+/// (d gate, d up): σ = sigmoid(a); d silu = σ(1 + a(1 − σ)).
+fn silu_mul_bwd<T: Real>(a: &Tensor, u: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let n = a.elem_count();
+    let (da, du) = with_data::<T, _>(a, |a| {
+        with_data::<T, _>(u, |u| {
+            with_data::<T, _>(g, |g| {
+                let mut da = vec![T::zero(); n];
+                let mut du = vec![T::zero(); n];
+                let row = 1024.min(n).max(1);
+                par_rows(&mut da, row, |r0, out| {
+                    let e0 = r0 * row;
+                    for (k, o) in out.iter_mut().enumerate() {
+                        let (x, i) = (a[e0 + k], e0 + k);
+                        let sg = T::one() / (T::one() + (-x).exp());
+                        *o = g[i] * u[i] * sg * (T::one() + x * (T::one() - sg));
+                    }
+                });
+                par_rows(&mut du, row, |r0, out| {
+                    let e0 = r0 * row;
+                    for (k, o) in out.iter_mut().enumerate() {
+                        let x = a[e0 + k];
+                        *o = g[e0 + k] * (x / (T::one() + (-x).exp()));
+                    }
+                });
+                Ok((da, du))
+            })
+        })
+    })?;
+    Ok((
+        Tensor::from_vec(da, a.shape(), a.device())?,
+        Tensor::from_vec(du, u.shape(), u.device())?,
+    ))
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "klong-silu-mul"
+    }
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        la: &Layout,
+        u: &CpuStorage,
+        lu: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(a, silu_mul_fwd(a, la, u, lu))
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (da, du) = match a.dtype() {
+            DType::F32 => silu_mul_bwd::<f32>(a, u, g)?,
+            DType::F64 => silu_mul_bwd::<f64>(a, u, g)?,
+            dt => candle_core::bail!("klong-silu-mul: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(da), Some(du)))
+    }
+}
+
+pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+// ---------------------------------------------------------------- log-softmax
+
+/// Log-softmax over the last dimension.
+pub(crate) struct LogSoftmax;
+
+fn log_softmax_fwd<T: Real>(x: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+    let v = *lx.shape().dims().last().unwrap_or(&1);
+    let x = slice::<T>(x, lx)?;
+    let mut out = vec![T::zero(); x.len()];
+    par_rows(&mut out, v, |r0, out| {
+        for (i, o) in out.chunks_mut(v).enumerate() {
+            let xr = &x[(r0 + i) * v..(r0 + i + 1) * v];
+            let mut mx = T::lowest();
+            for &z in xr {
+                if z > mx {
+                    mx = z;
+                }
+            }
+            let mut sum = T::zero();
+            for &z in xr {
+                sum += (z - mx).exp();
+            }
+            let lse = sum.ln();
+            for (o, &z) in o.iter_mut().zip(xr) {
+                *o = (z - mx) - lse;
+            }
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), lx.shape().clone()))
+}
+
+/// dz = g − softmax · Σ g, with softmax = exp(log-softmax).
+fn log_softmax_bwd<T: Real>(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let v = y.dim(candle_core::D::Minus1)?;
+    let dz = with_data::<T, _>(y, |y| {
+        with_data::<T, _>(g, |g| {
+            let mut dz = vec![T::zero(); y.len()];
+            par_rows(&mut dz, v, |r0, dz| {
+                for (i, d) in dz.chunks_mut(v).enumerate() {
+                    let r = r0 + i;
+                    let (yr, gr) = (&y[r * v..(r + 1) * v], &g[r * v..(r + 1) * v]);
+                    let mut sg = T::zero();
+                    for &gv in gr {
+                        sg += gv;
+                    }
+                    for ((d, &yv), &gv) in d.iter_mut().zip(yr).zip(gr) {
+                        *d = gv - yv.exp() * sg;
+                    }
+                }
+            });
+            Ok(dz)
+        })
+    })?;
+    Tensor::from_vec(dz, y.shape(), y.device())
+}
+
+impl CustomOp1 for LogSoftmax {
+    fn name(&self) -> &'static str {
+        "klong-log-softmax"
+    }
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(x, log_softmax_fwd(x, lx))
+    }
+    fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let dz = match x.dtype() {
+            DType::F32 => log_softmax_bwd::<f32>(res, g)?,
+            DType::F64 => log_softmax_bwd::<f64>(res, g)?,
+            dt => candle_core::bail!("klong-log-softmax: unsupported dtype {dt:?}"),
+        };
+        Ok(Some(dz))
+    }
+}
+
+pub(crate) fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(LogSoftmax)
+}
