@@ -24,6 +24,149 @@ pub struct Config {
     pub seed: u64,
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    /// The policy model; needed by any training stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelConfig>,
+    /// The stages, run in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageConfig>,
+}
+
+/// The policy model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum ModelConfig {
+    /// A Llama-style model from scratch with the byte-level tokenizer, initialised from the
+    /// run's seed.
+    Tiny(TinyModel),
+    /// An HF folder or a `.gguf` file.
+    Pretrained { path: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TinyModel {
+    #[serde(deserialize_with = "positive_usize")]
+    pub hidden: usize,
+    #[serde(deserialize_with = "positive_usize")]
+    pub layers: usize,
+    #[serde(deserialize_with = "positive_usize")]
+    pub heads: usize,
+    #[serde(deserialize_with = "positive_usize")]
+    pub kv_heads: usize,
+    #[serde(deserialize_with = "positive_usize")]
+    pub ffn: usize,
+    /// Context length in tokens.
+    #[serde(deserialize_with = "positive_usize")]
+    pub context: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum StageConfig {
+    Sft(SftStage),
+}
+
+impl StageConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            StageConfig::Sft(s) => &s.name,
+        }
+    }
+}
+
+/// Supervised fine-tuning on split trajectories.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftStage {
+    #[serde(deserialize_with = "run_name")]
+    pub name: String,
+    pub data: SftData,
+    pub split: SplitSettings,
+    /// Tokens per optimizer step (padding counted); micro-batches are packed to this budget.
+    #[serde(deserialize_with = "positive_usize")]
+    pub batch_tokens: usize,
+    #[serde(deserialize_with = "positive_u32")]
+    pub epochs: u32,
+    pub lr: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// The cosine schedule ends at `lr * min_lr_ratio`.
+    #[serde(default = "default_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// 0 = no clipping.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f64,
+    /// A checkpoint every this many steps (and at the end).
+    #[serde(
+        default = "default_checkpoint_every",
+        deserialize_with = "positive_u64"
+    )]
+    pub checkpoint_every: u64,
+}
+
+fn default_min_lr_ratio() -> f64 {
+    0.1
+}
+fn default_weight_decay() -> f64 {
+    0.0
+}
+fn default_max_grad_norm() -> f64 {
+    1.0
+}
+fn default_checkpoint_every() -> u64 {
+    50
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum SftData {
+    /// OpenAI-style JSONL conversations, tokenized once with the model's chat template.
+    Jsonl { path: PathBuf },
+    /// Roll a teacher out on tasks, judge, keep the episodes scoring at least `min_score`.
+    Distill {
+        teacher: Teacher,
+        tasks: TaskSource,
+        min_score: f64,
+        /// Turn budget of each episode (the task's own budget also applies).
+        #[serde(deserialize_with = "positive_u32")]
+        max_turns: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum Teacher {
+    /// The built-in scripted expert; `noise` is the chance it botches each experiment.
+    Expert { noise: f64 },
+}
+
+/// Tasks of the built-in family: `count` tasks from `seed`, horizons cycling through
+/// `min_horizon..=max_horizon`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSource {
+    pub seed: u64,
+    #[serde(deserialize_with = "positive_u32")]
+    pub count: u32,
+    #[serde(deserialize_with = "positive_u32")]
+    pub min_horizon: u32,
+    #[serde(deserialize_with = "positive_u32")]
+    pub max_horizon: u32,
+}
+
+/// Trajectory splitting (design §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitSettings {
+    /// `L`, tokens per sub-trajectory.
+    #[serde(deserialize_with = "positive_usize")]
+    pub context: usize,
+    pub mode: klong_actors::learner::split::SplitMode,
+    #[serde(default)]
+    pub overlap: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +253,22 @@ fn run_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> 
         )));
     }
     Ok(name)
+}
+
+fn positive_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = u32::deserialize(d)?;
+    if v == 0 {
+        return Err(serde::de::Error::custom("expected a positive integer"));
+    }
+    Ok(v)
+}
+
+fn positive_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = u64::deserialize(d)?;
+    if v == 0 {
+        return Err(serde::de::Error::custom("expected a positive integer"));
+    }
+    Ok(v)
 }
 
 fn positive_usize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
@@ -225,6 +384,89 @@ impl Config {
                  an episode could not fit one call",
                 call.wall_time, episode.wall_time
             )));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, stage) in self.stages.iter().enumerate() {
+            if !names.insert(stage.name()) {
+                return Err(invalid(format!(
+                    "field `stages[{i}].name`: {:?} names an earlier stage too",
+                    stage.name()
+                )));
+            }
+            let StageConfig::Sft(sft) = stage;
+            let at = |f: &str| format!("field `stages[{i}].{f}`");
+            if self.model.is_none() {
+                return Err(invalid(format!(
+                    "stage {:?} trains a model, but the config has no `model`",
+                    sft.name
+                )));
+            }
+            if !(sft.lr.is_finite() && sft.lr > 0.0) {
+                return Err(invalid(format!(
+                    "{}: expected a positive learning rate",
+                    at("lr")
+                )));
+            }
+            if !(0.0..=1.0).contains(&sft.min_lr_ratio) {
+                return Err(invalid(format!("{}: expected 0..=1", at("min_lr_ratio"))));
+            }
+            if !(sft.max_grad_norm.is_finite() && sft.max_grad_norm >= 0.0) {
+                return Err(invalid(format!("{}: expected >= 0", at("max_grad_norm"))));
+            }
+            if !(sft.weight_decay.is_finite() && sft.weight_decay >= 0.0) {
+                return Err(invalid(format!("{}: expected >= 0", at("weight_decay"))));
+            }
+            if sft.batch_tokens < sft.split.context {
+                return Err(invalid(format!(
+                    "{} ({}) is smaller than `split.context` ({}): a sub-trajectory would not fit a step",
+                    at("batch_tokens"),
+                    sft.batch_tokens,
+                    sft.split.context
+                )));
+            }
+            if let Some(ModelConfig::Tiny(t)) = &self.model {
+                if sft.split.context > t.context {
+                    return Err(invalid(format!(
+                        "{} ({}) is longer than the model's context ({})",
+                        at("split.context"),
+                        sft.split.context,
+                        t.context
+                    )));
+                }
+            }
+            if let SftData::Distill {
+                teacher: Teacher::Expert { noise },
+                tasks,
+                min_score,
+                ..
+            } = &sft.data
+            {
+                if !(0.0..=1.0).contains(noise) {
+                    return Err(invalid(format!(
+                        "{}: expected 0..=1",
+                        at("data.teacher.noise")
+                    )));
+                }
+                if !(0.0..=1.0).contains(min_score) {
+                    return Err(invalid(format!("{}: expected 0..=1", at("data.min_score"))));
+                }
+                if tasks.min_horizon > tasks.max_horizon {
+                    return Err(invalid(format!(
+                        "{}: min_horizon {} > max_horizon {}",
+                        at("data.tasks"),
+                        tasks.min_horizon,
+                        tasks.max_horizon
+                    )));
+                }
+            }
+        }
+        if let Some(ModelConfig::Tiny(t)) = &self.model {
+            if t.hidden % t.heads != 0 || t.heads % t.kv_heads != 0 {
+                return Err(invalid(format!(
+                    "field `model`: hidden ({}) must be a multiple of heads ({}), and heads of kv_heads ({})",
+                    t.hidden, t.heads, t.kv_heads
+                )));
+            }
         }
         if call.wall_time.0 > Duration::from_secs(3600) {
             return Err(invalid(format!(

@@ -10,5 +10,6 @@ pub mod malloc;
 pub mod rubric_cli;
 pub mod run;
 pub mod sandbox_cli;
+pub mod sft_stage;
 pub mod store;
 pub mod tasks_cli;

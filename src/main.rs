@@ -37,7 +37,14 @@ enum Command {
     /// Parse and validate a config, and print the resolved plan.
     Check { config: PathBuf },
     /// Start a run, or resume the one in the config's run directory.
-    Run { config: PathBuf },
+    Run {
+        config: PathBuf,
+        /// Stop after this many learner steps (checkpointed); run again to go on.
+        #[arg(long)]
+        max_steps: Option<u64>,
+    },
+    /// Where a run stands: stage, step, latest metrics.
+    Status { run_dir: PathBuf },
     /// Run tool calls in the WASM sandbox.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
@@ -330,12 +337,12 @@ fn main() -> ExitCode {
             }
             Err(e) => config_error(&e),
         },
-        Command::Run { config } => {
+        Command::Run { config, max_steps } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
-            match run::run(&config) {
+            match run::run(&config, max_steps) {
                 Ok(summary) => {
                     tracing::info!(run_dir = %summary.run_dir.display(), resumed = summary.resumed, "done");
                     ExitCode::SUCCESS
@@ -346,6 +353,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status { run_dir } => match run::status(&run_dir) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                report(&e);
+                ExitCode::FAILURE
+            }
+        },
         Command::Sandbox(SandboxCommand::Tools { tools, json }) => {
             let dir = tools.unwrap_or_else(sandbox_cli::default_tools_dir);
             match sandbox_cli::tools(&dir, json) {

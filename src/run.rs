@@ -11,7 +11,12 @@ use anyhow::{bail, Context};
 use klong_sandbox::{Sandbox, SandboxHost, ToolRegistry};
 use serde_json::json;
 
-use crate::config::Config;
+use candle_core::Device;
+use klong_actors::learner::optim::{AdamW, AdamWParams};
+
+use crate::config::{Config, StageConfig};
+use crate::sft_stage::{build_model, run_sft, SftSummary, StageEnv, TrainState};
+use crate::store::RunStore;
 
 /// The run directory's copy of the config it was started with.
 const CONFIG_FILE: &str = "config.ron";
@@ -24,6 +29,7 @@ pub struct RunSummary {
     pub resumed: bool,
     pub tools: usize,
     pub modules_ready: usize,
+    pub stages: Vec<SftSummary>,
 }
 
 /// Holds the run directory's lock for as long as it lives: two processes never share a run.
@@ -76,7 +82,8 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(config: &Config) -> anyhow::Result<RunSummary> {
+/// Starts or resumes the run; `max_steps` stops it after that many learner steps.
+pub fn run(config: &Config, max_steps: Option<u64>) -> anyhow::Result<RunSummary> {
     let run_dir = RunDir::open(&config.run_dir)?;
     let stored = run_dir.path.join(CONFIG_FILE);
     let plan = config.to_ron();
@@ -99,6 +106,7 @@ pub fn run(config: &Config) -> anyhow::Result<RunSummary> {
 
     let sandbox = &config.sandbox;
     let host = SandboxHost::new(sandbox.host_settings()?)?;
+    let host_for_stages = host.clone();
     let registry = Arc::new(ToolRegistry::load_dir(&sandbox.tools_dir).with_context(|| {
         format!(
             "cannot load tools from {} (built by sandboxes/tools/build.sh)",
@@ -136,11 +144,146 @@ pub fn run(config: &Config) -> anyhow::Result<RunSummary> {
         wall_us = outcome.usage.wall_time_us,
         "sandbox self-check passed"
     );
-    tracing::info!("no training stages are configured in this build: the run is complete");
+    let stages = run_stages(
+        config,
+        &run_dir.path,
+        host_for_stages,
+        registry.clone(),
+        max_steps,
+    )?;
     Ok(RunSummary {
         run_dir: run_dir.path.clone(),
         resumed,
         tools: registry.tools().count(),
         modules_ready: modules.len(),
+        stages,
     })
+}
+
+/// Runs the configured stages in order, resuming from the last checkpoint: a finished stage is
+/// skipped, an unfinished one continues at its step with its weights and optimizer moments.
+fn run_stages(
+    config: &Config,
+    run_dir: &Path,
+    host: Arc<SandboxHost>,
+    registry: Arc<ToolRegistry>,
+    max_steps: Option<u64>,
+) -> anyhow::Result<Vec<SftSummary>> {
+    if config.stages.is_empty() {
+        tracing::info!("no stages configured: the run is complete");
+        return Ok(Vec::new());
+    }
+    let Some(model) = &config.model else {
+        bail!("the config has stages but no `model`");
+    };
+    let store = RunStore::open(run_dir)?;
+    let device = Device::Cpu;
+    let tm = build_model(model, config.seed, &device)?;
+    let manifest = store.manifest()?;
+    let state: Option<TrainState> = match &manifest {
+        Some(m) => Some(
+            serde_json::from_value(m.state.clone())
+                .context("the run's checkpoint manifest does not parse")?,
+        ),
+        None => None,
+    };
+    // The checkpoint's weights go into the model once, here; its optimizer moments serve the
+    // stage it was taken in, if that stage is unfinished.
+    let mut resumed_opt = match &manifest {
+        Some(m) => {
+            let tensors = store.load_tensors(m, &device)?;
+            let mut opt = AdamW::from_varmap(&tm.varmap, AdamWParams::default())?;
+            opt.import(&tensors)
+                .context("the run's checkpoint does not fit the configured model")?;
+            Some(opt)
+        }
+        None => None,
+    };
+    let mut budget = max_steps;
+    let mut out = Vec::new();
+    for (i, stage) in config.stages.iter().enumerate() {
+        let StageConfig::Sft(sft) = stage;
+        let start = match &state {
+            Some(s) if s.stage > i || (s.stage == i && s.done) => {
+                tracing::info!(stage = %sft.name, "stage already finished");
+                continue;
+            }
+            Some(s) if s.stage == i => s.step,
+            _ => 0,
+        };
+        let hp = AdamWParams {
+            lr: sft.lr,
+            weight_decay: sft.weight_decay,
+            ..AdamWParams::default()
+        };
+        let mut opt = match (start, resumed_opt.take()) {
+            (s, Some(mut resumed)) if s > 0 => {
+                resumed.hp = hp;
+                resumed
+            }
+            _ => AdamW::from_varmap(&tm.varmap, hp)?,
+        };
+        let env = StageEnv {
+            config,
+            run_dir,
+            store: &store,
+            host: host.clone(),
+            registry: registry.clone(),
+        };
+        let summary = run_sft(&env, i, sft, &tm, &mut opt, start, &mut budget)?;
+        let finished = summary.finished;
+        out.push(summary);
+        if !finished {
+            tracing::info!(stage = %sft.name, "stopped at the step limit; run again to go on");
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// `klongd status RUN_DIR`: the checkpoint's stage and step and the latest metrics. While a run
+/// holds the directory, its database is locked: the metrics file still tells.
+pub fn status(run_dir: &Path) -> anyhow::Result<String> {
+    if !run_dir.join(CONFIG_FILE).exists() {
+        bail!(
+            "{} is not a run directory (no {CONFIG_FILE})",
+            run_dir.display()
+        );
+    }
+    let mut out = format!("run: {}\n", run_dir.display());
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(run_dir.join(LOCK_FILE));
+    let running = match &lock {
+        Ok(f) => f.try_lock().is_err(),
+        Err(_) => false,
+    };
+    if running {
+        out.push_str("state: running (another klongd holds the run)\n");
+    } else {
+        let store = RunStore::open(run_dir)?;
+        match store.manifest()? {
+            Some(m) => {
+                let s: TrainState = serde_json::from_value(m.state)?;
+                out.push_str(&format!(
+                    "checkpoint: #{} stage {} ({}) step {}{}\n",
+                    m.seq,
+                    s.stage,
+                    s.stage_name,
+                    s.step,
+                    if s.done { ", stage finished" } else { "" }
+                ));
+            }
+            None => out.push_str("checkpoint: none yet\n"),
+        }
+        let trajectories = store.scan("traj/")?;
+        out.push_str(&format!("stored episodes: {}\n", trajectories.len()));
+    }
+    let metrics = run_dir.join("metrics.jsonl");
+    if let Ok(text) = std::fs::read_to_string(&metrics) {
+        if let Some(last) = text.lines().last() {
+            out.push_str(&format!("latest metrics: {last}\n"));
+        }
+    }
+    Ok(out)
 }

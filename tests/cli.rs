@@ -332,9 +332,41 @@ fn sandbox_tools_lists_the_agent_tools() {
 }
 
 #[test]
-fn quickstart_config_is_valid() {
-    let out = klongd(&["check", "examples/quickstart.ron"], &repo());
-    assert!(out.status.success(), "{}", stderr(&out));
+fn example_configs_are_valid() {
+    for file in ["examples/quickstart.ron", "examples/sft.ron"] {
+        let out = klongd(&["check", file], &repo());
+        assert!(out.status.success(), "{file}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn stage_config_errors_name_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = sft_config(&tmp.path().join("r")).replace("batch_tokens: 1536", "batch_tokens: 100");
+    let cfg = write_config(tmp.path(), &text);
+    let out = klongd(&["check", cfg.to_str().unwrap()], tmp.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("stages[0].batch_tokens"),
+        "{}",
+        stderr(&out)
+    );
+
+    let text = sft_config(&tmp.path().join("r")).replace("lr: 1e-2", "lr: -1.0");
+    let cfg = write_config(tmp.path(), &text);
+    let out = klongd(&["check", cfg.to_str().unwrap()], tmp.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("stages[0].lr"), "{}", stderr(&out));
+
+    let text = sft_config(&tmp.path().join("r")).replace("mode: Sliding", "mode: Slide");
+    let cfg = write_config(tmp.path(), &text);
+    let out = klongd(&["check", cfg.to_str().unwrap()], tmp.path());
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("run.ron:") && err.contains("split.mode"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -594,4 +626,112 @@ fn generate_errors_name_the_problem() {
     );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("top_p"), "{}", stderr(&out));
+}
+
+/// A small distill + SFT run: two expert episodes, sliding windows, a tiny model.
+fn sft_config(run_dir: &Path) -> String {
+    format!(
+        r#"(
+    name: "sft-e2e",
+    run_dir: "{}",
+    seed: 5,
+    sandbox: (
+        tools_dir: "{}",
+        cache_dir: Some("{}"),
+        deterministic: true,
+        call: (wall_time: "10s"),
+    ),
+    model: Some(Tiny((hidden: 32, layers: 2, heads: 4, kv_heads: 2, ffn: 64, context: 512))),
+    stages: [
+        Sft((
+            name: "sft",
+            data: Distill(
+                teacher: Expert(noise: 0.0),
+                tasks: (seed: 300, count: 2, min_horizon: 1, max_horizon: 1),
+                min_score: 0.5,
+                max_turns: 60,
+            ),
+            split: (context: 384, mode: Sliding, overlap: 32),
+            batch_tokens: 1536,
+            epochs: 6,
+            lr: 1e-2,
+            warmup_steps: 2,
+            checkpoint_every: 4,
+        )),
+    ],
+)"#,
+        run_dir.display(),
+        tools_dir().display(),
+        cache_dir().display()
+    )
+}
+
+fn metrics(run_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn sft_distills_trains_and_resumes_to_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Uninterrupted.
+    let a = tmp.path().join("a");
+    let cfg_a = write_config(tmp.path(), &sft_config(&a));
+    let out = klongd(&["run", cfg_a.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = metrics(&a);
+    assert!(m.len() >= 6, "{} steps", m.len());
+    let first = m[0]["loss"].as_f64().unwrap();
+    let last = m[m.len() - 1]["loss"].as_f64().unwrap();
+    assert!(last < 0.8 * first, "loss {first} -> {last}");
+    for line in &m {
+        for key in ["loss", "tokens", "lr", "grad_norm", "tokens_per_s"] {
+            assert!(line[key].is_number(), "{key} missing in {line}");
+        }
+    }
+    let weights_a = std::fs::read(a.join("models/sft/model.safetensors")).unwrap();
+
+    // Stopped after 3 steps, then run again: the same final weights, and the distilled
+    // episodes are not re-run (the store has them).
+    let b = tmp.path().join("b");
+    let dir_b = tmp.path().join("cfg-b");
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let cfg_b = write_config(&dir_b, &sft_config(&b));
+    let out = klongd(
+        &["run", cfg_b.to_str().unwrap(), "--max-steps", "3"],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(metrics(&b).len(), 3);
+    assert!(!b.join("models/sft").exists());
+    let out = klongd(&["run", cfg_b.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("distilled episode judged"),
+        "a stored episode was run again"
+    );
+    let weights_b = std::fs::read(b.join("models/sft/model.safetensors")).unwrap();
+    assert!(
+        weights_a == weights_b,
+        "resumed run ended with other weights"
+    );
+
+    // A finished run run again does nothing and stays finished.
+    let out = klongd(&["run", cfg_b.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("stage already finished"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = klongd(&["status", b.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("stage finished"), "{text}");
+    assert!(text.contains("stored episodes: 2"), "{text}");
+    assert!(text.contains("latest metrics"), "{text}");
 }

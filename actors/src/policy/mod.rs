@@ -4,6 +4,7 @@ pub mod chat;
 pub(crate) mod fused;
 pub mod generate;
 pub mod gguf;
+pub mod local;
 pub mod model;
 pub mod pretrained;
 pub mod sampling;
@@ -32,4 +33,27 @@ pub fn device(name: &str) -> Result<candle_core::Device, String> {
             )),
         },
     }
+}
+
+/// What a policy is shown: the tokens that fit its context (what a token-level policy reads)
+/// and the whole conversation as messages (what a text-level teacher reads).
+pub struct PolicyContext<'a> {
+    pub tokens: &'a [u32],
+    pub messages: &'a [chat::ChatMessage],
+}
+
+/// Something that acts: one completion for one context. Backends: [`local::LocalPolicy`] (the
+/// candle model) and the scripted expert (`environment::expert_policy`); the actor runtime
+/// batches many episodes' requests into one forward pass.
+pub trait Policy {
+    /// Samples a completion; `params.max_new_tokens` bounds it.
+    fn act(
+        &mut self,
+        context: &PolicyContext,
+        params: &sampling::SamplingParams,
+    ) -> Result<generate::Completion, generate::GenerateError>;
+    /// The version of the weights `act` uses (recorded with every action).
+    fn version(&self) -> u64;
+    /// The model's context length in tokens.
+    fn context(&self) -> usize;
 }

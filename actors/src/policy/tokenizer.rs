@@ -107,6 +107,9 @@ impl ByteTokenizer {
 /// chat template) and `generation_config.json` (extra eos ids) when present.
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer with special tokens encoded as plain text: for untrusted text (tool
+    /// outputs), which must not be able to write a turn boundary.
+    untrusted: tokenizers::Tokenizer,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
     /// The default chat template (`chat_template`, or the entry named "default" of a list).
@@ -197,8 +200,11 @@ impl HfTokenizer {
         }
         eos_ids.sort_unstable();
         eos_ids.dedup();
+        let mut untrusted = inner.clone();
+        untrusted.set_encode_special_tokens(true);
         HfTokenizer {
             inner,
+            untrusted,
             bos_token,
             eos_token,
             chat_template,
@@ -303,6 +309,19 @@ impl Tokenizer {
             Tokenizer::Hf(h) => h
                 .inner
                 .encode(text, add_special)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| TokenizerError::Hf(e.to_string())),
+        }
+    }
+
+    /// Encodes untrusted text (a tool's output): special-token strings in it are ordinary
+    /// text, never special ids, and nothing is added.
+    pub fn encode_untrusted(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        match self {
+            Tokenizer::Byte(b) => Ok(b.encode(text, false)),
+            Tokenizer::Hf(h) => h
+                .untrusted
+                .encode(text, false)
                 .map(|e| e.get_ids().to_vec())
                 .map_err(|e| TokenizerError::Hf(e.to_string())),
         }

@@ -1,0 +1,478 @@
+//! The `Sft` stage of `klongd run`: data (distilled from a teacher through environment and
+//! judge, or imported JSONL), trajectory splitting, SFT steps, metrics, checkpoints, resume.
+//!
+//! Durable facts, in order: every distilled episode is stored (`traj/<stage>/<index>`, with its
+//! score) as soon as it is judged, so a resumed run never re-runs it; a checkpoint (weights,
+//! optimizer moments, the step) every `checkpoint_every` steps and at the end of the stage; the
+//! final model as an HF folder in `RUN_DIR/models/<stage>/`. The data order is a function of the
+//! seed and the epoch, so a resumed run takes exactly the steps the uninterrupted one would.
+//!
+//! Steps run one after another on this thread (the actor runtime that batches many episodes
+//! is the next piece of work); distillation episodes too.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use klong_actors::environment::episode::{run_policy_episode, EpisodeLimits};
+use klong_actors::environment::expert::{ScriptedExpert, MAX_OBSERVATION_BYTES};
+use klong_actors::environment::expert_policy::ExpertPolicy;
+use klong_actors::environment::family;
+use klong_actors::environment::task::{CopyBounds, Task};
+use klong_actors::judge::queue::{grade_episode, FinishedEpisode, JudgeContext};
+use klong_actors::learner::optim::{AdamW, LrSchedule};
+use klong_actors::learner::sft::{pack_batches, sft_step};
+use klong_actors::learner::split::{split, Pin, SplitConfig, SubTrajectory};
+use klong_actors::policy::chat::ChatTemplate;
+use klong_actors::policy::model::{Llama, LlamaConfig};
+use klong_actors::policy::pretrained::{save_hf, Pretrained};
+use klong_actors::policy::sampling::SamplingParams;
+use klong_actors::policy::tokenizer::{ByteTokenizer, Tokenizer};
+use klong_actors::trajectory::{import_jsonl, ImportOptions, Trajectory};
+use klong_sandbox::{Sandbox, SandboxHost, ToolRegistry};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::config::{Config, ModelConfig, SftData, SftStage, Teacher};
+use crate::store::RunStore;
+
+/// What the stage runner needs from the run.
+pub struct StageEnv<'a> {
+    pub config: &'a Config,
+    pub run_dir: &'a Path,
+    pub store: &'a RunStore,
+    pub host: Arc<SandboxHost>,
+    pub registry: Arc<ToolRegistry>,
+}
+
+/// The trainer's state in a checkpoint manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Index of the stage in `config.stages`.
+    pub stage: usize,
+    pub stage_name: String,
+    /// Learner steps done in this stage.
+    pub step: u64,
+    /// The stage is finished (the next run starts the next stage).
+    pub done: bool,
+}
+
+/// How an Sft stage ended in this invocation.
+#[derive(Debug, Clone, Serialize)]
+pub struct SftSummary {
+    pub stage: String,
+    pub episodes: usize,
+    pub kept: usize,
+    pub sub_trajectories: usize,
+    pub steps_done: u64,
+    pub total_steps: u64,
+    pub finished: bool,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+}
+
+/// One distilled episode as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredEpisode {
+    task: String,
+    score: f64,
+    trajectory: Trajectory,
+}
+
+/// The model, its optimizer variables, tokenizer and chat template.
+pub struct TrainModel {
+    pub config: LlamaConfig,
+    pub varmap: VarMap,
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+}
+
+/// Builds the configured model. A tiny model's weights are drawn from `seed` (candle's own
+/// initialisers cannot be seeded), so the same config gives the same start everywhere.
+pub fn build_model(model: &ModelConfig, seed: u64, device: &Device) -> anyhow::Result<TrainModel> {
+    match model {
+        ModelConfig::Tiny(t) => {
+            let mut cfg = LlamaConfig::tiny(ByteTokenizer::VOCAB_SIZE);
+            cfg.hidden_size = t.hidden;
+            cfg.num_hidden_layers = t.layers;
+            cfg.num_attention_heads = t.heads;
+            cfg.num_key_value_heads = Some(t.kv_heads);
+            cfg.intermediate_size = t.ffn;
+            cfg.max_position_embeddings = t.context;
+            let varmap = VarMap::new();
+            let model = Llama::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+            seeded_init(&varmap, seed, device)?;
+            Ok(TrainModel {
+                config: cfg,
+                varmap,
+                model,
+                tokenizer: Tokenizer::Byte(ByteTokenizer),
+            })
+        }
+        ModelConfig::Pretrained { path } => {
+            let p = Pretrained::load(path, device)
+                .with_context(|| format!("loading the model {}", path.display()))?;
+            let (varmap, model) = p.trainable()?;
+            Ok(TrainModel {
+                config: p.config.clone(),
+                varmap,
+                model,
+                tokenizer: p.tokenizer,
+            })
+        }
+    }
+}
+
+/// Matrices ~ N(0, 0.02) (HF's Llama init), norm weights 1, from a splitmix64 stream over the
+/// variables in name order.
+fn seeded_init(vm: &VarMap, seed: u64, device: &Device) -> anyhow::Result<()> {
+    let mut vars: Vec<(String, candle_core::Var)> = vm
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut state = seed ^ 0x6b6c_6f6e_6764_696e;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    for (name, var) in vars {
+        let n = var.elem_count();
+        let vals: Vec<f32> = if name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else {
+            (0..n)
+                .map(|_| {
+                    // Box-Muller.
+                    let (u1, u2) = (next().max(1e-300), next());
+                    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                    (0.02 * z) as f32
+                })
+                .collect()
+        };
+        var.set(&Tensor::from_vec(vals, var.shape(), device)?)?;
+    }
+    Ok(())
+}
+
+/// Runs (or resumes, from `start_step`) the Sft stage `index`. `steps_budget` counts down the
+/// steps this invocation may still take (`klongd run --max-steps`).
+pub fn run_sft(
+    env: &StageEnv,
+    index: usize,
+    stage: &SftStage,
+    tm: &TrainModel,
+    opt: &mut AdamW,
+    start_step: u64,
+    steps_budget: &mut Option<u64>,
+) -> anyhow::Result<SftSummary> {
+    let span = tracing::info_span!("stage", name = %stage.name);
+    let _enter = span.enter();
+    let template = ChatTemplate::for_tokenizer(&tm.tokenizer, true)?;
+
+    // Data.
+    let (episodes, trajectories) = match &stage.data {
+        SftData::Jsonl { path } => {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            let trajs = import_jsonl(
+                std::io::BufReader::new(file),
+                &path.display().to_string(),
+                &tm.tokenizer,
+                &template,
+                &ImportOptions::default(),
+            )?;
+            (trajs.len(), trajs)
+        }
+        SftData::Distill { .. } => distill(env, stage, &tm.tokenizer, &template)?,
+    };
+    let kept = trajectories.len();
+    if kept == 0 {
+        bail!(
+            "stage {}: no trajectory to train on ({} episodes, none kept)",
+            stage.name,
+            episodes
+        );
+    }
+
+    // Splitting.
+    let split_cfg = SplitConfig {
+        context: stage.split.context,
+        mode: stage.split.mode,
+        overlap: stage.split.overlap,
+        pin: Pin::Recorded,
+    };
+    let mut subs: Vec<SubTrajectory> = Vec::new();
+    for t in &trajectories {
+        subs.extend(split(t, &split_cfg).with_context(|| format!("splitting {}", t.id))?);
+    }
+    let seed = env.config.seed;
+    let epochs: Vec<Vec<Vec<usize>>> = (0..stage.epochs)
+        .map(|e| pack_batches(&subs, stage.batch_tokens, seed ^ (u64::from(e) << 32)))
+        .collect::<Result<_, _>>()?;
+    let schedule: Vec<&Vec<usize>> = epochs.iter().flatten().collect();
+    let total = schedule.len() as u64;
+    let lr = LrSchedule {
+        peak_lr: stage.lr,
+        warmup_steps: stage.warmup_steps,
+        total_steps: total,
+        min_ratio: stage.min_lr_ratio,
+    };
+    tracing::info!(
+        episodes,
+        kept,
+        sub_trajectories = subs.len(),
+        steps = total,
+        resume_at = start_step,
+        "sft data ready"
+    );
+
+    let metrics_path = env.run_dir.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+    let (mut first_loss, mut last_loss) = (None, None);
+    let mut step = start_step;
+    while step < total {
+        if *steps_budget == Some(0) {
+            break;
+        }
+        let rows: Vec<&SubTrajectory> = schedule[step as usize].iter().map(|&i| &subs[i]).collect();
+        let started = Instant::now();
+        let st = sft_step(
+            &tm.model,
+            opt,
+            None,
+            &[rows],
+            lr.lr(step),
+            stage.max_grad_norm,
+        )?;
+        let secs = started.elapsed().as_secs_f64();
+        step += 1;
+        if let Some(b) = steps_budget.as_mut() {
+            *b -= 1;
+        }
+        first_loss.get_or_insert(st.loss);
+        last_loss = Some(st.loss);
+        let line = json!({
+            "stage": stage.name,
+            "step": step,
+            "loss": st.loss,
+            "targets": st.targets,
+            "tokens": st.tokens,
+            "lr": st.lr,
+            "grad_norm": st.grad_norm,
+            "tokens_per_s": st.tokens as f64 / secs.max(1e-9),
+        });
+        writeln!(metrics, "{line}")?;
+        env.store
+            .put("metrics/latest", line.to_string().as_bytes())?;
+        tracing::info!(
+            step,
+            total,
+            loss = st.loss,
+            lr = st.lr,
+            grad_norm = st.grad_norm,
+            "sft step"
+        );
+        if step.is_multiple_of(stage.checkpoint_every) || step == total {
+            checkpoint(env, index, stage, step, step == total, opt)?;
+        }
+    }
+    if step < total && step > start_step && !step.is_multiple_of(stage.checkpoint_every) {
+        // Stopped by the step budget: keep what was done.
+        checkpoint(env, index, stage, step, false, opt)?;
+    }
+    let finished = step == total;
+    if finished {
+        let out = env.run_dir.join("models").join(&stage.name);
+        let weights: BTreeMap<String, Tensor> = opt
+            .names()
+            .zip(opt.vars())
+            .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
+            .collect();
+        save_hf(&out, &tm.config, &weights, Some(&tm.tokenizer))?;
+        tracing::info!(model = %out.display(), "stage model saved");
+    }
+    Ok(SftSummary {
+        stage: stage.name.clone(),
+        episodes,
+        kept,
+        sub_trajectories: subs.len(),
+        steps_done: step,
+        total_steps: total,
+        finished,
+        first_loss,
+        last_loss,
+    })
+}
+
+fn checkpoint(
+    env: &StageEnv,
+    index: usize,
+    stage: &SftStage,
+    step: u64,
+    done: bool,
+    opt: &AdamW,
+) -> anyhow::Result<()> {
+    let state = TrainState {
+        stage: index,
+        stage_name: stage.name.clone(),
+        step,
+        done,
+    };
+    let m = env
+        .store
+        .commit_checkpoint(serde_json::to_value(&state)?, &opt.export()?)?;
+    tracing::info!(seq = m.seq, step, done, "checkpoint");
+    Ok(())
+}
+
+/// Distillation: the teacher's episodes on the configured tasks, judged; each stored as soon
+/// as it is judged (a stored one is read back, never re-run); those scoring at least
+/// `min_score` are kept.
+fn distill(
+    env: &StageEnv,
+    stage: &SftStage,
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+) -> anyhow::Result<(usize, Vec<Trajectory>)> {
+    let SftData::Distill {
+        teacher: Teacher::Expert { noise },
+        tasks,
+        min_score,
+        max_turns,
+    } = &stage.data
+    else {
+        bail!("not a distillation stage");
+    };
+    let tasks_dir = env.run_dir.join("tasks").join(&stage.name);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let judge = Arc::new(JudgeContext {
+        host: env.host.clone(),
+        registry: env.registry.clone(),
+        check_limits: env.config.sandbox.call,
+        llm: None,
+        seed: env.config.seed,
+    });
+    let tools_all = env.registry.openai_tools();
+    let span = u64::from(tasks.max_horizon - tasks.min_horizon + 1);
+    let mut kept = Vec::new();
+    for i in 0..tasks.count {
+        let key = format!("traj/{}/{i:08}", stage.name);
+        let stored: StoredEpisode = match env.store.get(&key)? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("stored episode {key} does not parse"))?,
+            None => {
+                let seed = tasks.seed.wrapping_add(u64::from(i));
+                let horizon = tasks.min_horizon + (u64::from(i) % span) as u32;
+                let generated = family::generate(seed, horizon);
+                let dir = family::write_task(&tasks_dir, &generated)
+                    .with_context(|| format!("writing task {}", generated.name))?;
+                let task = Arc::new(Task::load(&dir)?);
+                let episode_dir = env
+                    .run_dir
+                    .join("episodes")
+                    .join(&stage.name)
+                    .join(format!("{i:08}"));
+                if episode_dir.exists() {
+                    // An episode in flight when the run stopped: start it again.
+                    std::fs::remove_dir_all(&episode_dir)?;
+                }
+                task.copy_files_into(&episode_dir, CopyBounds::default())?;
+                let tools: Vec<Value> = tools_all
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter(|t| {
+                                let name = t["function"]["name"].as_str().unwrap_or_default();
+                                task.spec.tools.iter().any(|n| n == name)
+                            })
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let mut sandbox = Sandbox::new(
+                    env.host.clone(),
+                    env.registry.clone(),
+                    &episode_dir,
+                    env.config.sandbox.call,
+                    env.config.sandbox.episode,
+                    seed,
+                )?;
+                let expert_seed = env.config.seed ^ (u64::from(i) << 20);
+                let mut policy = ExpertPolicy::new(
+                    ScriptedExpert::new(*noise, expert_seed),
+                    tokenizer,
+                    usize::MAX,
+                );
+                let limits = EpisodeLimits {
+                    max_turns: (*max_turns).min(task.spec.budget.turns),
+                    max_generated_tokens: task.spec.budget.tokens,
+                    max_turn_tokens: 4096,
+                    max_observation_bytes: MAX_OBSERVATION_BYTES,
+                    max_calls_per_turn: 4,
+                };
+                let run = run_policy_episode(
+                    &key,
+                    &task,
+                    &mut sandbox,
+                    &mut policy,
+                    tokenizer,
+                    template,
+                    &tools,
+                    &SamplingParams::greedy(),
+                    &limits,
+                )?;
+                let graded = runtime.block_on(grade_episode(
+                    &judge,
+                    &FinishedEpisode {
+                        episode_id: u64::from(i),
+                        task: task.clone(),
+                        final_dir: episode_dir.clone(),
+                    },
+                ))?;
+                let mut trajectory = run.trajectory;
+                let grades = graded
+                    .leaves
+                    .iter()
+                    .map(|l| (l.leaf_id.clone(), if l.passed { 1.0 } else { 0.0 }))
+                    .collect();
+                trajectory.judge(graded.score, grades);
+                let stored = StoredEpisode {
+                    task: task.name.clone(),
+                    score: graded.score,
+                    trajectory,
+                };
+                env.store.put(&key, &serde_json::to_vec(&stored)?)?;
+                std::fs::remove_dir_all(&episode_dir).ok();
+                tracing::info!(episode = i, task = %stored.task, score = stored.score, turns = run.turns, end = ?run.end, "distilled episode judged");
+                stored
+            }
+        };
+        if stored.score >= *min_score {
+            kept.push(stored.trajectory);
+        }
+    }
+    Ok((tasks.count as usize, kept))
+}
+
+/// The run directory's path for a stage's final model.
+pub fn stage_model_dir(run_dir: &Path, stage: &str) -> PathBuf {
+    run_dir.join("models").join(stage)
+}
