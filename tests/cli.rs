@@ -735,3 +735,55 @@ fn sft_distills_trains_and_resumes_to_the_same_weights() {
     assert!(text.contains("stored episodes: 2"), "{text}");
     assert!(text.contains("latest metrics"), "{text}");
 }
+
+#[test]
+fn sft_killed_mid_run_resumes_to_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let longer = |dir: &Path| sft_config(dir).replace("epochs: 6", "epochs: 24");
+    let a = tmp.path().join("a");
+    let cfg_a = write_config(tmp.path(), &longer(&a));
+    let out = klongd(&["run", cfg_a.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let total = metrics(&a).len();
+
+    let b = tmp.path().join("b");
+    let dir_b = tmp.path().join("cfg-b");
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let cfg_b = write_config(&dir_b, &longer(&b));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_klongd"))
+        .args(["run", cfg_b.to_str().unwrap()])
+        .current_dir(tmp.path())
+        .env("KLONGD_TOOLS_DIR", tools_dir())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it (SIGKILL) once it is well into training, long before the end.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let done = std::fs::read_to_string(b.join("metrics.jsonl"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if done >= 10 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run made no progress"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        metrics(&b).len() < total,
+        "the run finished before it was killed"
+    );
+    let out = klongd(&["run", cfg_b.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let wa = std::fs::read(a.join("models/sft/model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("models/sft/model.safetensors")).unwrap();
+    assert!(wa == wb, "the run killed mid-way ended with other weights");
+}
