@@ -608,8 +608,8 @@ fn timed_load(cache: &ModuleCache, path: &Path, expected: ModuleSource) -> Resul
     Ok(ms)
 }
 
-/// "Model name, N CPUs", best effort from /proc/cpuinfo.
-fn machine_description() -> String {
+/// "Model name, N CPUs", best effort from /proc/cpuinfo (both benchmarks report it).
+pub(crate) fn machine_description() -> String {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -27,6 +27,8 @@ use klong_actors::learner::optim::{AdamW, AdamWParams};
 use klong_actors::policy::model::{KvCache, Llama, LlamaConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::bench::machine_description;
+
 /// Design goal: training tokens/s, klongd ÷ PyTorch.
 pub const GOAL_TRAIN_RATIO: f64 = 1.5;
 /// Design goal: decode tokens/s, klongd ÷ transformers `generate`.
@@ -535,21 +537,6 @@ pub fn model(opts: &ModelBenchOptions) -> Result<ModelBenchReport> {
         peer_error,
         ratios,
     })
-}
-
-/// "Model name, N CPUs", best effort from /proc/cpuinfo (as `bench sandbox` reports it).
-fn machine_description() -> String {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .and_then(|rest| rest.split_once(':'))
-                .map(|(_, name)| name.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    format!("{model}, {cpus} CPUs")
 }
 
 /// The peer script: as given, else under the working directory, else under the source tree

@@ -422,16 +422,7 @@ pub fn tokenize_conversation(
         return Err(ConversationError::AssistantFirst);
     }
     let full = template.render(messages, tools, false)?;
-    // The end-of-turn strings: the eos token and every eos id (generation_config's too).
-    let mut eos: Vec<String> = tokenizer
-        .eos_token()
-        .map(str::to_string)
-        .into_iter()
-        .collect();
-    for id in tokenizer.eos_ids() {
-        eos.push(tokenizer.decode(&[id])?);
-    }
-    eos.retain(|e| !e.is_empty());
+    let eos = tokenizer.end_of_turn_strings()?;
     let mut pieces: Vec<Piece> = Vec::with_capacity(messages.len() + 1);
     let mut cursor = 0usize;
     for (j, m) in messages.iter().enumerate() {

@@ -132,7 +132,7 @@ pub fn run_policy_episode(
     let mut traj = Trajectory::new(id, Some(task.name.clone()), vec![Turn::Prompt(prefix)]);
     traj.tools = tools.to_vec();
 
-    let eos = eos_strings(tokenizer)?;
+    let eos = tokenizer.end_of_turn_strings()?;
     let mut turns = 0u32;
     let mut generated = 0u64;
     let mut malformed = 0u32;
@@ -316,22 +316,6 @@ fn fit_context(
         out.extend_from_slice(turn.tokens());
     }
     Ok(Some(out))
-}
-
-/// Every end-of-turn string of the tokenizer (its eos token and its eos ids decoded).
-fn eos_strings(tokenizer: &Tokenizer) -> Result<Vec<String>, TokenizerError> {
-    let mut eos: Vec<String> = tokenizer
-        .eos_token()
-        .map(str::to_string)
-        .into_iter()
-        .collect();
-    for id in tokenizer.eos_ids() {
-        eos.push(tokenizer.decode(&[id])?);
-    }
-    eos.retain(|e| !e.is_empty());
-    eos.sort();
-    eos.dedup();
-    Ok(eos)
 }
 
 /// Template text: special tokens are parsed (they are the template's framing).

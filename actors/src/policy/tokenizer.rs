@@ -314,6 +314,19 @@ impl Tokenizer {
         }
     }
 
+    /// The strings that end a turn: the eos token and every eos id decoded (generation
+    /// config's too), non-empty, sorted, without repeats.
+    pub fn end_of_turn_strings(&self) -> Result<Vec<String>, TokenizerError> {
+        let mut eos: Vec<String> = self.eos_token().map(str::to_string).into_iter().collect();
+        for id in self.eos_ids() {
+            eos.push(self.decode(&[id])?);
+        }
+        eos.retain(|e| !e.is_empty());
+        eos.sort();
+        eos.dedup();
+        Ok(eos)
+    }
+
     /// Encodes untrusted text (a tool's output): special-token strings in it are ordinary
     /// text, never special ids, and nothing is added.
     pub fn encode_untrusted(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
