@@ -6,11 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use klong_actors::policy::chat::{ChatMessage, ChatTemplate};
-use klong_actors::policy::generate::generate;
-use klong_actors::policy::model::EosTokenId;
+use klong_actors::policy::local::LocalPolicy;
 use klong_actors::policy::pretrained::Pretrained;
 use klong_actors::policy::sampling::{SamplingParams, StopReason};
-use klong_actors::policy::tokenizer::Tokenizer;
 use serde::Serialize;
 
 /// The most new tokens one command may ask for; the model's context bounds it further.
@@ -66,36 +64,20 @@ pub fn run(opts: &GenerateOptions) -> anyhow::Result<GenerateReport> {
     let loaded = Pretrained::load(&opts.model, &device)
         .with_context(|| format!("loading {}", opts.model.display()))?;
     let model = loaded.frozen()?;
-    let tokenizer = &loaded.tokenizer;
+    let policy = LocalPolicy::new(model, loaded.tokenizer, 0);
+    let tokenizer = &policy.tokenizer;
 
     let (prompt_text, prompt_ids) = if opts.chat {
         let template = ChatTemplate::for_tokenizer(tokenizer, false)
             .with_context(|| format!("{}: chat template", opts.model.display()))?;
         let text = template.render(&[ChatMessage::user(opts.prompt.clone())], &[], true)?;
-        // As transformers' apply_chat_template: the template writes every special token, so an
-        // HF tokenizer adds none of its own; the byte tokenizer must parse them from the text.
-        let ids = tokenizer.encode(&text, matches!(tokenizer, Tokenizer::Byte(_)))?;
+        let ids = tokenizer.encode_template(&text)?;
         (text, ids)
     } else {
         let ids = tokenizer.encode(&opts.prompt, true)?;
         (opts.prompt.clone(), ids)
     };
-    let mut eos = tokenizer.eos_ids();
-    match &loaded.config.eos_token_id {
-        Some(EosTokenId::One(id)) => eos.push(*id),
-        Some(EosTokenId::Many(ids)) => eos.extend(ids),
-        None => {}
-    }
-    eos.sort_unstable();
-    eos.dedup();
-
-    let out = generate(
-        &model,
-        tokenizer,
-        std::slice::from_ref(&prompt_ids),
-        &[params],
-        &eos,
-    )?;
+    let out = policy.act_batch(std::slice::from_ref(&prompt_ids), &[params])?;
     let Some(c) = out.into_iter().next() else {
         bail!("generation returned no completion");
     };

@@ -298,7 +298,7 @@ pub fn run_sft(
     }
     let finished = step == total;
     if finished {
-        let out = env.run_dir.join("models").join(&stage.name);
+        let out = stage_model_dir(env.run_dir, &stage.name);
         let weights: BTreeMap<String, Tensor> = opt
             .names()
             .zip(opt.vars())

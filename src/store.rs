@@ -175,12 +175,6 @@ impl RunStore {
         Ok(out)
     }
 
-    pub fn contains(&self, key: &str) -> Result<bool, StoreError> {
-        self.db
-            .contains_key(key.as_bytes())
-            .map_err(|e| self.db_err(e))
-    }
-
     pub fn config_hash(&self) -> Result<Option<String>, StoreError> {
         Ok(self
             .get(CONFIG_HASH_KEY)?

@@ -495,12 +495,11 @@ pub fn tokenize_conversation(
     }
 
     // Tokenize piece by piece and check against the whole.
-    let parse_special = matches!(tokenizer, Tokenizer::Byte(_));
-    let whole = tokenizer.encode(&full[..cursor], parse_special)?;
+    let whole = tokenizer.encode_template(&full[..cursor])?;
     let mut toks: Vec<Vec<u32>> = Vec::with_capacity(pieces.len());
     let mut pos = 0usize;
     for p in &pieces {
-        let t = tokenizer.encode(&full[p.start..p.end], parse_special)?;
+        let t = tokenizer.encode_template(&full[p.start..p.end])?;
         let fits = whole
             .get(pos..pos + t.len())
             .is_some_and(|w| w == t.as_slice());

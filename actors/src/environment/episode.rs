@@ -128,7 +128,7 @@ pub fn run_policy_episode(
         ChatMessage::user(task.paper.clone()),
     ];
     let opening = template.render(&messages, tools, true)?;
-    let prefix = encode_framing(tokenizer, &opening)?;
+    let prefix = tokenizer.encode_template(&opening)?;
     let mut traj = Trajectory::new(id, Some(task.name.clone()), vec![Turn::Prompt(prefix)]);
     traj.tools = tools.to_vec();
 
@@ -318,13 +318,6 @@ fn fit_context(
     Ok(Some(out))
 }
 
-/// Template text: special tokens are parsed (they are the template's framing).
-fn encode_framing(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, TokenizerError> {
-    // The byte tokenizer parses specials only when asked; HF tokenizers always do, and add
-    // nothing of their own when `add_special` is false.
-    tokenizer.encode(text, matches!(tokenizer, Tokenizer::Byte(_)))
-}
-
 /// The observation's text, with each tool output's first occurrence (in order) encoded as
 /// untrusted text and everything around it as framing.
 fn encode_observation(
@@ -341,10 +334,10 @@ fn encode_observation(
         let Some(at) = rest.find(content.as_str()) else {
             continue;
         };
-        out.extend(encode_framing(tokenizer, &rest[..at])?);
+        out.extend(tokenizer.encode_template(&rest[..at])?);
         out.extend(tokenizer.encode_untrusted(content)?);
         rest = &rest[at + content.len()..];
     }
-    out.extend(encode_framing(tokenizer, rest)?);
+    out.extend(tokenizer.encode_template(rest)?);
     Ok(out)
 }

@@ -58,9 +58,7 @@ impl Policy for ExpertPolicy<'_> {
             None => "I have nothing left to do.".to_string(),
         };
         let eos_token = self.tokenizer.eos_token().unwrap_or_default().to_string();
-        let mut tokens = self
-            .tokenizer
-            .encode(&text, matches!(self.tokenizer, Tokenizer::Byte(_)))?;
+        let mut tokens = self.tokenizer.encode_template(&text)?;
         let eos = self.tokenizer.token_id(&eos_token);
         if let Some(id) = eos {
             tokens.push(id);

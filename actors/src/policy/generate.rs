@@ -142,8 +142,10 @@ pub fn generate(
             row.logprobs.push(lp);
             row.model_logprobs.push(plain_logprob(row_logits, token));
             row.len += 1;
-            let is_eos = eos_ids.contains(&token);
-            if !is_eos {
+            // Stop strings need the text after every token; without them it is decoded once,
+            // at the end (decoding every step would cost O(n²) over a long turn).
+            let watch = !row.params.stop_strings.is_empty();
+            if watch && !eos_ids.contains(&token) {
                 row.text = tokenizer.decode(&row.tokens)?;
             }
             let mut stop = row.stop.check(token, &row.text);
@@ -154,6 +156,10 @@ pub fn generate(
                 Some(reason) => {
                     if let StopReason::StopString { at, .. } = &reason {
                         row.text.truncate(*at);
+                    } else if !watch {
+                        let end =
+                            row.tokens.len() - usize::from(matches!(reason, StopReason::Eos(_)));
+                        row.text = tokenizer.decode(&row.tokens[..end])?;
                     }
                     row.done = Some(reason);
                     next.push(0);

@@ -120,7 +120,7 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel, GgufError> {
             }
         }
     }
-    let expected = expected_shapes(&config);
+    let expected = super::pretrained::expected_tensors(&config);
     // Fail on a missing tensor before dequantizing anything.
     let present: std::collections::BTreeSet<String> = content
         .tensor_infos
@@ -389,44 +389,6 @@ fn hf_name(gguf: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{param}"))
-}
-
-/// Every tensor `Llama::new` reads for `cfg`, with its shape (`[out, in]` for projections).
-fn expected_shapes(cfg: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
-    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let hd = cfg.head_dim();
-    let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_kv_heads() * hd);
-    let mut m = BTreeMap::new();
-    m.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
-    m.insert("model.norm.weight".to_string(), vec![h]);
-    if !cfg.tie_word_embeddings {
-        m.insert("lm_head.weight".to_string(), vec![v, h]);
-    }
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        let mut put = |name: &str, shape: Vec<usize>| {
-            m.insert(format!("{p}.{name}"), shape);
-        };
-        put("self_attn.q_proj.weight", vec![q, h]);
-        put("self_attn.k_proj.weight", vec![kv, h]);
-        put("self_attn.v_proj.weight", vec![kv, h]);
-        put("self_attn.o_proj.weight", vec![h, q]);
-        if cfg.attention_bias {
-            put("self_attn.q_proj.bias", vec![q]);
-            put("self_attn.k_proj.bias", vec![kv]);
-            put("self_attn.v_proj.bias", vec![kv]);
-        }
-        if cfg.use_qk_norm {
-            put("self_attn.q_norm.weight", vec![hd]);
-            put("self_attn.k_norm.weight", vec![hd]);
-        }
-        put("mlp.gate_proj.weight", vec![i, h]);
-        put("mlp.up_proj.weight", vec![i, h]);
-        put("mlp.down_proj.weight", vec![h, i]);
-        put("input_layernorm.weight", vec![h]);
-        put("post_attention_layernorm.weight", vec![h]);
-    }
-    m
 }
 
 /// Typed access to the metadata, with errors that name the file and the key.

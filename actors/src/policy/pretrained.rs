@@ -89,15 +89,17 @@ impl Pretrained {
         let is_gguf = path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-        let p = if is_gguf {
+        if is_gguf {
+            // `gguf::load` checks the tensors against the config itself.
             let g = gguf::load(path, device)?;
-            Pretrained {
+            return Ok(Pretrained {
                 config: g.config,
                 weights: g.tensors,
                 tokenizer: Tokenizer::Hf(Box::new(g.tokenizer)),
                 source: path.to_path_buf(),
-            }
-        } else {
+            });
+        }
+        let p = {
             let config = read_hf_config(&path.join("config.json"))?;
             let weights = read_safetensors(path, device)?;
             let tokenizer = read_tokenizer(path)?;

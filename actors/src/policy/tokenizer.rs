@@ -314,6 +314,14 @@ impl Tokenizer {
         }
     }
 
+    /// Encodes text a chat template rendered: its special-token strings are the template's
+    /// framing and become special ids, and nothing is added (as transformers'
+    /// `apply_chat_template`). HF tokenizers always match their added tokens in text; the byte
+    /// tokenizer does when asked.
+    pub fn encode_template(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.encode(text, matches!(self, Tokenizer::Byte(_)))
+    }
+
     /// The strings that end a turn: the eos token and every eos id decoded (generation
     /// config's too), non-empty, sorted, without repeats.
     pub fn end_of_turn_strings(&self) -> Result<Vec<String>, TokenizerError> {
