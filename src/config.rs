@@ -24,12 +24,42 @@ pub struct Config {
     pub seed: u64,
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    /// The actor runtime's sizes and bounds.
+    #[serde(default)]
+    pub actors: ActorsConfig,
     /// The policy model; needed by any training stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelConfig>,
     /// The stages, run in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<StageConfig>,
+}
+
+/// The actor runtime: how many episodes run at once and how long anything may take. None of
+/// it changes what a run computes (every episode is seeded on its own), so a resumed run may
+/// change it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActorsConfig {
+    /// Environments, i.e. episodes running at once.
+    #[serde(deserialize_with = "positive_usize")]
+    pub environments: usize,
+    /// Longest an episode may take, judging included, before its environment is presumed
+    /// dead (it is then replaced and the episode re-queued once).
+    #[serde(deserialize_with = "klong_sandbox::limits::positive::duration")]
+    pub episode_timeout: HumanDuration,
+    /// Restarts of failed actors over a run before it gives up.
+    pub max_restarts: u32,
+}
+
+impl Default for ActorsConfig {
+    fn default() -> Self {
+        ActorsConfig {
+            environments: 2,
+            episode_timeout: HumanDuration::from_secs(3600),
+            max_restarts: 16,
+        }
+    }
 }
 
 /// The policy model.
@@ -475,6 +505,47 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    /// Why a run started with `previous` cannot be resumed with this config, or `None` when it
+    /// can. Settings that do not change what the run computes may differ: the actor runtime's
+    /// sizes and timeouts, the sandbox's concurrency and cache, and how often stages
+    /// checkpoint. Anything else (model, data, seed, stages, limits) would make the resumed
+    /// run a different run.
+    pub fn resume_conflicts(&self, previous: &Config) -> Vec<String> {
+        let harmless = |c: &Config| {
+            let mut c = c.clone();
+            c.actors = ActorsConfig::default();
+            c.sandbox.max_concurrent = 1;
+            c.sandbox.max_queued = 0;
+            c.sandbox.queue_timeout = HumanDuration::from_secs(1);
+            c.sandbox.cache_dir = None;
+            for stage in &mut c.stages {
+                let StageConfig::Sft(sft) = stage;
+                sft.checkpoint_every = 1;
+            }
+            c
+        };
+        let (now, before) = (harmless(self), harmless(previous));
+        let mut out = Vec::new();
+        let mut field = |name: &str, same: bool| {
+            if !same {
+                out.push(name.to_string());
+            }
+        };
+        field("name", now.name == before.name);
+        field("run_dir", now.run_dir == before.run_dir);
+        field("seed", now.seed == before.seed);
+        field("sandbox", now.sandbox == before.sandbox);
+        field("model", now.model == before.model);
+        if now.stages.len() != before.stages.len() {
+            field("stages", false);
+        } else {
+            for (i, (a, b)) in now.stages.iter().zip(&before.stages).enumerate() {
+                field(&format!("stages[{i}] ({})", b.name()), a == b);
+            }
+        }
+        out
     }
 
     /// The resolved plan, as RON with every default filled in.

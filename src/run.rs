@@ -15,8 +15,15 @@ use candle_core::Device;
 use klong_actors::learner::optim::{AdamW, AdamWParams};
 
 use crate::config::{Config, StageConfig};
-use crate::sft_stage::{build_model, run_sft, SftSummary, StageEnv, TrainState};
+use klong_actors::environment::actor::EnvironmentArgs;
+use klong_actors::judge::queue::JudgeContext;
+use klong_actors::learner::actor::LearnerArgs;
+use klong_actors::policy::chat::ChatTemplate;
+use klong_actors::policy::tokenizer::Tokenizer;
+
+use crate::sft_stage::{build_model, run_sft, SftSummary, StageEnv, TrainModel, TrainState};
 use crate::store::RunStore;
+use crate::supervisor::{Actors, RuntimeSettings};
 
 /// The run directory's copy of the config it was started with.
 const CONFIG_FILE: &str = "config.ron";
@@ -91,12 +98,20 @@ pub fn run(config: &Config, max_steps: Option<u64>) -> anyhow::Result<RunSummary
     if resumed {
         let previous = Config::load(&stored)
             .with_context(|| format!("cannot read the run's config {}", stored.display()))?;
-        if &previous != config {
+        let conflicts = config.resume_conflicts(&previous);
+        if !conflicts.is_empty() {
             bail!(
-                "run directory {} holds a run of a different config; use a new run_dir, or restore the config in {}",
+                "run directory {} holds a run of a different config (changed: {}); resuming \
+                 would not continue that run. Use a new run_dir, or restore the config in {}",
                 run_dir.path.display(),
+                conflicts.join(", "),
                 stored.display()
             );
+        }
+        if &previous != config {
+            // Only settings that do not change results differ: keep the latest.
+            write_durably(&stored, plan.as_bytes())?;
+            tracing::info!("config changed in settings that do not affect results; accepted");
         }
         tracing::info!(run_dir = %run_dir.path.display(), "resuming run");
     } else {
@@ -189,7 +204,7 @@ fn run_stages(
     };
     // The checkpoint's weights go into the model once, here; its optimizer moments serve the
     // stage it was taken in, if that stage is unfinished.
-    let mut resumed_opt = match &manifest {
+    let resumed_opt = match &manifest {
         Some(m) => {
             let tensors = store.load_tensors(m, &device)?;
             let mut opt = AdamW::from_varmap(&tm.varmap, AdamWParams::default())?;
@@ -199,6 +214,70 @@ fn run_stages(
         }
         None => None,
     };
+    let tokenizer = Arc::new(tm.tokenizer.clone());
+    let template = Arc::new(ChatTemplate::for_tokenizer(&tm.tokenizer, true)?);
+    let mut actors = start_actors(config, host, registry, tokenizer, template)?;
+    let result = run_stage_list(
+        config,
+        run_dir,
+        &store,
+        &tm,
+        &mut actors,
+        state,
+        resumed_opt,
+        max_steps,
+    );
+    actors.shutdown();
+    result
+}
+
+/// The supervisor and its children for this run's config.
+fn start_actors(
+    config: &Config,
+    host: Arc<SandboxHost>,
+    registry: Arc<ToolRegistry>,
+    tokenizer: Arc<Tokenizer>,
+    template: Arc<ChatTemplate>,
+) -> anyhow::Result<Actors> {
+    let a = &config.actors;
+    let settings = RuntimeSettings {
+        environments: a.environments,
+        window: 2 * a.environments,
+        episode_timeout: a.episode_timeout.0,
+        max_restarts: a.max_restarts,
+        judge_concurrency: a.environments,
+        judge_queue: 2 * a.environments,
+    };
+    let judge = Arc::new(JudgeContext {
+        host: host.clone(),
+        registry: registry.clone(),
+        check_limits: config.sandbox.call,
+        llm: None,
+        seed: config.seed,
+    });
+    let environment = EnvironmentArgs {
+        host,
+        registry,
+        call_limits: config.sandbox.call,
+        tokenizer,
+        template,
+        act_timeout: a.episode_timeout.0,
+        judge_timeout: a.episode_timeout.0,
+    };
+    Actors::start(settings, environment, judge)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_stage_list(
+    config: &Config,
+    run_dir: &Path,
+    store: &RunStore,
+    tm: &TrainModel,
+    actors: &mut Actors,
+    state: Option<TrainState>,
+    mut resumed_opt: Option<AdamW>,
+    max_steps: Option<u64>,
+) -> anyhow::Result<Vec<SftSummary>> {
     let mut budget = max_steps;
     let mut out = Vec::new();
     for (i, stage) in config.stages.iter().enumerate() {
@@ -216,7 +295,7 @@ fn run_stages(
             weight_decay: sft.weight_decay,
             ..AdamWParams::default()
         };
-        let mut opt = match (start, resumed_opt.take()) {
+        let opt = match (start, resumed_opt.take()) {
             (s, Some(mut resumed)) if s > 0 => {
                 resumed.hp = hp;
                 resumed
@@ -226,11 +305,13 @@ fn run_stages(
         let env = StageEnv {
             config,
             run_dir,
-            store: &store,
-            host: host.clone(),
-            registry: registry.clone(),
+            store,
         };
-        let summary = run_sft(&env, i, sft, &tm, &mut opt, start, &mut budget)?;
+        let learner = actors.start_learner(LearnerArgs {
+            model: tm.model.clone(),
+            opt,
+        })?;
+        let summary = run_sft(&env, actors, &learner, i, sft, tm, start, &mut budget)?;
         let finished = summary.finished;
         out.push(summary);
         if !finished {

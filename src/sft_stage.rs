@@ -7,10 +7,10 @@
 //! final model as an HF folder in `RUN_DIR/models/<stage>/`. The data order is a function of the
 //! seed and the epoch, so a resumed run takes exactly the steps the uninterrupted one would.
 //!
-//! Steps run one after another on this thread (the actor runtime that batches many episodes
-//! is the next piece of work); distillation episodes too.
+//! Distillation episodes run in the actors' pool of environments (any number at once; each is
+//! seeded on its own, so the results do not depend on the pool's size); learner steps run one
+//! after another in the Learner actor.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,35 +19,35 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use klong_actors::environment::episode::{run_policy_episode, EpisodeLimits};
-use klong_actors::environment::expert::{ScriptedExpert, MAX_OBSERVATION_BYTES};
-use klong_actors::environment::expert_policy::ExpertPolicy;
+use klong_actors::environment::episode::EpisodeLimits;
+use klong_actors::environment::expert::MAX_OBSERVATION_BYTES;
 use klong_actors::environment::family;
-use klong_actors::environment::task::{CopyBounds, Task};
-use klong_actors::judge::queue::{grade_episode, FinishedEpisode, JudgeContext};
-use klong_actors::learner::optim::{AdamW, LrSchedule};
-use klong_actors::learner::sft::{pack_batches, sft_step};
+use klong_actors::environment::task::Task;
+use klong_actors::learner::optim::LrSchedule;
+use klong_actors::learner::sft::pack_batches;
 use klong_actors::learner::split::{split, Pin, SplitConfig, SubTrajectory};
+use klong_actors::messages::{EpisodeRequest, LearnerMsg};
+use klong_actors::policy::actor::{PolicyArgs, PolicyBackend};
 use klong_actors::policy::chat::ChatTemplate;
 use klong_actors::policy::model::{Llama, LlamaConfig};
 use klong_actors::policy::pretrained::{save_hf, Pretrained};
 use klong_actors::policy::sampling::SamplingParams;
 use klong_actors::policy::tokenizer::{ByteTokenizer, Tokenizer};
 use klong_actors::trajectory::{import_jsonl, ImportOptions, Trajectory};
-use klong_sandbox::{Sandbox, SandboxHost, ToolRegistry};
+use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::config::{Config, ModelConfig, SftData, SftStage, Teacher};
+use crate::progress::Progress;
 use crate::store::RunStore;
+use crate::supervisor::Actors;
 
 /// What the stage runner needs from the run.
 pub struct StageEnv<'a> {
     pub config: &'a Config,
     pub run_dir: &'a Path,
     pub store: &'a RunStore,
-    pub host: Arc<SandboxHost>,
-    pub registry: Arc<ToolRegistry>,
 }
 
 /// The trainer's state in a checkpoint manifest.
@@ -166,20 +166,25 @@ fn seeded_init(vm: &VarMap, seed: u64, device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs (or resumes, from `start_step`) the Sft stage `index`. `steps_budget` counts down the
-/// steps this invocation may still take (`klongd run --max-steps`).
+/// Runs (or resumes, from `start_step`) the Sft stage `index`: distillation through the
+/// actors' environments, then steps of the Learner actor (which owns the model and the
+/// optimizer). `steps_budget` counts down the steps this invocation may still take
+/// (`klongd run --max-steps`).
+#[allow(clippy::too_many_arguments)]
 pub fn run_sft(
     env: &StageEnv,
+    actors: &mut Actors,
+    learner: &ActorRef<LearnerMsg>,
     index: usize,
     stage: &SftStage,
     tm: &TrainModel,
-    opt: &mut AdamW,
     start_step: u64,
     steps_budget: &mut Option<u64>,
 ) -> anyhow::Result<SftSummary> {
     let span = tracing::info_span!("stage", name = %stage.name);
     let _enter = span.enter();
     let template = ChatTemplate::for_tokenizer(&tm.tokenizer, true)?;
+    let step_timeout = env.config.actors.episode_timeout.0;
 
     // Data.
     let (episodes, trajectories) = match &stage.data {
@@ -195,7 +200,7 @@ pub fn run_sft(
             )?;
             (trajs.len(), trajs)
         }
-        SftData::Distill { .. } => distill(env, stage, &tm.tokenizer, &template)?,
+        SftData::Distill { .. } => distill(env, actors, stage, &Arc::new(tm.tokenizer.clone()))?,
     };
     let kept = trajectories.len();
     if kept == 0 {
@@ -246,20 +251,30 @@ pub fn run_sft(
         .with_context(|| format!("cannot open {}", metrics_path.display()))?;
     let (mut first_loss, mut last_loss) = (None, None);
     let mut step = start_step;
+    let mut progress = Progress::starting_at(&stage.name, start_step, total);
     while step < total {
         if *steps_budget == Some(0) {
             break;
         }
-        let rows: Vec<&SubTrajectory> = schedule[step as usize].iter().map(|&i| &subs[i]).collect();
+        let rows: Vec<SubTrajectory> = schedule[step as usize]
+            .iter()
+            .map(|&i| subs[i].clone())
+            .collect();
         let started = Instant::now();
-        let st = sft_step(
-            &tm.model,
-            opt,
-            None,
-            &[rows],
-            lr.lr(step),
-            stage.max_grad_norm,
-        )?;
+        let (step_lr, max_grad_norm) = (lr.lr(step), stage.max_grad_norm);
+        let st = actors
+            .call(
+                learner,
+                |reply| LearnerMsg::SftStep {
+                    micro: vec![rows],
+                    lr: step_lr,
+                    max_grad_norm,
+                    reply,
+                },
+                step_timeout,
+                "learner step",
+            )?
+            .with_context(|| format!("stage {} step {}", stage.name, step + 1))?;
         let secs = started.elapsed().as_secs_f64();
         step += 1;
         if let Some(b) = steps_budget.as_mut() {
@@ -288,22 +303,27 @@ pub fn run_sft(
             grad_norm = st.grad_norm,
             "sft step"
         );
+        progress.inc(1, &format!("loss {:.3}", st.loss));
         if step.is_multiple_of(stage.checkpoint_every) || step == total {
-            checkpoint(env, index, stage, step, step == total, opt)?;
+            checkpoint(env, actors, learner, index, stage, step, step == total)?;
         }
     }
+    progress.finish();
     if step < total && step > start_step && !step.is_multiple_of(stage.checkpoint_every) {
         // Stopped by the step budget: keep what was done.
-        checkpoint(env, index, stage, step, false, opt)?;
+        checkpoint(env, actors, learner, index, stage, step, false)?;
     }
     let finished = step == total;
     if finished {
         let out = stage_model_dir(env.run_dir, &stage.name);
-        let weights: BTreeMap<String, Tensor> = opt
-            .names()
-            .zip(opt.vars())
-            .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
-            .collect();
+        let weights = actors
+            .call(
+                learner,
+                LearnerMsg::Weights,
+                step_timeout,
+                "learner weights",
+            )?
+            .context("exporting the stage's model")?;
         save_hf(&out, &tm.config, &weights, Some(&tm.tokenizer))?;
         tracing::info!(model = %out.display(), "stage model saved");
     }
@@ -320,13 +340,15 @@ pub fn run_sft(
     })
 }
 
+/// The learner's state (weights, moments) and the step, durable, then the manifest switch.
 fn checkpoint(
     env: &StageEnv,
+    actors: &Actors,
+    learner: &ActorRef<LearnerMsg>,
     index: usize,
     stage: &SftStage,
     step: u64,
     done: bool,
-    opt: &AdamW,
 ) -> anyhow::Result<()> {
     let state = TrainState {
         stage: index,
@@ -334,21 +356,30 @@ fn checkpoint(
         step,
         done,
     };
+    let tensors = actors
+        .call(
+            learner,
+            LearnerMsg::ExportState,
+            env.config.actors.episode_timeout.0,
+            "learner state",
+        )?
+        .context("exporting the learner's state for a checkpoint")?;
     let m = env
         .store
-        .commit_checkpoint(serde_json::to_value(&state)?, &opt.export()?)?;
+        .commit_checkpoint(serde_json::to_value(&state)?, &tensors)?;
     tracing::info!(seq = m.seq, step, done, "checkpoint");
     Ok(())
 }
 
-/// Distillation: the teacher's episodes on the configured tasks, judged; each stored as soon
-/// as it is judged (a stored one is read back, never re-run); those scoring at least
-/// `min_score` are kept.
+/// Distillation: the teacher's episodes on the configured tasks, run by the actors (a pool of
+/// environments, the scripted expert as the policy, the judge), each stored as soon as it is
+/// judged (a stored one is read back, never re-run); those scoring at least `min_score` are
+/// kept, in task order whatever order they finished in.
 fn distill(
     env: &StageEnv,
+    actors: &mut Actors,
     stage: &SftStage,
-    tokenizer: &Tokenizer,
-    template: &ChatTemplate,
+    tokenizer: &Arc<Tokenizer>,
 ) -> anyhow::Result<(usize, Vec<Trajectory>)> {
     let SftData::Distill {
         teacher: Teacher::Expert { noise },
@@ -360,116 +391,101 @@ fn distill(
         bail!("not a distillation stage");
     };
     let tasks_dir = env.run_dir.join("tasks").join(&stage.name);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let judge = Arc::new(JudgeContext {
-        host: env.host.clone(),
-        registry: env.registry.clone(),
-        check_limits: env.config.sandbox.call,
-        llm: None,
-        seed: env.config.seed,
-    });
-    let tools_all = env.registry.openai_tools();
+    let window = actors.window();
+    actors.set_policy(PolicyArgs {
+        backend: PolicyBackend::Scripted {
+            noise: *noise,
+            tokenizer: tokenizer.clone(),
+            context: usize::MAX,
+        },
+        max_queued: window,
+        max_episodes: window,
+    })?;
     let span = u64::from(tasks.max_horizon - tasks.min_horizon + 1);
-    let mut kept = Vec::new();
+    let key = |i: u32| format!("traj/{}/{i:08}", stage.name);
+    let mut requests = Vec::new();
     for i in 0..tasks.count {
-        let key = format!("traj/{}/{i:08}", stage.name);
-        let stored: StoredEpisode = match env.store.get(&key)? {
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .with_context(|| format!("stored episode {key} does not parse"))?,
-            None => {
-                let seed = tasks.seed.wrapping_add(u64::from(i));
-                let horizon = tasks.min_horizon + (u64::from(i) % span) as u32;
-                let generated = family::generate(seed, horizon);
-                let dir = family::write_task(&tasks_dir, &generated)
-                    .with_context(|| format!("writing task {}", generated.name))?;
-                let task = Arc::new(Task::load(&dir)?);
-                let episode_dir = env
-                    .run_dir
-                    .join("episodes")
-                    .join(&stage.name)
-                    .join(format!("{i:08}"));
-                if episode_dir.exists() {
-                    // An episode in flight when the run stopped: start it again.
-                    std::fs::remove_dir_all(&episode_dir)?;
-                }
-                task.copy_files_into(&episode_dir, CopyBounds::default())?;
-                let tools: Vec<Value> = tools_all
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter(|t| {
-                                let name = t["function"]["name"].as_str().unwrap_or_default();
-                                task.spec.tools.iter().any(|n| n == name)
-                            })
-                            .cloned()
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let mut sandbox = Sandbox::new(
-                    env.host.clone(),
-                    env.registry.clone(),
-                    &episode_dir,
-                    env.config.sandbox.call,
-                    env.config.sandbox.episode,
-                    seed,
-                )?;
-                let expert_seed = env.config.seed ^ (u64::from(i) << 20);
-                let mut policy = ExpertPolicy::new(
-                    ScriptedExpert::new(*noise, expert_seed),
-                    tokenizer,
-                    usize::MAX,
-                );
-                let limits = EpisodeLimits {
-                    max_turns: (*max_turns).min(task.spec.budget.turns),
-                    max_generated_tokens: task.spec.budget.tokens,
-                    max_turn_tokens: 4096,
-                    max_observation_bytes: MAX_OBSERVATION_BYTES,
-                    max_calls_per_turn: 4,
-                };
-                let run = run_policy_episode(
-                    &key,
-                    &task,
-                    &mut sandbox,
-                    &mut policy,
-                    tokenizer,
-                    template,
-                    &tools,
-                    &SamplingParams::greedy(),
-                    &limits,
-                )?;
-                let graded = runtime.block_on(grade_episode(
-                    &judge,
-                    &FinishedEpisode {
-                        episode_id: u64::from(i),
-                        task: task.clone(),
-                        final_dir: episode_dir.clone(),
-                    },
-                ))?;
-                let mut trajectory = run.trajectory;
-                let grades = graded
-                    .leaves
-                    .iter()
-                    .map(|l| (l.leaf_id.clone(), if l.passed { 1.0 } else { 0.0 }))
-                    .collect();
-                trajectory.judge(graded.score, grades);
+        if env.store.get(&key(i))?.is_some() {
+            continue;
+        }
+        let seed = tasks.seed.wrapping_add(u64::from(i));
+        let horizon = tasks.min_horizon + (u64::from(i) % span) as u32;
+        let generated = family::generate(seed, horizon);
+        let dir = family::write_task(&tasks_dir, &generated)
+            .with_context(|| format!("writing task {}", generated.name))?;
+        let task = Arc::new(Task::load(&dir)?);
+        requests.push(EpisodeRequest {
+            episode_id: u64::from(i),
+            key: key(i),
+            attempt: 0,
+            limits: EpisodeLimits {
+                max_turns: (*max_turns).min(task.spec.budget.turns),
+                max_generated_tokens: task.spec.budget.tokens,
+                max_turn_tokens: 4096,
+                max_observation_bytes: MAX_OBSERVATION_BYTES,
+                max_calls_per_turn: 4,
+            },
+            task,
+            episode_dir: env
+                .run_dir
+                .join("episodes")
+                .join(&stage.name)
+                .join(format!("{i:08}")),
+            sandbox_seed: seed,
+            policy_seed: env.config.seed ^ (u64::from(i) << 20),
+            sampling: SamplingParams::greedy(),
+            sandbox_budget: env.config.sandbox.episode,
+            context: usize::MAX,
+            priority: 0,
+        });
+    }
+    let todo = requests.len();
+    let mut failures = 0usize;
+    let mut progress = Progress::new(&format!("{} distill", stage.name), todo as u64);
+    actors.run_episodes(requests, |outcome| {
+        progress.inc(1, "");
+        match outcome.result {
+            Ok(scored) => {
                 let stored = StoredEpisode {
-                    task: task.name.clone(),
-                    score: graded.score,
-                    trajectory,
+                    task: scored.task.clone(),
+                    score: scored.score,
+                    trajectory: scored.trajectory,
                 };
-                env.store.put(&key, &serde_json::to_vec(&stored)?)?;
-                std::fs::remove_dir_all(&episode_dir).ok();
-                tracing::info!(episode = i, task = %stored.task, score = stored.score, turns = run.turns, end = ?run.end, "distilled episode judged");
-                stored
+                env.store.put(
+                    &stored.trajectory.id.clone(),
+                    &serde_json::to_vec(&stored)?,
+                )?;
+                tracing::info!(episode = outcome.episode_id, task = %stored.task, score = stored.score, turns = scored.turns, end = ?scored.end, "distilled episode judged");
             }
+            Err(failure) => {
+                // Masked: never scored 0, not stored (a resumed run tries it again).
+                failures += 1;
+                tracing::warn!(episode = outcome.episode_id, attempts = outcome.attempts, %failure, "distillation episode failed (infrastructure)");
+            }
+        }
+        Ok(())
+    })?;
+    progress.finish();
+    if failures > 0 {
+        tracing::warn!(
+            failures,
+            "distillation episodes lost to infrastructure failures"
+        );
+    }
+    let mut kept = Vec::new();
+    let mut episodes = 0usize;
+    for i in 0..tasks.count {
+        let Some(bytes) = env.store.get(&key(i))? else {
+            continue;
         };
+        let stored: StoredEpisode = serde_json::from_slice(&bytes)
+            .with_context(|| format!("stored episode {} does not parse", key(i)))?;
+        episodes += 1;
         if stored.score >= *min_score {
             kept.push(stored.trajectory);
         }
     }
-    Ok((tasks.count as usize, kept))
+    Ok((episodes, kept))
 }
 
 /// The run directory's path for a stage's final model.

@@ -160,7 +160,7 @@ fn run_starts_resumes_and_refuses_a_different_config() {
     let out = klongd(&["run", changed.to_str().unwrap()], tmp.path());
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("different config"),
+        stderr(&out).contains("different config") && stderr(&out).contains("changed: sandbox"),
         "{}",
         stderr(&out)
     );
@@ -707,8 +707,21 @@ fn sft_distills_trains_and_resumes_to_the_same_weights() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(metrics(&b).len(), 3);
     assert!(!b.join("models/sft").exists());
+    // Resumed with settings that do not change results: more environments, other checkpoints.
+    let harmless = sft_config(&b)
+        .replace("checkpoint_every: 4", "checkpoint_every: 5")
+        .replace(
+            "    model: Some(",
+            "    actors: (environments: 3),\n    model: Some(",
+        );
+    let cfg_b = write_config(&dir_b, &harmless);
     let out = klongd(&["run", cfg_b.to_str().unwrap()], tmp.path());
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("do not affect results"),
+        "{}",
+        stderr(&out)
+    );
     assert!(
         !stderr(&out).contains("distilled episode judged"),
         "a stored episode was run again"
@@ -734,6 +747,13 @@ fn sft_distills_trains_and_resumes_to_the_same_weights() {
     assert!(text.contains("stage finished"), "{text}");
     assert!(text.contains("stored episodes: 2"), "{text}");
     assert!(text.contains("latest metrics"), "{text}");
+
+    // A change that would make it another run is refused, naming what changed.
+    let seeded = harmless.replace("seed: 5,", "seed: 6,");
+    let cfg_b = write_config(&dir_b, &seeded);
+    let out = klongd(&["run", cfg_b.to_str().unwrap()], tmp.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("changed: seed"), "{}", stderr(&out));
 }
 
 #[test]

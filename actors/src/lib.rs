@@ -7,5 +7,6 @@
 pub mod environment;
 pub mod judge;
 pub mod learner;
+pub mod messages;
 pub mod policy;
 pub mod trajectory;

@@ -108,7 +108,11 @@ fn the_expert_through_tokens_solves_a_task_with_a_token_exact_trajectory() {
     let tools = tools(&task);
     assert!(!tools.is_empty());
     let tok = Tokenizer::Byte(ByteTokenizer);
-    let mut policy = ExpertPolicy::new(ScriptedExpert::new(0.0, 1), &tok, 1 << 20);
+    let mut policy = ExpertPolicy::new(
+        ScriptedExpert::new(0.0, 1),
+        std::sync::Arc::new(Tokenizer::Byte(ByteTokenizer)),
+        1 << 20,
+    );
     let mut sb = sandbox(ep.path(), 11);
     let run = run_policy_episode(
         "e1",

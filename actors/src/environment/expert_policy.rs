@@ -7,6 +7,8 @@
 //! deterministic policy would give). They are for SFT, which reads no logprobs; an RL learner
 //! must not take them as behaviour probabilities.
 
+use std::sync::Arc;
+
 use super::expert::ScriptedExpert;
 use super::observation::Observation;
 use crate::policy::chat::Role;
@@ -16,15 +18,15 @@ use crate::policy::tokenizer::Tokenizer;
 use crate::policy::toolcall::{render_tool_call, ToolCallRequest};
 use crate::policy::{Policy, PolicyContext};
 
-pub struct ExpertPolicy<'a> {
+pub struct ExpertPolicy {
     expert: ScriptedExpert,
-    tokenizer: &'a Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     context: usize,
 }
 
-impl<'a> ExpertPolicy<'a> {
+impl ExpertPolicy {
     /// `context`: the token context it claims (the episode fits the conversation into it).
-    pub fn new(expert: ScriptedExpert, tokenizer: &'a Tokenizer, context: usize) -> Self {
+    pub fn new(expert: ScriptedExpert, tokenizer: Arc<Tokenizer>, context: usize) -> Self {
         ExpertPolicy {
             expert,
             tokenizer,
@@ -33,7 +35,7 @@ impl<'a> ExpertPolicy<'a> {
     }
 }
 
-impl Policy for ExpertPolicy<'_> {
+impl Policy for ExpertPolicy {
     fn act(
         &mut self,
         context: &PolicyContext,

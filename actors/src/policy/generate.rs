@@ -40,6 +40,10 @@ pub enum GenerateError {
     Tokenizer(#[from] TokenizerError),
     #[error("model: {0}")]
     Model(#[from] candle_core::Error),
+    /// The policy behind an actor could not answer (gone, overloaded, timed out): an
+    /// infrastructure failure of the episode, never the agent's fault.
+    #[error("policy unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// One finished request.

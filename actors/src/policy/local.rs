@@ -6,7 +6,9 @@ use super::sampling::SamplingParams;
 use super::tokenizer::Tokenizer;
 use super::{Policy, PolicyContext};
 
-/// A model, its tokenizer, the ids that end a turn, and the weights' version.
+/// A model, its tokenizer, the ids that end a turn, and the weights' version. Cloning shares
+/// the weights (candle tensors are reference-counted).
+#[derive(Clone)]
 pub struct LocalPolicy {
     pub model: Llama,
     pub tokenizer: Tokenizer,
@@ -39,6 +41,12 @@ impl LocalPolicy {
 
     /// New weights took effect (the learner bumps the version with every update).
     pub fn set_version(&mut self, version: u64) {
+        self.version = version;
+    }
+
+    /// Replaces the model (new weights of the same configuration) and its version.
+    pub fn set_model(&mut self, model: Llama, version: u64) {
+        self.model = model;
         self.version = version;
     }
 

@@ -1,5 +1,6 @@
 //! The policy: the model that acts (and, through the learner, trains).
 
+pub mod actor;
 pub mod chat;
 pub(crate) mod fused;
 pub mod generate;

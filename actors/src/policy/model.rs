@@ -385,6 +385,7 @@ impl KvCache {
     }
 }
 
+#[derive(Clone)]
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -535,6 +536,7 @@ impl Attention {
     }
 }
 
+#[derive(Clone)]
 struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
@@ -563,6 +565,7 @@ impl Mlp {
     }
 }
 
+#[derive(Clone)]
 struct Block {
     input_layernorm: RmsNorm,
     self_attn: Attention,
@@ -570,7 +573,9 @@ struct Block {
     mlp: Mlp,
 }
 
-/// The decoder with its LM head.
+/// The decoder with its LM head. Cloning shares the weights (candle tensors are
+/// reference-counted): a clone over a `VarMap` sees every optimizer step.
+#[derive(Clone)]
 pub struct Llama {
     cfg: LlamaConfig,
     embed_tokens: Embedding,

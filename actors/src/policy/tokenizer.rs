@@ -105,6 +105,7 @@ impl ByteTokenizer {
 
 /// A Hugging Face tokenizer folder: `tokenizer.json`, plus `tokenizer_config.json` (bos, eos,
 /// chat template) and `generation_config.json` (extra eos ids) when present.
+#[derive(Clone)]
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
     /// The same tokenizer with special tokens encoded as plain text: for untrusted text (tool
@@ -280,7 +281,7 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>, TokenizerError> {
 }
 
 /// Any tokenizer a policy model can use.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Tokenizer {
     Byte(ByteTokenizer),
     Hf(Box<HfTokenizer>),
