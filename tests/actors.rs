@@ -182,7 +182,7 @@ fn a_pool_of_environments_gives_the_same_scores_as_one() {
     assert_eq!(results[0], results[1], "pool size changed the results");
     // The expert (noise 0.3) solves some tasks fully and botches others: real scores.
     let scores: Vec<f64> = results[0].iter().map(|r| r.1).collect();
-    assert!(scores.iter().any(|&s| s == 1.0), "{scores:?}");
+    assert!(scores.contains(&1.0), "{scores:?}");
     assert!(
         scores.iter().all(|&s| (0.0..=1.0).contains(&s)),
         "{scores:?}"
@@ -300,7 +300,7 @@ fn the_local_policy_batches_episodes_and_versions_flow_into_trajectories() {
     let policy = a
         .set_policy(PolicyArgs {
             backend: PolicyBackend::Local {
-                policy: tiny_local(7),
+                policy: Box::new(tiny_local(7)),
                 max_batch: 8,
             },
             max_queued: 16,

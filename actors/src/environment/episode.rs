@@ -154,6 +154,9 @@ pub fn run_policy_episode(
             seed: sampling.seed.wrapping_add(u64::from(turns)),
             ..sampling.clone()
         };
+        // One span per turn (inside the caller's episode span): the action, its tool calls.
+        let turn_span = tracing::debug_span!("turn", n = turns + 1);
+        let _turn = turn_span.enter();
         let completion = policy.act(
             &PolicyContext {
                 tokens: &context,

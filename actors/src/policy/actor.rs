@@ -32,7 +32,7 @@ use crate::messages::{ActReply, ActRequest, Action, PolicyFailure, PolicyMsg};
 pub enum PolicyBackend {
     /// The candle model; concurrent requests are batched.
     Local {
-        policy: LocalPolicy,
+        policy: Box<LocalPolicy>,
         max_batch: usize,
     },
     /// The scripted expert; `noise` is its chance of botching each experiment.
