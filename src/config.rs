@@ -95,14 +95,52 @@ pub struct TinyModel {
 #[serde(deny_unknown_fields)]
 pub enum StageConfig {
     Sft(SftStage),
+    Eval(EvalStage),
 }
 
 impl StageConfig {
     pub fn name(&self) -> &str {
         match self {
             StageConfig::Sft(s) => &s.name,
+            StageConfig::Eval(s) => &s.name,
         }
     }
+}
+
+/// Evaluation: a policy on tasks of the built-in family, each episode judged; the report goes
+/// to `RUN_DIR/eval/<name>.json` and `.txt` (per task, per horizon, mean ± standard error).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalStage {
+    #[serde(deserialize_with = "run_name")]
+    pub name: String,
+    pub policy: EvalPolicy,
+    pub tasks: TaskSource,
+    /// Episodes per task, each with its own sampling seed.
+    #[serde(default = "default_one", deserialize_with = "positive_u32")]
+    pub seeds: u32,
+    /// 0 = greedy.
+    #[serde(default)]
+    pub temperature: f32,
+    /// Turn budget of each episode (the task's own budget also applies).
+    #[serde(deserialize_with = "positive_u32")]
+    pub max_turns: u32,
+    /// Tokens one turn may generate.
+    #[serde(deserialize_with = "positive_usize")]
+    pub max_turn_tokens: usize,
+}
+
+fn default_one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum EvalPolicy {
+    /// The run's model with its weights at this point of the run.
+    Model,
+    /// The scripted expert (the reference score beside the model's).
+    Expert { noise: f64 },
 }
 
 /// Supervised fine-tuning on split trajectories.
@@ -178,6 +216,9 @@ pub enum Teacher {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSource {
+    /// How tasks are stated (`Compact` fits a tiny byte-level model's context).
+    #[serde(default)]
+    pub style: klong_actors::environment::family::Style,
     pub seed: u64,
     #[serde(deserialize_with = "positive_u32")]
     pub count: u32,
@@ -423,8 +464,37 @@ impl Config {
                     stage.name()
                 )));
             }
-            let StageConfig::Sft(sft) = stage;
             let at = |f: &str| format!("field `stages[{i}].{f}`");
+            let sft = match stage {
+                StageConfig::Sft(sft) => sft,
+                StageConfig::Eval(ev) => {
+                    if let EvalPolicy::Model = ev.policy {
+                        if self.model.is_none() {
+                            return Err(invalid(format!(
+                                "stage {:?} evaluates the model, but the config has no `model`",
+                                ev.name
+                            )));
+                        }
+                    }
+                    if let EvalPolicy::Expert { noise } = ev.policy {
+                        if !(0.0..=1.0).contains(&noise) {
+                            return Err(invalid(format!("{}: expected 0..=1", at("policy.noise"))));
+                        }
+                    }
+                    if !(ev.temperature.is_finite() && ev.temperature >= 0.0) {
+                        return Err(invalid(format!("{}: expected >= 0", at("temperature"))));
+                    }
+                    if ev.tasks.min_horizon > ev.tasks.max_horizon {
+                        return Err(invalid(format!(
+                            "{}: min_horizon {} > max_horizon {}",
+                            at("tasks"),
+                            ev.tasks.min_horizon,
+                            ev.tasks.max_horizon
+                        )));
+                    }
+                    continue;
+                }
+            };
             if self.model.is_none() {
                 return Err(invalid(format!(
                     "stage {:?} trains a model, but the config has no `model`",
@@ -521,8 +591,9 @@ impl Config {
             c.sandbox.queue_timeout = HumanDuration::from_secs(1);
             c.sandbox.cache_dir = None;
             for stage in &mut c.stages {
-                let StageConfig::Sft(sft) = stage;
-                sft.checkpoint_every = 1;
+                if let StageConfig::Sft(sft) = stage {
+                    sft.checkpoint_every = 1;
+                }
             }
             c
         };

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bench_model;
 pub mod config;
+pub mod eval_stage;
 pub mod generate_cli;
 pub mod malloc;
 pub mod progress;

@@ -21,6 +21,7 @@ use klong_actors::learner::actor::LearnerArgs;
 use klong_actors::policy::chat::ChatTemplate;
 use klong_actors::policy::tokenizer::Tokenizer;
 
+use crate::eval_stage::{run_eval, EvalReport};
 use crate::sft_stage::{build_model, run_sft, SftSummary, StageEnv, TrainModel, TrainState};
 use crate::store::RunStore;
 use crate::supervisor::{Actors, RuntimeSettings};
@@ -37,6 +38,7 @@ pub struct RunSummary {
     pub tools: usize,
     pub modules_ready: usize,
     pub stages: Vec<SftSummary>,
+    pub evals: Vec<EvalReport>,
 }
 
 /// Holds the run directory's lock for as long as it lives: two processes never share a run.
@@ -159,7 +161,7 @@ pub fn run(config: &Config, max_steps: Option<u64>) -> anyhow::Result<RunSummary
         wall_us = outcome.usage.wall_time_us,
         "sandbox self-check passed"
     );
-    let stages = run_stages(
+    let (stages, evals) = run_stages(
         config,
         &run_dir.path,
         host_for_stages,
@@ -172,6 +174,7 @@ pub fn run(config: &Config, max_steps: Option<u64>) -> anyhow::Result<RunSummary
         tools: registry.tools().count(),
         modules_ready: modules.len(),
         stages,
+        evals,
     })
 }
 
@@ -183,10 +186,10 @@ fn run_stages(
     host: Arc<SandboxHost>,
     registry: Arc<ToolRegistry>,
     max_steps: Option<u64>,
-) -> anyhow::Result<Vec<SftSummary>> {
+) -> anyhow::Result<(Vec<SftSummary>, Vec<EvalReport>)> {
     if config.stages.is_empty() {
         tracing::info!("no stages configured: the run is complete");
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let Some(model) = &config.model else {
         bail!("the config has stages but no `model`");
@@ -277,11 +280,24 @@ fn run_stage_list(
     state: Option<TrainState>,
     mut resumed_opt: Option<AdamW>,
     max_steps: Option<u64>,
-) -> anyhow::Result<Vec<SftSummary>> {
+) -> anyhow::Result<(Vec<SftSummary>, Vec<EvalReport>)> {
     let mut budget = max_steps;
     let mut out = Vec::new();
+    let mut evals = Vec::new();
     for (i, stage) in config.stages.iter().enumerate() {
-        let StageConfig::Sft(sft) = stage;
+        let env = StageEnv {
+            config,
+            run_dir,
+            store,
+        };
+        let sft = match stage {
+            StageConfig::Sft(sft) => sft,
+            StageConfig::Eval(ev) => {
+                // Evaluations are stored when done (a finished one is read back, not re-run).
+                evals.push(run_eval(&env, actors, ev, tm)?);
+                continue;
+            }
+        };
         let start = match &state {
             Some(s) if s.stage > i || (s.stage == i && s.done) => {
                 tracing::info!(stage = %sft.name, "stage already finished");
@@ -302,11 +318,6 @@ fn run_stage_list(
             }
             _ => AdamW::from_varmap(&tm.varmap, hp)?,
         };
-        let env = StageEnv {
-            config,
-            run_dir,
-            store,
-        };
         let learner = actors.start_learner(LearnerArgs {
             model: tm.model.clone(),
             opt,
@@ -319,7 +330,7 @@ fn run_stage_list(
             break;
         }
     }
-    Ok(out)
+    Ok((out, evals))
 }
 
 /// `klongd status RUN_DIR`: the checkpoint's stage and step and the latest metrics. While a run

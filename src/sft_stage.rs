@@ -234,9 +234,17 @@ pub fn run_sft(
         total_steps: total,
         min_ratio: stage.min_lr_ratio,
     };
+    let traj_tokens: usize = trajectories.iter().map(|t| t.len()).sum();
+    let prefix_tokens = trajectories
+        .iter()
+        .map(|t| t.prefix.iter().map(|p| p.len()).sum::<usize>())
+        .max()
+        .unwrap_or(0);
     tracing::info!(
         episodes,
         kept,
+        mean_trajectory_tokens = traj_tokens / kept.max(1),
+        max_prefix_tokens = prefix_tokens,
         sub_trajectories = subs.len(),
         steps = total,
         resume_at = start_step,
@@ -410,7 +418,7 @@ fn distill(
         }
         let seed = tasks.seed.wrapping_add(u64::from(i));
         let horizon = tasks.min_horizon + (u64::from(i) % span) as u32;
-        let generated = family::generate(seed, horizon);
+        let generated = family::generate_styled(seed, horizon, tasks.style);
         let dir = family::write_task(&tasks_dir, &generated)
             .with_context(|| format!("writing task {}", generated.name))?;
         let task = Arc::new(Task::load(&dir)?);

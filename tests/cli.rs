@@ -807,3 +807,65 @@ fn sft_killed_mid_run_resumes_to_the_same_weights() {
     let wb = std::fs::read(b.join("models/sft/model.safetensors")).unwrap();
     assert!(wa == wb, "the run killed mid-way ended with other weights");
 }
+
+#[test]
+fn eval_stage_reports_the_expert_on_compact_tasks_and_is_not_rerun() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    let cfg = write_config(
+        tmp.path(),
+        &format!(
+            r#"(
+    name: "eval-e2e",
+    run_dir: "{}",
+    seed: 3,
+    sandbox: (tools_dir: "{}", cache_dir: Some("{}"), deterministic: true),
+    actors: (environments: 2),
+    model: Some(Tiny((hidden: 32, layers: 1, heads: 2, kv_heads: 1, ffn: 64, context: 512))),
+    stages: [
+        Eval((
+            name: "expert",
+            policy: Expert(noise: 0.0),
+            tasks: (style: Compact, seed: 1000000, count: 4, min_horizon: 1, max_horizon: 2),
+            seeds: 2,
+            max_turns: 40,
+            max_turn_tokens: 256,
+        )),
+    ],
+)"#,
+            run_dir.display(),
+            tools_dir().display(),
+            cache_dir().display()
+        ),
+    );
+    let out = klongd(&["run", cfg.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("eval/expert.json")).unwrap()).unwrap();
+    assert_eq!(report["episodes"].as_array().unwrap().len(), 8);
+    assert_eq!(report["infra_failures"], 0);
+    assert_eq!(report["overall"]["mean"], 1.0);
+    assert_eq!(report["by_horizon"].as_array().unwrap().len(), 2);
+    for e in report["episodes"].as_array().unwrap() {
+        assert!(e["task"].as_str().unwrap().ends_with("-c"), "{e}");
+        assert_eq!(e["end"], "submitted");
+    }
+    let table = std::fs::read_to_string(run_dir.join("eval/expert.txt")).unwrap();
+    assert!(table.contains("1.000 ± 0.000"), "{table}");
+    // A compact task shows its tools briefly and only those the work needs.
+    let spec =
+        std::fs::read_to_string(run_dir.join("tasks/expert/repro-s1000000-h1-c/task.ron")).unwrap();
+    assert!(
+        spec.contains("Brief") && !spec.contains("search_file"),
+        "{spec}"
+    );
+
+    let out = klongd(&["run", cfg.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("stage already finished"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("episode judged"), "{}", stderr(&out));
+}

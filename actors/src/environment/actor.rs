@@ -23,7 +23,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::Value;
 
 use super::episode::run_policy_episode;
-use super::task::{CopyBounds, Task};
+use super::task::{CopyBounds, Task, ToolDocs};
 use crate::messages::{
     ActRequest, EnvironmentMsg, EpisodeFailure, EpisodeReply, EpisodeRequest, FinishedEpisode,
     JudgeMsg, PolicyMsg, ScoredEpisode,
@@ -50,7 +50,7 @@ pub struct EnvironmentArgs {
 }
 
 /// The tools of `task`, as the registry describes them to an agent (OpenAI-style), in the
-/// registry's order.
+/// registry's order, as briefly as the task asks ([`ToolDocs`]).
 pub fn task_tools(registry: &ToolRegistry, task: &Task) -> Vec<Value> {
     registry
         .openai_tools()
@@ -61,10 +61,40 @@ pub fn task_tools(registry: &ToolRegistry, task: &Task) -> Vec<Value> {
                     let name = t["function"]["name"].as_str().unwrap_or_default();
                     task.spec.tools.iter().any(|n| n == name)
                 })
-                .cloned()
+                .map(|t| match task.spec.tool_docs {
+                    ToolDocs::Full => t.clone(),
+                    ToolDocs::Brief => brief_tool(t),
+                })
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A tool entry with the description cut to its first sentence and no parameter
+/// descriptions (names, types, enums and `required` stay: they are what a call needs).
+fn brief_tool(tool: &Value) -> Value {
+    let mut t = tool.clone();
+    if let Some(f) = t.get_mut("function") {
+        if let Some(desc) = f.get("description").and_then(Value::as_str) {
+            let first = match desc.find(". ") {
+                Some(i) => &desc[..=i],
+                None => desc,
+            };
+            f["description"] = Value::String(first.to_string());
+        }
+        if let Some(props) = f
+            .get_mut("parameters")
+            .and_then(|p| p.get_mut("properties"))
+            .and_then(Value::as_object_mut)
+        {
+            for p in props.values_mut() {
+                if let Some(obj) = p.as_object_mut() {
+                    obj.remove("description");
+                }
+            }
+        }
+    }
+    t
 }
 
 /// A [`Policy`] that is an actor elsewhere: each `act` is an `Act` call, waited on from this

@@ -29,7 +29,8 @@ use std::path::{Component, Path, PathBuf};
 use klong_sandbox::HumanDuration;
 
 use crate::environment::task::{
-    CheckSpec, GraderSpec, TaskBudget, TaskSpec, FILES_DIR, PAPER_FILE, RUBRIC_FILE, SPEC_FILE,
+    CheckSpec, GraderSpec, TaskBudget, TaskSpec, ToolDocs, FILES_DIR, PAPER_FILE, RUBRIC_FILE,
+    SPEC_FILE,
 };
 use crate::judge::rubric::{RubricNode, TaskCategory};
 
@@ -54,6 +55,27 @@ pub const TOOLS: [&str; 7] = [
     "replace_in_file",
     "submit",
 ];
+
+/// The tools of a [`Style::Compact`] task: what the scripted expert uses, nothing more.
+pub const COMPACT_TOOLS: [&str; 5] = [
+    "bash",
+    "read_file_chunk",
+    "write_file",
+    "append_file",
+    "submit",
+];
+
+/// How a task is stated. The work, the files, the rubric and the graders are the same; only
+/// the statement and the tool list differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Style {
+    /// The full paper (about 2 KB) and seven tools: a pinned prefix of ~6k byte tokens.
+    #[default]
+    Full,
+    /// A short statement (~0.6 KB) and the five tools the work needs: a pinned prefix small
+    /// enough for a tiny byte-level model trained from scratch (~3k byte tokens).
+    Compact,
+}
 
 /// Share of the score for the experiments vs the report: the report matters, but a sweep
 /// that is mostly done must score mostly well, so the experiments dominate.
@@ -242,10 +264,20 @@ fn bre_escape(s: &str) -> String {
     out
 }
 
-/// Generates the task for `(seed, horizon)`; `horizon` is clamped to 1..=[`MAX_HORIZON`].
+/// Generates the task for `(seed, horizon)` in the full style; `horizon` is clamped to
+/// 1..=[`MAX_HORIZON`].
 pub fn generate(seed: u64, horizon: u32) -> GeneratedTask {
+    generate_styled(seed, horizon, Style::Full)
+}
+
+/// Generates the task for `(seed, horizon)` stated in `style` (a compact task's folder name
+/// ends in `-c`).
+pub fn generate_styled(seed: u64, horizon: u32, style: Style) -> GeneratedTask {
     let n = horizon.clamp(1, MAX_HORIZON);
-    let name = format!("{FAMILY}-s{seed}-h{n}");
+    let name = match style {
+        Style::Full => format!("{FAMILY}-s{seed}-h{n}"),
+        Style::Compact => format!("{FAMILY}-s{seed}-h{n}-c"),
+    };
     // Task-level choices and experiments draw from separate streams, so that the experiments
     // of a shorter horizon are a prefix of a longer one with the same seed.
     let mut task_rng = SplitMix64::new(seed ^ 0x6B6C_6F6E_6764_0001);
@@ -308,14 +340,25 @@ pub fn generate(seed: u64, horizon: u32) -> GeneratedTask {
         .map(|b| format!("best: {} {metric}={}", b.name, b.value))
         .unwrap_or_default();
 
-    let paper = paper_text(title, n, metric);
+    let paper = match style {
+        Style::Full => paper_text(title, n, metric),
+        Style::Compact => compact_paper_text(title, n, metric),
+    };
+    let tools: &[&str] = match style {
+        Style::Full => &TOOLS,
+        Style::Compact => &COMPACT_TOOLS,
+    };
     // The statement is also a file of the episode, as in PaperBench, so that it can be
     // re-read (or paged) through tools like any other file.
     files.push((PAPER_FILE.to_string(), paper.clone().into_bytes()));
     let (rubric, graders) = rubric_and_graders(&name, title, metric, &experiments, &report_line);
     let turns = 6 * n + 20;
     let spec = TaskSpec {
-        tools: TOOLS.iter().map(|t| t.to_string()).collect(),
+        tools: tools.iter().map(|t| t.to_string()).collect(),
+        tool_docs: match style {
+            Style::Full => ToolDocs::Full,
+            Style::Compact => ToolDocs::Brief,
+        },
         budget: TaskBudget {
             turns,
             // Generated tokens: a tool call is tens to hundreds of tokens; 1,000 a turn leaves
@@ -403,6 +446,24 @@ run), and `{RESULTS_FILE}` has its exact line (the record). The experiments toge
 "
     );
     p
+}
+
+/// The compact statement: the same procedure and formats, no prose. It keeps the full paper's
+/// `- Experiments:` and `- Metric:` lines, which the scripted expert reads.
+fn compact_paper_text(title: &str, n: u32, metric: &str) -> String {
+    format!(
+        "# {title}
+
+- Experiments: {n} (`exp1` to `exp{n}`).
+- Metric: `{metric}`.
+
+For each expK: read `configs/expK.cfg` (`key = value`; use only model, lr, steps, seed), run
+`simulate --model MODEL --lr LR --steps STEPS --seed SEED --metric {metric} > runs/expK.log`,
+then append `expK {metric}=VALUE` (VALUE from the log's last line) to `{RESULTS_FILE}`.
+Then write `{REPORT_FILE}` with `best: expK {metric}=VALUE` for the highest VALUE (lowest K on
+a tie) and call `submit`. `{RESULTS_FILE}` records progress.
+"
+    )
 }
 
 fn leaf(id: String, requirements: String, category: TaskCategory, fine: &str) -> RubricNode {

@@ -48,11 +48,31 @@ pub const FILES_DIR: &str = "files";
 pub struct TaskSpec {
     /// Registry tools the agent may call.
     pub tools: Vec<String>,
+    /// How the tools are described to the agent.
+    #[serde(default, skip_serializing_if = "ToolDocs::is_full")]
+    pub tool_docs: ToolDocs,
     pub budget: TaskBudget,
     /// Rubric leaf id -> its grader. A key may appear once: a repeated key would otherwise
     /// silently replace the first grader.
     #[serde(deserialize_with = "unique_keys")]
     pub graders: BTreeMap<String, GraderSpec>,
+}
+
+/// How much of each tool's manifest the agent is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ToolDocs {
+    /// Everything: the description and every parameter's description.
+    #[default]
+    Full,
+    /// The description's first sentence, and the parameters' names, types and whether they
+    /// are required: a short prompt for a small model.
+    Brief,
+}
+
+impl ToolDocs {
+    fn is_full(&self) -> bool {
+        *self == ToolDocs::Full
+    }
 }
 
 /// The episode's budget (the sandbox's per-call limits and totals come from the run config).
