@@ -3,7 +3,8 @@
 //! Reported the PaperBench way: per task, then per horizon and overall, the mean rubric score
 //! ± its standard error, turns used and which limits ended the episodes. The report is
 //! stored durably (`eval/<stage>`) before it is written out, so a resumed run does not evaluate
-//! again; it goes to `RUN_DIR/eval/<stage>.json` and a readable `RUN_DIR/eval/<stage>.txt`.
+//! again; it goes to `RUN_DIR/eval/<stage>.json` and a readable `RUN_DIR/eval/<stage>.txt`, and
+//! the policy's actions, decoded, to `RUN_DIR/eval/<stage>.transcripts.jsonl`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -21,6 +22,7 @@ use klong_actors::policy::actor::{PolicyArgs, PolicyBackend};
 use klong_actors::policy::local::LocalPolicy;
 use klong_actors::policy::model::Llama;
 use klong_actors::policy::sampling::SamplingParams;
+use klong_actors::trajectory::Turn;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalPolicy, EvalStage};
@@ -53,6 +55,9 @@ pub struct ScoreRow {
     pub mean: f64,
     pub stderr: f64,
     pub mean_turns: f64,
+    /// Share of turns that held a well-formed tool call (a policy can learn the format before
+    /// it earns rubric points).
+    pub tool_call_rate: f64,
     /// How the episodes ended: `submitted`, `turns`, `tokens`, `sandbox`, `context`.
     pub ends: BTreeMap<String, usize>,
 }
@@ -95,6 +100,13 @@ fn row(horizon: Option<u32>, eps: &[&EvalEpisode]) -> ScoreRow {
     } else {
         scored.iter().map(|e| f64::from(e.turns)).sum::<f64>() / scored.len() as f64
     };
+    let turns: u32 = scored.iter().map(|e| e.turns).sum();
+    let malformed: u32 = scored.iter().map(|e| e.malformed_turns).sum();
+    let tool_call_rate = if turns == 0 {
+        0.0
+    } else {
+        1.0 - f64::from(malformed) / f64::from(turns)
+    };
     let mut ends = BTreeMap::new();
     for e in &scored {
         if let Some(end) = e.end {
@@ -107,6 +119,7 @@ fn row(horizon: Option<u32>, eps: &[&EvalEpisode]) -> ScoreRow {
         mean,
         stderr,
         mean_turns,
+        tool_call_rate,
         ends,
     }
 }
@@ -150,20 +163,21 @@ impl EvalReport {
         );
         let _ = writeln!(
             t,
-            "{:<8} {:>8} {:>18} {:>7}  ended by",
-            "horizon", "episodes", "score (mean ± se)", "turns"
+            "{:<8} {:>8} {:>18} {:>7} {:>10}  ended by",
+            "horizon", "episodes", "score (mean ± se)", "turns", "tool calls"
         );
         for r in self.by_horizon.iter().chain(std::iter::once(&self.overall)) {
             let h = r.horizon.map_or("all".to_string(), |h| h.to_string());
             let ends: Vec<String> = r.ends.iter().map(|(k, v)| format!("{k} {v}")).collect();
             let _ = writeln!(
                 t,
-                "{:<8} {:>8} {:>10.3} ± {:<5.3} {:>7.1}  {}",
+                "{:<8} {:>8} {:>10.3} ± {:<5.3} {:>7.1} {:>9.0}%  {}",
                 h,
                 r.episodes,
                 r.mean,
                 r.stderr,
                 r.mean_turns,
+                100.0 * r.tool_call_rate,
                 ends.join(", ")
             );
         }
@@ -284,12 +298,35 @@ pub fn run_eval(
     }
     let mut progress = Progress::new(&format!("{} eval", stage.name), requests.len() as u64);
     let mut episodes = Vec::new();
+    // What the policy did, for a person to read: one line per episode, its actions decoded.
+    let mut transcripts: Vec<(u64, serde_json::Value)> = Vec::new();
     actors.run_episodes(requests, |outcome| {
         progress.inc(1, "");
         let (task, horizon, sample) = meta
             .get(&outcome.episode_id)
             .cloned()
             .unwrap_or_else(|| (format!("episode {}", outcome.episode_id), 0, 0));
+        if let Ok(s) = &outcome.result {
+            let actions: Vec<String> = s
+                .trajectory
+                .turns
+                .iter()
+                .filter_map(|t| match t {
+                    Turn::Assistant(a) => Some(
+                        tm.tokenizer
+                            .decode(&a.tokens)
+                            .unwrap_or_else(|e| format!("[cannot decode: {e}]")),
+                    ),
+                    _ => None,
+                })
+                .collect();
+            transcripts.push((
+                outcome.episode_id,
+                serde_json::json!({
+                    "task": task, "sample": sample, "score": s.score, "actions": actions,
+                }),
+            ));
+        }
         episodes.push(match outcome.result {
             Ok(s) => EvalEpisode {
                 task,
@@ -326,6 +363,16 @@ pub fn run_eval(
     let out = env.run_dir.join("eval");
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     crate::run::write_durably(&out.join(format!("{}.json", stage.name)), &json)?;
+    transcripts.sort_by_key(|t| t.0);
+    let mut lines = String::new();
+    for (_, t) in &transcripts {
+        lines.push_str(&t.to_string());
+        lines.push('\n');
+    }
+    crate::run::write_durably(
+        &out.join(format!("{}.transcripts.jsonl", stage.name)),
+        lines.as_bytes(),
+    )?;
     let table = report.table();
     crate::run::write_durably(&out.join(format!("{}.txt", stage.name)), table.as_bytes())?;
     for line in table.lines() {
@@ -346,7 +393,7 @@ mod tests {
             score,
             turns: 10,
             generated_tokens: 0,
-            malformed_turns: 0,
+            malformed_turns: if horizon == 2 { 5 } else { 0 },
             end: score.map(|_| end),
             failure: score.is_none().then(|| "judge failed".to_string()),
         }
@@ -377,6 +424,8 @@ mod tests {
         assert_eq!(all.episodes, 4);
         assert!((all.mean - 0.45).abs() < 1e-12);
         assert_eq!(all.ends.get("context"), Some(&1));
+        // 10 malformed turns of 40.
+        assert!((all.tool_call_rate - 0.75).abs() < 1e-12);
         let table = r.table();
         assert!(table.contains("1 infrastructure failures"), "{table}");
         assert!(table.contains("0.400 ± 0.200"), "{table}");

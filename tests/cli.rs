@@ -852,11 +852,11 @@ fn eval_stage_reports_the_expert_on_compact_tasks_and_is_not_rerun() {
     }
     let table = std::fs::read_to_string(run_dir.join("eval/expert.txt")).unwrap();
     assert!(table.contains("1.000 ± 0.000"), "{table}");
-    // A compact task shows its tools briefly and only those the work needs.
+    // A compact task names its tools in the statement, only those the work needs.
     let spec =
         std::fs::read_to_string(run_dir.join("tasks/expert/repro-s1000000-h1-c/task.ron")).unwrap();
     assert!(
-        spec.contains("Brief") && !spec.contains("search_file"),
+        spec.contains("InStatement") && !spec.contains("search_file"),
         "{spec}"
     );
 

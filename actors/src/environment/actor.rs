@@ -50,8 +50,12 @@ pub struct EnvironmentArgs {
 }
 
 /// The tools of `task`, as the registry describes them to an agent (OpenAI-style), in the
-/// registry's order, as briefly as the task asks ([`ToolDocs`]).
+/// registry's order, as briefly as the task asks ([`ToolDocs`]); none when the statement
+/// describes them.
 pub fn task_tools(registry: &ToolRegistry, task: &Task) -> Vec<Value> {
+    if task.spec.tool_docs == ToolDocs::InStatement {
+        return Vec::new();
+    }
     registry
         .openai_tools()
         .as_array()
@@ -62,8 +66,8 @@ pub fn task_tools(registry: &ToolRegistry, task: &Task) -> Vec<Value> {
                     task.spec.tools.iter().any(|n| n == name)
                 })
                 .map(|t| match task.spec.tool_docs {
-                    ToolDocs::Full => t.clone(),
                     ToolDocs::Brief => brief_tool(t),
+                    ToolDocs::Full | ToolDocs::InStatement => t.clone(),
                 })
                 .collect()
         })

@@ -72,8 +72,9 @@ pub enum Style {
     /// The full paper (about 2 KB) and seven tools: a pinned prefix of ~6k byte tokens.
     #[default]
     Full,
-    /// A short statement (~0.6 KB) and the five tools the work needs: a pinned prefix small
-    /// enough for a tiny byte-level model trained from scratch (~3k byte tokens).
+    /// A short statement (~0.9 KB) that also names the five tools the work needs and their
+    /// arguments, and no tool schemas in the prompt: a pinned prefix of ~1.1k byte tokens,
+    /// small enough for a tiny byte-level model trained from scratch.
     Compact,
 }
 
@@ -357,7 +358,7 @@ pub fn generate_styled(seed: u64, horizon: u32, style: Style) -> GeneratedTask {
         tools: tools.iter().map(|t| t.to_string()).collect(),
         tool_docs: match style {
             Style::Full => ToolDocs::Full,
-            Style::Compact => ToolDocs::Brief,
+            Style::Compact => ToolDocs::InStatement,
         },
         budget: TaskBudget {
             turns,
@@ -462,6 +463,10 @@ For each expK: read `configs/expK.cfg` (`key = value`; use only model, lr, steps
 then append `expK {metric}=VALUE` (VALUE from the log's last line) to `{RESULTS_FILE}`.
 Then write `{REPORT_FILE}` with `best: expK {metric}=VALUE` for the highest VALUE (lowest K on
 a tie) and call `submit`. `{RESULTS_FILE}` records progress.
+
+Tools (one call per turn, as `<tool_call>{{\"name\": ..., \"arguments\": {{...}}}}</tool_call>`):
+bash(command), read_file_chunk(file, start_line, max_lines), write_file(file, content),
+append_file(file, content), submit(message).
 "
     )
 }

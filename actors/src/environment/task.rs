@@ -67,6 +67,10 @@ pub enum ToolDocs {
     /// The description's first sentence, and the parameters' names, types and whether they
     /// are required: a short prompt for a small model.
     Brief,
+    /// None in the prompt: the task's statement names the tools and their arguments (the
+    /// shortest prompt, for a tiny model that learns the tools from demonstrations). The
+    /// task's `tools` list still bounds what the agent may call.
+    InStatement,
 }
 
 impl ToolDocs {
