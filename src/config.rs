@@ -156,6 +156,11 @@ pub struct SftStage {
     pub batch_tokens: usize,
     #[serde(deserialize_with = "positive_u32")]
     pub epochs: u32,
+    /// Train on this many tokens instead of `epochs` passes: passes over the data repeat, each
+    /// in its own seeded order, until the scheduled steps hold this many tokens (what an
+    /// equal-token comparison of splitting modes needs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_tokens: Option<u64>,
     pub lr: f64,
     #[serde(default)]
     pub warmup_steps: u64,
@@ -499,6 +504,12 @@ impl Config {
                 return Err(invalid(format!(
                     "stage {:?} trains a model, but the config has no `model`",
                     sft.name
+                )));
+            }
+            if sft.train_tokens == Some(0) {
+                return Err(invalid(format!(
+                    "{}: expected a positive number of tokens",
+                    at("train_tokens")
                 )));
             }
             if !(sft.lr.is_finite() && sft.lr > 0.0) {

@@ -249,6 +249,17 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The trajectory-splitting ablation: the config's Sft stage trained with Split, Truncate
+    /// and Sliding at equal tokens, each scored by the config's Eval stages.
+    Split {
+        config: PathBuf,
+        /// Training tokens of each mode [default: the Sft stage's train_tokens].
+        #[arg(long)]
+        tokens: Option<u64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -463,6 +474,15 @@ fn main() -> ExitCode {
             let result = runtime.block_on(tasks_cli::solve(opts));
             print_report(result, json, tasks_cli::SolveReport::render)
         }
+        Command::Bench(BenchCommand::Split {
+            config,
+            tokens,
+            json,
+        }) => print_report(
+            klongd::bench_split::run(&config, tokens),
+            json,
+            klongd::bench_split::SplitBenchReport::render,
+        ),
         Command::Bench(BenchCommand::Sandbox {
             tools,
             iterations,

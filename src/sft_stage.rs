@@ -43,6 +43,9 @@ use crate::progress::Progress;
 use crate::store::RunStore;
 use crate::supervisor::Actors;
 
+/// Most passes over the data a `train_tokens` budget may take.
+const MAX_PASSES: u32 = 10_000;
+
 /// What the stage runner needs from the run.
 pub struct StageEnv<'a> {
     pub config: &'a Config,
@@ -71,6 +74,8 @@ pub struct SftSummary {
     pub sub_trajectories: usize,
     pub steps_done: u64,
     pub total_steps: u64,
+    /// Tokens the whole stage trains on (all its steps).
+    pub total_tokens: u64,
     pub finished: bool,
     pub first_loss: Option<f64>,
     pub last_loss: Option<f64>,
@@ -223,11 +228,44 @@ pub fn run_sft(
         subs.extend(split(t, &split_cfg).with_context(|| format!("splitting {}", t.id))?);
     }
     let seed = env.config.seed;
-    let epochs: Vec<Vec<Vec<usize>>> = (0..stage.epochs)
-        .map(|e| pack_batches(&subs, stage.batch_tokens, seed ^ (u64::from(e) << 32)))
-        .collect::<Result<_, _>>()?;
-    let schedule: Vec<&Vec<usize>> = epochs.iter().flatten().collect();
+    let pass = |e: u32| pack_batches(&subs, stage.batch_tokens, seed ^ (u64::from(e) << 32));
+    // Tokens a step trains on, as `sft_step` counts them.
+    let step_tokens = |rows: &[usize]| -> u64 {
+        rows.iter()
+            .map(|&i| subs[i].len().saturating_sub(1) as u64)
+            .sum()
+    };
+    let mut schedule: Vec<Vec<usize>> = Vec::new();
+    match stage.train_tokens {
+        None => {
+            for e in 0..stage.epochs {
+                schedule.extend(pass(e)?);
+            }
+        }
+        Some(budget) => {
+            let mut scheduled = 0u64;
+            let mut e = 0u32;
+            'passes: while scheduled < budget {
+                if e >= MAX_PASSES {
+                    bail!(
+                        "stage {}: {budget} train_tokens need more than {MAX_PASSES} passes over \
+                         the data",
+                        stage.name
+                    );
+                }
+                for rows in pass(e)? {
+                    if scheduled >= budget {
+                        break 'passes;
+                    }
+                    scheduled += step_tokens(&rows);
+                    schedule.push(rows);
+                }
+                e += 1;
+            }
+        }
+    }
     let total = schedule.len() as u64;
+    let scheduled_tokens: u64 = schedule.iter().map(|r| step_tokens(r)).sum();
     let lr = LrSchedule {
         peak_lr: stage.lr,
         warmup_steps: stage.warmup_steps,
@@ -247,6 +285,7 @@ pub fn run_sft(
         max_prefix_tokens = prefix_tokens,
         sub_trajectories = subs.len(),
         steps = total,
+        tokens = scheduled_tokens,
         resume_at = start_step,
         "sft data ready"
     );
@@ -342,6 +381,7 @@ pub fn run_sft(
         sub_trajectories: subs.len(),
         steps_done: step,
         total_steps: total,
+        total_tokens: scheduled_tokens,
         finished,
         first_loss,
         last_loss,

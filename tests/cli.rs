@@ -869,3 +869,83 @@ fn eval_stage_reports_the_expert_on_compact_tasks_and_is_not_rerun() {
     );
     assert!(!stderr(&out).contains("episode judged"), "{}", stderr(&out));
 }
+
+#[test]
+fn bench_split_trains_each_mode_on_equal_tokens_and_scores_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("bench");
+    let cfg = write_config(
+        tmp.path(),
+        &format!(
+            r#"(
+    name: "split-e2e",
+    run_dir: "{}",
+    seed: 4,
+    sandbox: (tools_dir: "{}", cache_dir: Some("{}"), deterministic: true),
+    model: Some(Tiny((hidden: 32, layers: 1, heads: 2, kv_heads: 1, ffn: 64, context: 1536))),
+    stages: [
+        Sft((
+            name: "sft",
+            data: Distill(
+                teacher: Expert(noise: 0.0),
+                tasks: (style: Compact, seed: 300, count: 2, min_horizon: 2, max_horizon: 2),
+                min_score: 0.5,
+                max_turns: 60,
+            ),
+            split: (context: 1280, mode: Split, overlap: 32),
+            batch_tokens: 2560,
+            epochs: 1,
+            lr: 1e-2,
+        )),
+        Eval((
+            name: "held-out",
+            policy: Model,
+            tasks: (style: Compact, seed: 1000000, count: 2, min_horizon: 1, max_horizon: 2),
+            max_turns: 1,
+            max_turn_tokens: 8,
+        )),
+    ],
+)"#,
+            run_dir.display(),
+            tools_dir().display(),
+            cache_dir().display()
+        ),
+    );
+    let out = klongd(
+        &[
+            "bench",
+            "split",
+            cfg.to_str().unwrap(),
+            "--tokens",
+            "6000",
+            "--json",
+        ],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let modes = report["modes"].as_array().unwrap();
+    let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(names, ["Split", "Truncate", "Sliding"]);
+    for m in modes {
+        let tokens = m["tokens"].as_u64().unwrap();
+        // At least the budget, and at most one step (2,560 tokens) past it.
+        assert!((6000..6000 + 2560).contains(&tokens), "{m}");
+        let evals = m["evals"].as_array().unwrap();
+        assert_eq!(evals.len(), 1, "{m}");
+        let dir = m["run_dir"].as_str().unwrap();
+        assert!(Path::new(dir).join("eval/held-out.json").exists(), "{dir}");
+    }
+    let table = klongd(
+        &["bench", "split", cfg.to_str().unwrap(), "--tokens", "6000"],
+        tmp.path(),
+    );
+    assert!(table.status.success(), "{}", stderr(&table));
+    // Run again, each mode's run is already finished: nothing is trained or evaluated again.
+    assert!(!stderr(&table).contains("sft step"), "{}", stderr(&table));
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("eval held-out") && text.contains("Sliding"),
+        "{text}"
+    );
+}
