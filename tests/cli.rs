@@ -333,7 +333,12 @@ fn sandbox_tools_lists_the_agent_tools() {
 
 #[test]
 fn example_configs_are_valid() {
-    for file in ["examples/quickstart.ron", "examples/sft.ron", "examples/split_ablation.ron"] {
+    for file in [
+        "examples/quickstart.ron",
+        "examples/sft.ron",
+        "examples/split_ablation.ron",
+        "examples/sft_compact.ron",
+    ] {
         let out = klongd(&["check", file], &repo());
         assert!(out.status.success(), "{file}: {}", stderr(&out));
     }

@@ -141,7 +141,10 @@ impl ScriptedExpert {
         match pending {
             Pending::Start => {
                 self.pending = Pending::Paper;
-                Some(bash("cat paper.md".into()))
+                // The task summary's bullet lines (experiments, metric) are all it needs; the
+                // statement itself is already in the pinned prefix, and re-reading it whole
+                // would fill a small model's context with one observation.
+                Some(bash("grep '^- ' paper.md".into()))
             }
             Pending::Paper => match parse_paper(text) {
                 Some(plan) => {
