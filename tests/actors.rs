@@ -103,7 +103,7 @@ fn requests_h(
                 key: format!("ep{i}"),
                 attempt: 0,
                 limits: EpisodeLimits {
-                    max_turns: 400,
+                    max_turns: 1000,
                     max_generated_tokens: 1 << 20,
                     max_turn_tokens: 512,
                     max_observation_bytes: 16 * 1024,
@@ -195,25 +195,27 @@ fn a_killed_environment_is_replaced_and_its_episode_requeued_once() {
     let mut a = actors(1);
     a.set_policy(scripted(0.0)).unwrap();
     let first = a.children().unwrap().environments[0].clone();
-    // Kill the only environment while it runs the episode (horizon 30: about 120 tool calls,
-    // well over the 150 ms before the kill).
+    let reqs = requests_h(
+        dir.path(),
+        1,
+        Some(20),
+        usize::MAX,
+        SamplingParams::greedy(),
+    );
+    // Kill the only environment once its episode is under way: the episode directory exists
+    // and holds a result line (horizon 20: about 80 tool calls, many left to go).
+    let results = dir.path().join("episodes/0/results.txt");
     let killer = {
         let first = first.clone();
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(150));
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !results.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             first.kill();
         })
     };
-    let outcomes = run_all(
-        &mut a,
-        requests_h(
-            dir.path(),
-            1,
-            Some(30),
-            usize::MAX,
-            SamplingParams::greedy(),
-        ),
-    );
+    let outcomes = run_all(&mut a, reqs);
     killer.join().unwrap();
     let children = a.children().unwrap();
     a.shutdown();
