@@ -45,7 +45,9 @@ pub struct ActorsConfig {
     #[serde(deserialize_with = "positive_usize")]
     pub environments: usize,
     /// Longest an episode may take, judging included, before its environment is presumed
-    /// dead (it is then replaced and the episode re-queued once).
+    /// dead (it is then replaced and the episode re-queued once). It also bounds every wait
+    /// on the Learner (a step, an export): past it the stage fails and resumes from its last
+    /// checkpoint when run again.
     #[serde(deserialize_with = "klong_sandbox::limits::positive::duration")]
     pub episode_timeout: HumanDuration,
     /// Restarts of failed actors over a run before it gives up.

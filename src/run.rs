@@ -1,6 +1,6 @@
-//! `klongd run`: opens (or resumes) the run directory and brings up what the configured
-//! stages need. Today that is the sandbox: the tool registry, the compiled-module cache, and a
-//! self-check call; training stages arrive with their issues.
+//! `klongd run`: opens (or resumes) the run directory, brings up the sandbox (the tool
+//! registry, the compiled-module cache, a self-check call) and the actors (the supervisor and
+//! its children), then runs the configured stages in order from the last checkpoint.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -73,7 +73,7 @@ pub enum Style {
     #[default]
     Full,
     /// A short statement (~0.9 KB) that also names the five tools the work needs and their
-    /// arguments, and no tool schemas in the prompt: a pinned prefix of ~1.1k byte tokens,
+    /// arguments, and no tool schemas in the prompt: a pinned prefix of ~0.9k byte tokens,
     /// small enough for a tiny byte-level model trained from scratch.
     Compact,
 }
