@@ -158,10 +158,13 @@ impl SplitBenchReport {
             return t;
         };
         for (i, (stage, rows, _)) in first.evals.iter().enumerate() {
-            let _ = writeln!(t, "\neval {stage}: held-out score (mean ± se) by horizon");
+            let _ = writeln!(
+                t,
+                "\neval {stage}: held-out score (mean ± se) by horizon (well-formed tool calls)"
+            );
             let _ = write!(t, "{:<8}", "horizon");
             for m in &self.modes {
-                let _ = write!(t, " {:>16}", format!("{:?}", m.mode));
+                let _ = write!(t, " {:>22}", format!("{:?}", m.mode));
             }
             t.push('\n');
             let mut horizons: Vec<Option<u32>> = rows.iter().map(|r| r.horizon).collect();
@@ -173,9 +176,15 @@ impl SplitBenchReport {
                         None => Some(overall),
                         Some(h) => rows.iter().find(|r| r.horizon == Some(h)),
                     });
-                    let text =
-                        cell.map_or("-".into(), |r| format!("{:.3} ± {:.3}", r.mean, r.stderr));
-                    let _ = write!(t, " {text:>16}");
+                    let text = cell.map_or("-".into(), |r| {
+                        format!(
+                            "{:.3} ± {:.3} ({:.0}%)",
+                            r.mean,
+                            r.stderr,
+                            100.0 * r.tool_call_rate
+                        )
+                    });
+                    let _ = write!(t, " {text:>22}");
                 }
                 t.push('\n');
             }
