@@ -235,6 +235,19 @@ pub struct TaskSource {
     pub max_horizon: u32,
 }
 
+impl TaskSource {
+    /// Cross-field checks; `at` names the field in the message.
+    fn check(&self, at: &str) -> Result<(), String> {
+        if self.min_horizon > self.max_horizon {
+            return Err(format!(
+                "{at}: min_horizon {} > max_horizon {}",
+                self.min_horizon, self.max_horizon
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Trajectory splitting (design §5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -491,14 +504,7 @@ impl Config {
                     if !(ev.temperature.is_finite() && ev.temperature >= 0.0) {
                         return Err(invalid(format!("{}: expected >= 0", at("temperature"))));
                     }
-                    if ev.tasks.min_horizon > ev.tasks.max_horizon {
-                        return Err(invalid(format!(
-                            "{}: min_horizon {} > max_horizon {}",
-                            at("tasks"),
-                            ev.tasks.min_horizon,
-                            ev.tasks.max_horizon
-                        )));
-                    }
+                    ev.tasks.check(&at("tasks")).map_err(invalid)?;
                     continue;
                 }
             };
@@ -563,14 +569,7 @@ impl Config {
                 if !(0.0..=1.0).contains(min_score) {
                     return Err(invalid(format!("{}: expected 0..=1", at("data.min_score"))));
                 }
-                if tasks.min_horizon > tasks.max_horizon {
-                    return Err(invalid(format!(
-                        "{}: min_horizon {} > max_horizon {}",
-                        at("data.tasks"),
-                        tasks.min_horizon,
-                        tasks.max_horizon
-                    )));
-                }
+                tasks.check(&at("data.tasks")).map_err(invalid)?;
             }
         }
         if let Some(ModelConfig::Tiny(t)) = &self.model {

@@ -11,12 +11,9 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use anyhow::Context;
-use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::Tensor;
 use klong_actors::environment::episode::{EpisodeEnd, EpisodeLimits};
 use klong_actors::environment::expert::MAX_OBSERVATION_BYTES;
-use klong_actors::environment::family;
-use klong_actors::environment::task::Task;
 use klong_actors::messages::EpisodeRequest;
 use klong_actors::policy::actor::{PolicyArgs, PolicyBackend};
 use klong_actors::policy::local::LocalPolicy;
@@ -27,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalPolicy, EvalStage};
 use crate::progress::Progress;
-use crate::sft_stage::{StageEnv, TrainModel};
+use crate::sft_stage::{family_task, StageEnv, TrainModel};
 use crate::supervisor::Actors;
 
 /// One evaluated episode. `score: None` is an infrastructure failure (not a 0).
@@ -195,11 +192,7 @@ fn frozen_model(tm: &TrainModel) -> anyhow::Result<Llama> {
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
         .collect::<candle_core::Result<_>>()?;
-    let device = tm.model.device().clone();
-    Ok(Llama::new(
-        &tm.config,
-        VarBuilder::from_tensors(map, DType::F32, &device),
-    )?)
+    Ok(Llama::from_tensors(&tm.config, map, tm.model.device())?)
 }
 
 /// Runs (or reads back, when a previous invocation finished it) the Eval stage.
@@ -253,16 +246,10 @@ pub fn run_eval(
 
     let tasks = &stage.tasks;
     let tasks_dir = env.run_dir.join("tasks").join(&stage.name);
-    let span_h = u64::from(tasks.max_horizon - tasks.min_horizon + 1);
     let mut requests = Vec::new();
     let mut meta: HashMap<u64, (String, u32, u32)> = HashMap::new();
     for i in 0..tasks.count {
-        let seed = tasks.seed.wrapping_add(u64::from(i));
-        let horizon = tasks.min_horizon + (u64::from(i) % span_h) as u32;
-        let generated = family::generate_styled(seed, horizon, tasks.style);
-        let dir = family::write_task(&tasks_dir, &generated)
-            .with_context(|| format!("writing task {}", generated.name))?;
-        let task = Arc::new(Task::load(&dir)?);
+        let (task, seed, horizon) = family_task(&tasks_dir, tasks, i)?;
         for sample in 0..stage.seeds {
             let id = u64::from(i) * u64::from(stage.seeds) + u64::from(sample);
             meta.insert(id, (task.name.clone(), horizon, sample));

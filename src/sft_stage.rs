@@ -38,7 +38,7 @@ use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::config::{Config, ModelConfig, SftData, SftStage, Teacher};
+use crate::config::{Config, ModelConfig, SftData, SftStage, TaskSource, Teacher};
 use crate::progress::Progress;
 use crate::store::RunStore;
 use crate::supervisor::Actors;
@@ -74,8 +74,6 @@ pub struct SftSummary {
     pub sub_trajectories: usize,
     pub steps_done: u64,
     pub total_steps: u64,
-    /// Tokens the whole stage trains on (all its steps).
-    pub total_tokens: u64,
     pub finished: bool,
     pub first_loss: Option<f64>,
     pub last_loss: Option<f64>,
@@ -381,7 +379,6 @@ pub fn run_sft(
         sub_trajectories: subs.len(),
         steps_done: step,
         total_steps: total,
-        total_tokens: scheduled_tokens,
         finished,
         first_loss,
         last_loss,
@@ -449,19 +446,13 @@ fn distill(
         max_queued: window,
         max_episodes: window,
     })?;
-    let span = u64::from(tasks.max_horizon - tasks.min_horizon + 1);
     let key = |i: u32| format!("traj/{}/{i:08}", stage.name);
     let mut requests = Vec::new();
     for i in 0..tasks.count {
         if env.store.get(&key(i))?.is_some() {
             continue;
         }
-        let seed = tasks.seed.wrapping_add(u64::from(i));
-        let horizon = tasks.min_horizon + (u64::from(i) % span) as u32;
-        let generated = family::generate_styled(seed, horizon, tasks.style);
-        let dir = family::write_task(&tasks_dir, &generated)
-            .with_context(|| format!("writing task {}", generated.name))?;
-        let task = Arc::new(Task::load(&dir)?);
+        let (task, seed, _) = family_task(&tasks_dir, tasks, i)?;
         requests.push(EpisodeRequest {
             episode_id: u64::from(i),
             key: key(i),
@@ -534,6 +525,22 @@ fn distill(
         }
     }
     Ok((episodes, kept))
+}
+
+/// Task `i` of a task source (seed `seed + i`, horizons cycling through
+/// `min_horizon..=max_horizon`), written under `dir` and loaded back: `(task, seed, horizon)`.
+pub fn family_task(
+    dir: &Path,
+    tasks: &TaskSource,
+    i: u32,
+) -> anyhow::Result<(Arc<Task>, u64, u32)> {
+    let seed = tasks.seed.wrapping_add(u64::from(i));
+    let span = tasks.max_horizon - tasks.min_horizon + 1;
+    let horizon = tasks.min_horizon + i % span;
+    let generated = family::generate_styled(seed, horizon, tasks.style);
+    let path = family::write_task(dir, &generated)
+        .with_context(|| format!("writing task {}", generated.name))?;
+    Ok((Arc::new(Task::load(&path)?), seed, horizon))
 }
 
 /// The run directory's path for a stage's final model.

@@ -84,8 +84,6 @@ pub enum PolicyMsg {
         weights: Option<BTreeMap<String, Tensor>>,
         reply: RpcReplyPort<Result<(), PolicyFailure>>,
     },
-    /// The current weights' version.
-    Version(RpcReplyPort<u64>),
     /// Generate for what is queued (sent by the policy to itself).
     Flush,
 }

@@ -15,8 +15,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::Tensor;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::local::LocalPolicy;
@@ -146,10 +145,8 @@ impl PolicyActor {
         {
             let device = policy.model.device().clone();
             let config = policy.model.config().clone();
-            let map: HashMap<String, Tensor> = weights.into_iter().collect();
-            let vb = VarBuilder::from_tensors(map, DType::F32, &device);
-            let model =
-                Llama::new(&config, vb).map_err(|e| PolicyFailure::Weights(e.to_string()))?;
+            let model = Llama::from_tensors(&config, weights.into_iter().collect(), &device)
+                .map_err(|e| PolicyFailure::Weights(e.to_string()))?;
             policy.set_model(model, version);
         } else if let PolicyBackend::Local { policy, .. } = &mut state.args.backend {
             policy.set_version(version);
@@ -225,9 +222,6 @@ impl Actor for PolicyActor {
                 reply,
             } => {
                 let _ = reply.send(PolicyActor::sync_weights(state, version, weights));
-            }
-            PolicyMsg::Version(reply) => {
-                let _ = reply.send(state.version);
             }
         }
         Ok(())

@@ -591,6 +591,16 @@ pub struct Llama {
 impl Llama {
     /// Builds the model from `vb` under HF names. Over a `VarMap` this creates the variables
     /// (HF init); over loaded tensors it reads them.
+    /// A model over named f32 tensors (HF names), tracking no gradients: generation,
+    /// frozen references, weights synced to a policy.
+    pub fn from_tensors(
+        cfg: &LlamaConfig,
+        tensors: std::collections::HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        Llama::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, device))
+    }
+
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let m = vb.pp("model");

@@ -190,8 +190,7 @@ impl Pretrained {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let vb = VarBuilder::from_tensors(map, DType::F32, &device);
-        Llama::new(&self.config, vb).map_err(|source| PretrainedError::Tensor {
+        Llama::from_tensors(&self.config, map, &device).map_err(|source| PretrainedError::Tensor {
             path: self.source.clone(),
             source,
         })
