@@ -55,6 +55,9 @@ pub fn mode_config(base: &Config, mode: SplitMode, tokens: u64) -> anyhow::Resul
     if sft_stages != 1 {
         bail!("the split bench needs a config with exactly one Sft stage ({sft_stages} found)");
     }
+    if c.stages.iter().any(|s| matches!(s, StageConfig::Rl(_))) {
+        bail!("the split bench compares SFT alone: remove the config's Rl stages");
+    }
     if !c.stages.iter().any(|s| matches!(s, StageConfig::Eval(_))) {
         bail!("the split bench needs an Eval stage after the Sft stage to score the modes");
     }
@@ -72,7 +75,7 @@ pub fn run(config_path: &std::path::Path, tokens: Option<u64>) -> anyhow::Result
             .iter()
             .find_map(|s| match s {
                 StageConfig::Sft(s) => s.train_tokens,
-                StageConfig::Eval(_) => None,
+                StageConfig::Rl(_) | StageConfig::Eval(_) => None,
             })
             .context("give --tokens N, or train_tokens in the config's Sft stage")?,
     };

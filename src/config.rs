@@ -97,6 +97,7 @@ pub struct TinyModel {
 #[serde(deny_unknown_fields)]
 pub enum StageConfig {
     Sft(SftStage),
+    Rl(RlStage),
     Eval(EvalStage),
 }
 
@@ -104,8 +105,112 @@ impl StageConfig {
     pub fn name(&self) -> &str {
         match self {
             StageConfig::Sft(s) => &s.name,
+            StageConfig::Rl(s) => &s.name,
             StageConfig::Eval(s) => &s.name,
         }
+    }
+}
+
+/// Tasks a stage runs: generated from the built-in family, or task folders on disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum TaskSet {
+    Family(TaskSource),
+    /// Every subfolder of the directory that holds a `task.ron` (see `klongd tasks`), in name
+    /// order; relative paths are relative to the working directory.
+    Dir(PathBuf),
+}
+
+impl TaskSet {
+    fn check(&self, at: &str) -> Result<(), String> {
+        match self {
+            TaskSet::Family(f) => f.check(at),
+            TaskSet::Dir(d) if d.as_os_str().is_empty() => {
+                Err(format!("{at}: expected a directory path"))
+            }
+            TaskSet::Dir(_) => Ok(()),
+        }
+    }
+}
+
+/// One stage of progressive RL (design §6): steps of `tasks_per_step` tasks x `group_size`
+/// rollouts of the current policy, judged, group-normalised advantages, the clipped surrogate
+/// plus `kl_beta` x KL to the reference (the model as the last Sft stage left it), new weights
+/// to the policy. Stages in order with growing `budget`s are progressive RL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RlStage {
+    #[serde(deserialize_with = "run_name")]
+    pub name: String,
+    pub tasks: TaskSet,
+    /// Learner steps of the stage.
+    #[serde(deserialize_with = "positive_u64")]
+    pub steps: u64,
+    #[serde(deserialize_with = "positive_u32")]
+    pub tasks_per_step: u32,
+    /// Rollouts per task (`n`); at least 2, or no group could have a spread of rewards.
+    pub group_size: u32,
+    /// The stage's timeout: what one episode may use before it is judged on its state.
+    pub budget: RlBudget,
+    /// Tokens one turn may generate.
+    #[serde(deserialize_with = "positive_usize")]
+    pub max_turn_tokens: usize,
+    /// Sampling temperature of the rollouts (> 0; the learner divides logits by it too).
+    #[serde(default = "default_temperature")]
+    pub temperature: f32,
+    /// PPO clip range `eps`.
+    pub clip_eps: f64,
+    /// Weight `beta` of the KL to the reference (0: no reference pass).
+    pub kl_beta: f64,
+    pub lr: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "default_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f64,
+    /// How rollouts are split for the learner (design §5), as in SFT.
+    pub split: SplitSettings,
+    /// Tokens per micro-batch (padding counted); a step accumulates over all its rollouts.
+    #[serde(deserialize_with = "positive_usize")]
+    pub batch_tokens: usize,
+    /// A checkpoint every this many steps (and at the end).
+    #[serde(default = "default_one_u64", deserialize_with = "positive_u64")]
+    pub checkpoint_every: u64,
+}
+
+fn default_temperature() -> f32 {
+    1.0
+}
+fn default_one_u64() -> u64 {
+    1
+}
+
+/// An RL stage's episode budget. Turns and tokens keep a run exact; a wall-clock budget
+/// makes it depend on the machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RlBudget {
+    #[serde(deserialize_with = "positive_u32")]
+    pub turns: u32,
+    /// Tokens the policy may generate over the episode.
+    #[serde(deserialize_with = "positive_u64")]
+    pub tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_time: Option<HumanDuration>,
+}
+
+impl RlBudget {
+    /// `self` allows at least what `other` does in every bound, and more in one.
+    pub fn grows_from(&self, other: &RlBudget) -> bool {
+        let wall = |b: &RlBudget| b.wall_time.map_or(Duration::MAX, |w| w.0);
+        let ge = self.turns >= other.turns
+            && self.tokens >= other.tokens
+            && wall(self) >= wall(other);
+        let gt = self.turns > other.turns || self.tokens > other.tokens || wall(self) > wall(other);
+        ge && gt
     }
 }
 
@@ -117,7 +222,7 @@ pub struct EvalStage {
     #[serde(deserialize_with = "run_name")]
     pub name: String,
     pub policy: EvalPolicy,
-    pub tasks: TaskSource,
+    pub tasks: TaskSet,
     /// Episodes per task, each with its own sampling seed.
     #[serde(default = "default_one", deserialize_with = "positive_u32")]
     pub seeds: u32,
@@ -487,6 +592,10 @@ impl Config {
             let at = |f: &str| format!("field `stages[{i}].{f}`");
             let sft = match stage {
                 StageConfig::Sft(sft) => sft,
+                StageConfig::Rl(rl) => {
+                    self.validate_rl(rl, &at).map_err(invalid)?;
+                    continue;
+                }
                 StageConfig::Eval(ev) => {
                     if let EvalPolicy::Model = ev.policy {
                         if self.model.is_none() {
@@ -589,6 +698,87 @@ impl Config {
         Ok(())
     }
 
+    fn validate_rl(&self, rl: &RlStage, at: &dyn Fn(&str) -> String) -> Result<(), String> {
+        let Some(model) = &self.model else {
+            return Err(format!(
+                "stage {:?} trains a model, but the config has no `model`",
+                rl.name
+            ));
+        };
+        if rl.group_size < 2 {
+            return Err(format!(
+                "{}: expected at least 2 (advantages are normalised within a group)",
+                at("group_size")
+            ));
+        }
+        if !(rl.temperature.is_finite() && rl.temperature > 0.0) {
+            return Err(format!(
+                "{}: expected > 0 (a policy gradient needs sampled actions)",
+                at("temperature")
+            ));
+        }
+        if !(rl.clip_eps.is_finite() && rl.clip_eps > 0.0 && rl.clip_eps < 1.0) {
+            return Err(format!("{}: expected 0 < eps < 1", at("clip_eps")));
+        }
+        if !(rl.kl_beta.is_finite() && rl.kl_beta >= 0.0) {
+            return Err(format!("{}: expected >= 0", at("kl_beta")));
+        }
+        if !(rl.lr.is_finite() && rl.lr > 0.0) {
+            return Err(format!("{}: expected a positive learning rate", at("lr")));
+        }
+        if !(0.0..=1.0).contains(&rl.min_lr_ratio) {
+            return Err(format!("{}: expected 0..=1", at("min_lr_ratio")));
+        }
+        if !(rl.max_grad_norm.is_finite() && rl.max_grad_norm >= 0.0) {
+            return Err(format!("{}: expected >= 0", at("max_grad_norm")));
+        }
+        if !(rl.weight_decay.is_finite() && rl.weight_decay >= 0.0) {
+            return Err(format!("{}: expected >= 0", at("weight_decay")));
+        }
+        if rl.batch_tokens < rl.split.context {
+            return Err(format!(
+                "{} ({}) is smaller than `split.context` ({}): a sub-trajectory would not fit",
+                at("batch_tokens"),
+                rl.batch_tokens,
+                rl.split.context
+            ));
+        }
+        if let ModelConfig::Tiny(t) = model {
+            if rl.split.context > t.context {
+                return Err(format!(
+                    "{} ({}) is longer than the model's context ({})",
+                    at("split.context"),
+                    rl.split.context,
+                    t.context
+                ));
+            }
+        }
+        if rl.budget.wall_time.is_some_and(|w| w.0.is_zero()) {
+            return Err(format!("{}: expected a positive duration", at("budget.wall_time")));
+        }
+        rl.tasks.check(&at("tasks"))
+    }
+
+    /// Things that are valid but likely not what was meant (`klongd check` prints them).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut previous: Option<&RlStage> = None;
+        for stage in &self.stages {
+            if let StageConfig::Rl(rl) = stage {
+                if let Some(p) = previous {
+                    if !rl.budget.grows_from(&p.budget) {
+                        out.push(format!(
+                            "RL stage {:?} does not have a larger episode budget than {:?} before                              it ({:?} after {:?}): progressive RL grows the budget stage by stage",
+                            rl.name, p.name, rl.budget, p.budget
+                        ));
+                    }
+                }
+                previous = Some(rl);
+            }
+        }
+        out
+    }
+
     /// Why a run started with `previous` cannot be resumed with this config, or `None` when it
     /// can. Settings that do not change what the run computes may differ: the actor runtime's
     /// sizes and timeouts, the sandbox's concurrency and cache, and how often stages
@@ -603,8 +793,10 @@ impl Config {
             c.sandbox.queue_timeout = HumanDuration::from_secs(1);
             c.sandbox.cache_dir = None;
             for stage in &mut c.stages {
-                if let StageConfig::Sft(sft) = stage {
-                    sft.checkpoint_every = 1;
+                match stage {
+                    StageConfig::Sft(s) => s.checkpoint_every = 1,
+                    StageConfig::Rl(s) => s.checkpoint_every = 1,
+                    StageConfig::Eval(_) => {}
                 }
             }
             c

@@ -24,13 +24,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalPolicy, EvalStage};
 use crate::progress::Progress;
-use crate::sft_stage::{family_task, StageEnv, TrainModel};
+use crate::sft_stage::{StageEnv, TrainModel};
+use crate::task_set::resolve;
 use crate::supervisor::Actors;
 
 /// One evaluated episode. `score: None` is an infrastructure failure (not a 0).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalEpisode {
     pub task: String,
+    /// The family task's horizon; 0 for a task folder from disk.
     pub horizon: u32,
     pub sample: u32,
     pub score: Option<f64>,
@@ -164,7 +166,11 @@ impl EvalReport {
             "horizon", "episodes", "score (mean ± se)", "turns", "tool calls"
         );
         for r in self.by_horizon.iter().chain(std::iter::once(&self.overall)) {
-            let h = r.horizon.map_or("all".to_string(), |h| h.to_string());
+            let h = match r.horizon {
+                None => "all".to_string(),
+                Some(0) => "folders".to_string(),
+                Some(h) => h.to_string(),
+            };
             let ends: Vec<String> = r.ends.iter().map(|(k, v)| format!("{k} {v}")).collect();
             let _ = writeln!(
                 t,
@@ -248,8 +254,12 @@ pub fn run_eval(
     let tasks_dir = env.run_dir.join("tasks").join(&stage.name);
     let mut requests = Vec::new();
     let mut meta: HashMap<u64, (String, u32, u32)> = HashMap::new();
-    for i in 0..tasks.count {
-        let (task, seed, horizon) = family_task(&tasks_dir, tasks, i)?;
+    for (i, t) in resolve(tasks, &tasks_dir, env.config.seed)?
+        .into_iter()
+        .enumerate()
+    {
+        let (task, seed, horizon) = (t.task, t.seed, t.horizon.unwrap_or(0));
+        let i = u32::try_from(i).context("too many tasks")?;
         for sample in 0..stage.seeds {
             let id = u64::from(i) * u64::from(stage.seeds) + u64::from(sample);
             meta.insert(id, (task.name.clone(), horizon, sample));
@@ -263,6 +273,7 @@ pub fn run_eval(
                     max_turn_tokens: stage.max_turn_tokens,
                     max_observation_bytes: MAX_OBSERVATION_BYTES,
                     max_calls_per_turn: 4,
+                    max_wall_time: None,
                 },
                 task: task.clone(),
                 episode_dir: env

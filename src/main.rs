@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use klong_actors::judge::llm::LlmJudgeSettings;
 use klong_actors::judge::rubric::Variant;
 use klong_sandbox::{ByteSize, CallLimits, EpisodeBudget, HumanDuration};
-use klongd::config::{Config, ConfigError};
+use klongd::config::{Config, ConfigError, StageConfig};
 use klongd::sandbox_cli::{self, RequestError};
 use klongd::{bench, bench_model, generate_cli, rubric_cli, run, tasks_cli};
 
@@ -343,7 +343,26 @@ fn main() -> ExitCode {
                     ),
                     Err(e) => println!("# warning: {e:#}"),
                 }
-                println!("# stages: none yet (this build runs the sandbox self-check only)");
+                let stages: Vec<String> = c
+                    .stages
+                    .iter()
+                    .map(|s| {
+                        let kind = match s {
+                            StageConfig::Sft(_) => "Sft",
+                            StageConfig::Rl(_) => "Rl",
+                            StageConfig::Eval(_) => "Eval",
+                        };
+                        format!("{kind} {}", s.name())
+                    })
+                    .collect();
+                if stages.is_empty() {
+                    println!("# stages: none (the run brings up the sandbox and stops)");
+                } else {
+                    println!("# stages: {}", stages.join(", "));
+                }
+                for w in c.warnings() {
+                    println!("# warning: {w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => config_error(&e),

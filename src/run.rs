@@ -22,7 +22,12 @@ use klong_actors::policy::chat::ChatTemplate;
 use klong_actors::policy::tokenizer::Tokenizer;
 
 use crate::eval_stage::{run_eval, EvalReport};
-use crate::sft_stage::{build_model, run_sft, SftSummary, StageEnv, TrainModel, TrainState};
+use crate::rl_stage::{run_rl, RlSummary};
+use crate::sft_stage::{
+    build_model, run_sft, stage_model_dir, SftSummary, StageEnv, TrainModel, TrainState,
+};
+use klong_actors::policy::model::Llama;
+use klong_actors::policy::pretrained::read_safetensors;
 use crate::store::RunStore;
 use crate::supervisor::{Actors, RuntimeSettings};
 
@@ -38,7 +43,16 @@ pub struct RunSummary {
     pub tools: usize,
     pub modules_ready: usize,
     pub stages: Vec<SftSummary>,
+    pub rl: Vec<RlSummary>,
     pub evals: Vec<EvalReport>,
+}
+
+/// What the stages did in this invocation.
+#[derive(Default)]
+struct StagesDone {
+    sft: Vec<SftSummary>,
+    rl: Vec<RlSummary>,
+    evals: Vec<EvalReport>,
 }
 
 /// Holds the run directory's lock for as long as it lives: two processes never share a run.
@@ -161,7 +175,7 @@ pub fn run(config: &Config, max_steps: Option<u64>) -> anyhow::Result<RunSummary
         wall_us = outcome.usage.wall_time_us,
         "sandbox self-check passed"
     );
-    let (stages, evals) = run_stages(
+    let done = run_stages(
         config,
         &run_dir.path,
         host_for_stages,
@@ -173,8 +187,9 @@ pub fn run(config: &Config, max_steps: Option<u64>) -> anyhow::Result<RunSummary
         resumed,
         tools: registry.tools().count(),
         modules_ready: modules.len(),
-        stages,
-        evals,
+        stages: done.sft,
+        rl: done.rl,
+        evals: done.evals,
     })
 }
 
@@ -186,10 +201,10 @@ fn run_stages(
     host: Arc<SandboxHost>,
     registry: Arc<ToolRegistry>,
     max_steps: Option<u64>,
-) -> anyhow::Result<(Vec<SftSummary>, Vec<EvalReport>)> {
+) -> anyhow::Result<StagesDone> {
     if config.stages.is_empty() {
         tracing::info!("no stages configured: the run is complete");
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(StagesDone::default());
     }
     let Some(model) = &config.model else {
         bail!("the config has stages but no `model`");
@@ -280,35 +295,35 @@ fn run_stage_list(
     state: Option<TrainState>,
     mut resumed_opt: Option<AdamW>,
     max_steps: Option<u64>,
-) -> anyhow::Result<(Vec<SftSummary>, Vec<EvalReport>)> {
+) -> anyhow::Result<StagesDone> {
     let mut budget = max_steps;
-    let mut out = Vec::new();
-    let mut evals = Vec::new();
+    let mut done = StagesDone::default();
     for (i, stage) in config.stages.iter().enumerate() {
         let env = StageEnv {
             config,
             run_dir,
             store,
         };
-        let sft = match stage {
-            StageConfig::Sft(sft) => sft,
+        let (lr, weight_decay) = match stage {
+            StageConfig::Sft(s) => (s.lr, s.weight_decay),
+            StageConfig::Rl(s) => (s.lr, s.weight_decay),
             StageConfig::Eval(ev) => {
                 // Evaluations are stored when done (a finished one is read back, not re-run).
-                evals.push(run_eval(&env, actors, ev, tm)?);
+                done.evals.push(run_eval(&env, actors, ev, tm)?);
                 continue;
             }
         };
         let start = match &state {
             Some(s) if s.stage > i || (s.stage == i && s.done) => {
-                tracing::info!(stage = %sft.name, "stage already finished");
+                tracing::info!(stage = %stage.name(), "stage already finished");
                 continue;
             }
             Some(s) if s.stage == i => s.step,
             _ => 0,
         };
         let hp = AdamWParams {
-            lr: sft.lr,
-            weight_decay: sft.weight_decay,
+            lr,
+            weight_decay,
             ..AdamWParams::default()
         };
         let opt = match (start, resumed_opt.take()) {
@@ -318,19 +333,65 @@ fn run_stage_list(
             }
             _ => AdamW::from_varmap(&tm.varmap, hp)?,
         };
+        let reference = match stage {
+            StageConfig::Rl(rl) if rl.kl_beta > 0.0 => Some(reference_model(config, run_dir, i)?),
+            _ => None,
+        };
         let learner = actors.start_learner(LearnerArgs {
             model: tm.model.clone(),
             opt,
+            reference,
         })?;
-        let summary = run_sft(&env, actors, &learner, i, sft, tm, start, &mut budget)?;
-        let finished = summary.finished;
-        out.push(summary);
+        let finished = match stage {
+            StageConfig::Sft(sft) => {
+                let summary = run_sft(&env, actors, &learner, i, sft, tm, start, &mut budget)?;
+                let finished = summary.finished;
+                done.sft.push(summary);
+                finished
+            }
+            StageConfig::Rl(rl) => {
+                let summary = run_rl(&env, actors, &learner, i, rl, tm, start, &mut budget)?;
+                let finished = summary.finished;
+                done.rl.push(summary);
+                finished
+            }
+            StageConfig::Eval(_) => true,
+        };
         if !finished {
-            tracing::info!(stage = %sft.name, "stopped at the step limit; run again to go on");
+            tracing::info!(stage = %stage.name(), "stopped at the step limit; run again to go on");
             break;
         }
     }
-    Ok((out, evals))
+    Ok(done)
+}
+
+/// The frozen reference of RL stage `index`'s KL term: the model as the last Sft stage before
+/// it left it (read from its saved folder, so a resumed run gets the same one), or the
+/// configured model's starting weights when no Sft stage comes first.
+fn reference_model(config: &Config, run_dir: &Path, index: usize) -> anyhow::Result<Llama> {
+    let device = Device::Cpu;
+    let Some(model) = &config.model else {
+        bail!("the config has stages but no `model`");
+    };
+    let start = build_model(model, config.seed, &device)?;
+    let last_sft = config.stages[..index].iter().rev().find_map(|s| match s {
+        StageConfig::Sft(sft) => Some(&sft.name),
+        _ => None,
+    });
+    match last_sft {
+        None => Ok(start.model),
+        Some(name) => {
+            let dir = stage_model_dir(run_dir, name);
+            let weights = read_safetensors(&dir, &device).with_context(|| {
+                format!("reading the RL reference, stage {name}'s model in {}", dir.display())
+            })?;
+            Ok(Llama::from_tensors(
+                &start.config,
+                weights.into_iter().collect(),
+                &device,
+            )?)
+        }
+    }
 }
 
 /// `klongd status RUN_DIR`: the checkpoint's stage and step and the latest metrics. While a run

@@ -21,8 +21,6 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use klong_actors::environment::episode::EpisodeLimits;
 use klong_actors::environment::expert::MAX_OBSERVATION_BYTES;
-use klong_actors::environment::family;
-use klong_actors::environment::task::Task;
 use klong_actors::learner::optim::LrSchedule;
 use klong_actors::learner::sft::pack_batches;
 use klong_actors::learner::split::{split, Pin, SplitConfig, SubTrajectory};
@@ -38,7 +36,8 @@ use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::config::{Config, ModelConfig, SftData, SftStage, TaskSource, Teacher};
+use crate::config::{Config, ModelConfig, SftData, SftStage, Teacher};
+use crate::task_set::family_task;
 use crate::progress::Progress;
 use crate::store::RunStore;
 use crate::supervisor::Actors;
@@ -350,13 +349,13 @@ pub fn run_sft(
         );
         progress.inc(1, &format!("loss {:.3}", st.loss));
         if step.is_multiple_of(stage.checkpoint_every) || step == total {
-            checkpoint(env, actors, learner, index, stage, step, step == total)?;
+            checkpoint(env, actors, learner, index, &stage.name, step, step == total)?;
         }
     }
     progress.finish();
     if step < total && step > start_step && !step.is_multiple_of(stage.checkpoint_every) {
         // Stopped by the step budget: keep what was done.
-        checkpoint(env, actors, learner, index, stage, step, false)?;
+        checkpoint(env, actors, learner, index, &stage.name, step, false)?;
     }
     let finished = step == total;
     if finished {
@@ -386,18 +385,18 @@ pub fn run_sft(
 }
 
 /// The learner's state (weights, moments) and the step, durable, then the manifest switch.
-fn checkpoint(
+pub(crate) fn checkpoint(
     env: &StageEnv,
     actors: &Actors,
     learner: &ActorRef<LearnerMsg>,
     index: usize,
-    stage: &SftStage,
+    stage_name: &str,
     step: u64,
     done: bool,
 ) -> anyhow::Result<()> {
     let state = TrainState {
         stage: index,
-        stage_name: stage.name.clone(),
+        stage_name: stage_name.to_string(),
         step,
         done,
     };
@@ -463,6 +462,7 @@ fn distill(
                 max_turn_tokens: 4096,
                 max_observation_bytes: MAX_OBSERVATION_BYTES,
                 max_calls_per_turn: 4,
+                max_wall_time: None,
             },
             task,
             episode_dir: env
@@ -525,22 +525,6 @@ fn distill(
         }
     }
     Ok((episodes, kept))
-}
-
-/// Task `i` of a task source (seed `seed + i`, horizons cycling through
-/// `min_horizon..=max_horizon`), written under `dir` and loaded back: `(task, seed, horizon)`.
-pub fn family_task(
-    dir: &Path,
-    tasks: &TaskSource,
-    i: u32,
-) -> anyhow::Result<(Arc<Task>, u64, u32)> {
-    let seed = tasks.seed.wrapping_add(u64::from(i));
-    let span = tasks.max_horizon - tasks.min_horizon + 1;
-    let horizon = tasks.min_horizon + i % span;
-    let generated = family::generate_styled(seed, horizon, tasks.style);
-    let path = family::write_task(dir, &generated)
-        .with_context(|| format!("writing task {}", generated.name))?;
-    Ok((Arc::new(Task::load(&path)?), seed, horizon))
 }
 
 /// The run directory's path for a stage's final model.

@@ -16,7 +16,7 @@
 //! [`Actors`] is the stage runner's handle: a tokio runtime, the supervisor, and blocking
 //! calls with timeouts.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +27,9 @@ use klong_actors::learner::actor::{Learner, LearnerArgs};
 use klong_actors::messages::{
     EnvironmentMsg, EpisodeFailure, EpisodeReply, EpisodeRequest, JudgeMsg, LearnerMsg, PolicyMsg,
 };
-use klong_actors::policy::actor::{PolicyActor, PolicyArgs};
+use candle_core::Tensor;
+use klong_actors::policy::actor::{PolicyActor, PolicyArgs, PolicyBackend};
+use klong_actors::policy::model::Llama;
 use ractor::rpc::CallResult;
 use ractor::{
     Actor, ActorCell, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SupervisionEvent,
@@ -78,6 +80,12 @@ pub enum SupervisorMsg {
         PolicyArgs,
         RpcReplyPort<Result<ActorRef<PolicyMsg>, String>>,
     ),
+    /// New weights for the policy, kept for a restart too (see `PolicyMsg::SyncWeights`).
+    SyncPolicy {
+        version: u64,
+        weights: BTreeMap<String, Tensor>,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
     /// The children now running (for inspection and fault-injection tests).
     Children(RpcReplyPort<Result<Children, String>>),
     StartLearner(
@@ -387,6 +395,45 @@ impl Actor for Supervisor {
                     }
                 }
             }
+            SupervisorMsg::SyncPolicy {
+                version,
+                weights,
+                reply,
+            } => {
+                let Some((policy, args)) = &mut state.policy else {
+                    let _ = reply.send(Err("no policy is running".into()));
+                    return Ok(());
+                };
+                // A restarted policy must come back with these weights, not its first ones.
+                if let PolicyBackend::Local { policy: local, .. } = &mut args.backend {
+                    let cfg = local.model.config().clone();
+                    let device = local.model.device().clone();
+                    let copy = weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                    match Llama::from_tensors(&cfg, copy, &device) {
+                        Ok(model) => local.set_model(model, version),
+                        Err(e) => {
+                            let _ = reply.send(Err(format!("weights do not fit the policy: {e}")));
+                            return Ok(());
+                        }
+                    }
+                }
+                let answer = policy
+                    .call(
+                        |r| PolicyMsg::SyncWeights {
+                            version,
+                            weights: Some(weights),
+                            reply: r,
+                        },
+                        Some(state.args.settings.episode_timeout),
+                    )
+                    .await;
+                let _ = reply.send(match answer {
+                    Ok(CallResult::Success(Ok(()))) => Ok(()),
+                    Ok(CallResult::Success(Err(e))) => Err(e.to_string()),
+                    Ok(CallResult::Timeout) => Err("the policy did not take the weights in time".into()),
+                    Ok(CallResult::SenderError) | Err(_) => Err("the policy stopped".into()),
+                });
+            }
             SupervisorMsg::Children(reply) => {
                 let _ = reply.send(Ok(Children {
                     policy: state.policy.as_ref().map(|(p, _)| p.clone()),
@@ -538,6 +585,23 @@ impl Actors {
     /// Starts (or replaces) the policy every following episode uses.
     pub fn set_policy(&self, args: PolicyArgs) -> anyhow::Result<ActorRef<PolicyMsg>> {
         self.control(|r| SupervisorMsg::SetPolicy(args, r), "policy")
+    }
+
+    /// Hands the policy new weights and their version (an RL step's result). The supervisor
+    /// keeps them, so a policy restarted later comes back with them.
+    pub fn sync_policy(
+        &self,
+        version: u64,
+        weights: BTreeMap<String, Tensor>,
+    ) -> anyhow::Result<()> {
+        self.control(
+            |reply| SupervisorMsg::SyncPolicy {
+                version,
+                weights,
+                reply,
+            },
+            "weight sync",
+        )
     }
 
     pub fn children(&self) -> anyhow::Result<Children> {

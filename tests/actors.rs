@@ -108,6 +108,7 @@ fn requests_h(
                     max_turn_tokens: 512,
                     max_observation_bytes: 16 * 1024,
                     max_calls_per_turn: 4,
+                    max_wall_time: None,
                 },
                 task,
                 episode_dir: dir.join("episodes").join(format!("{i}")),

@@ -831,7 +831,7 @@ fn eval_stage_reports_the_expert_on_compact_tasks_and_is_not_rerun() {
         Eval((
             name: "expert",
             policy: Expert(noise: 0.0),
-            tasks: (style: Compact, seed: 1000000, count: 4, min_horizon: 1, max_horizon: 2),
+            tasks: Family((style: Compact, seed: 1000000, count: 4, min_horizon: 1, max_horizon: 2)),
             seeds: 2,
             max_turns: 40,
             max_turn_tokens: 256,
@@ -905,7 +905,7 @@ fn bench_split_trains_each_mode_on_equal_tokens_and_scores_it() {
         Eval((
             name: "held-out",
             policy: Model,
-            tasks: (style: Compact, seed: 1000000, count: 2, min_horizon: 1, max_horizon: 2),
+            tasks: Family((style: Compact, seed: 1000000, count: 2, min_horizon: 1, max_horizon: 2)),
             max_turns: 1,
             max_turn_tokens: 8,
         )),

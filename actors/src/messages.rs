@@ -6,7 +6,8 @@
 //!   episode without telling every Environment);
 //! - an Environment sends the Policy `Act` for every turn and `EndEpisode` when it is done,
 //!   and the Judge `Grade` (defined with the judge: [`JudgeMsg`]);
-//! - the stage runner sends the Learner `SftStep` and `Export`, and the Policy `SyncWeights`.
+//! - the stage runner sends the Learner `SftStep`, `RlStep` and `ExportState`/`Weights`, and
+//!   the Policy `SyncWeights`.
 //!
 //! Every request carries an [`RpcReplyPort`]: the caller waits on it with a timeout, and a
 //! reply port dropped by an actor that died reads as a failure, never as a hang.
@@ -25,6 +26,7 @@ pub use crate::judge::queue::{FinishedEpisode, GradedEpisode, JudgeFailure, Judg
 
 use crate::environment::episode::{EpisodeEnd, EpisodeLimits};
 use crate::environment::task::Task;
+use crate::learner::rl::{RlHyper, RlStepStats};
 use crate::learner::sft::StepStats;
 use crate::learner::split::SubTrajectory;
 use crate::policy::chat::ChatMessage;
@@ -79,6 +81,8 @@ pub enum PolicyMsg {
     /// The episode ended: drop its per-episode state.
     EndEpisode { episode_id: u64, attempt: u32 },
     /// New weights (by name; `None`: the weights changed in place, only the version moves).
+    /// The stage runner sends it through the supervisor (`Actors::sync_policy`), which keeps
+    /// the weights for a policy it has to restart.
     SyncWeights {
         version: u64,
         weights: Option<BTreeMap<String, Tensor>>,
@@ -129,6 +133,8 @@ pub struct ScoredEpisode {
     pub turns: u32,
     pub generated_tokens: u64,
     pub malformed_turns: u32,
+    /// Time from handing the episode to the judge to its verdict (queueing included).
+    pub judge_seconds: f64,
 }
 
 /// Why an episode has no score. Every one is an infrastructure failure: masked from training,
@@ -175,6 +181,15 @@ pub enum LearnerMsg {
         lr: f64,
         max_grad_norm: f64,
         reply: RpcReplyPort<Result<StepStats, LearnerFailure>>,
+    },
+    /// One policy-gradient step over micro-batches of judged rollouts' sub-trajectories,
+    /// each carrying its behaviour logprobs and its rollout's advantage.
+    RlStep {
+        micro: Vec<Vec<SubTrajectory>>,
+        hyper: RlHyper,
+        lr: f64,
+        max_grad_norm: f64,
+        reply: RpcReplyPort<Result<RlStepStats, LearnerFailure>>,
     },
     /// Weights and optimizer moments as named tensors (what a checkpoint stores).
     ExportState(RpcReplyPort<Result<BTreeMap<String, Tensor>, LearnerFailure>>),

@@ -83,6 +83,7 @@ fn limits(turns: u32) -> EpisodeLimits {
         max_turn_tokens: 2048,
         max_observation_bytes: 16 * 1024,
         max_calls_per_turn: 4,
+        max_wall_time: None,
     }
 }
 

@@ -272,6 +272,7 @@ impl Environment {
                 return Ok(Err(failure));
             }
         };
+        let judging = std::time::Instant::now();
         let graded = judge
             .call(
                 |reply| JudgeMsg::Grade {
@@ -326,6 +327,7 @@ impl Environment {
             turns: run.turns,
             generated_tokens: run.generated_tokens,
             malformed_turns: run.malformed_turns,
+            judge_seconds: judging.elapsed().as_secs_f64(),
         }))
     }
 }

@@ -15,8 +15,8 @@
 //! model's context (less the turn's token budget); the middle is dropped first, as trajectory
 //! splitting does for training.
 //!
-//! **Budgets.** Turns and generated tokens (the task's budget, narrowed by the caller's stage
-//! budget), the sandbox's episode budget (wall time, fuel, bytes), and the model's context.
+//! **Budgets.** Turns, generated tokens and optionally wall time (the task's budget, narrowed
+//! by the caller's stage budget), the sandbox's episode budget (wall time, fuel, bytes), and the model's context.
 //! Whichever ends the episode is recorded in [`EpisodeEnd`]; the episode is then judged on the
 //! state it reached.
 
@@ -53,6 +53,10 @@ pub struct EpisodeLimits {
     pub max_observation_bytes: usize,
     /// Tool calls executed from one turn; more are answered with an error.
     pub max_calls_per_turn: usize,
+    /// Wall time of the whole episode (generation and tool calls; judging excluded), checked
+    /// before each turn: an RL stage's timeout. `None`: turns and tokens bound the episode.
+    /// A wall-clock budget makes the episode depend on the machine's speed.
+    pub max_wall_time: Option<std::time::Duration>,
 }
 
 /// Why an episode ended.
@@ -69,6 +73,8 @@ pub enum EpisodeEnd {
     Sandbox,
     /// The pinned prefix and the next turn no longer fit the model's context.
     Context,
+    /// The episode's wall-time budget is spent.
+    WallTime,
 }
 
 /// A finished episode: the trajectory and how it ended.
@@ -136,9 +142,13 @@ pub fn run_policy_episode(
     let mut turns = 0u32;
     let mut generated = 0u64;
     let mut malformed = 0u32;
+    let started = std::time::Instant::now();
     let end = loop {
         if turns >= limits.max_turns {
             break EpisodeEnd::Turns;
+        }
+        if limits.max_wall_time.is_some_and(|w| started.elapsed() >= w) {
+            break EpisodeEnd::WallTime;
         }
         let left = limits.max_generated_tokens.saturating_sub(generated);
         if left == 0 {

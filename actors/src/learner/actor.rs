@@ -11,6 +11,7 @@ use candle_core::Tensor;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::optim::AdamW;
+use super::rl::rl_step;
 use super::sft::sft_step;
 use super::split::SubTrajectory;
 use crate::messages::{LearnerFailure, LearnerMsg};
@@ -20,6 +21,8 @@ pub struct LearnerArgs {
     /// Built over the optimizer's variables (a `VarMap` model): a step changes it in place.
     pub model: Llama,
     pub opt: AdamW,
+    /// The frozen reference of RL's KL term (design §6: the SFT result); `None` outside RL.
+    pub reference: Option<Llama>,
 }
 
 pub struct Learner;
@@ -63,6 +66,28 @@ impl Actor for Learner {
                     let rows: Vec<Vec<&SubTrajectory>> =
                         micro.iter().map(|m| m.iter().collect()).collect();
                     sft_step(&state.model, &mut state.opt, None, &rows, lr, max_grad_norm)
+                });
+                let _ = reply.send(out.map_err(|e| LearnerFailure::Step(e.to_string())));
+            }
+            LearnerMsg::RlStep {
+                micro,
+                hyper,
+                lr,
+                max_grad_norm,
+                reply,
+            } => {
+                let out = tokio::task::block_in_place(|| {
+                    let rows: Vec<Vec<&SubTrajectory>> =
+                        micro.iter().map(|m| m.iter().collect()).collect();
+                    rl_step(
+                        &state.model,
+                        state.reference.as_ref(),
+                        &mut state.opt,
+                        &rows,
+                        &hyper,
+                        lr,
+                        max_grad_norm,
+                    )
                 });
                 let _ = reply.send(out.map_err(|e| LearnerFailure::Step(e.to_string())));
             }

@@ -1,9 +1,10 @@
 //! The learner's training primitives: losses, the optimizer, mixed precision, trajectory
-//! splitting and SFT steps.
+//! splitting, SFT steps and policy-gradient steps.
 
 pub mod actor;
 pub mod loss;
 pub mod optim;
 pub mod precision;
+pub mod rl;
 pub mod sft;
 pub mod split;

@@ -339,8 +339,9 @@ pub fn read_hf_config(path: &Path) -> Result<LlamaConfig, PretrainedError> {
     Ok(cfg)
 }
 
-/// The folder's weights: one `model.safetensors`, or the shards its index names.
-fn read_safetensors(
+/// The folder's weights: one `model.safetensors`, or the shards its index names. (A run's
+/// stage models are such folders: RL reads its reference from the last Sft stage's.)
+pub fn read_safetensors(
     dir: &Path,
     device: &Device,
 ) -> Result<BTreeMap<String, Tensor>, PretrainedError> {
