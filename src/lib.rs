@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_model;
 pub mod bench_split;
 pub mod config;
+pub mod eval_cli;
 pub mod eval_stage;
 pub mod generate_cli;
 pub mod malloc;

@@ -10,7 +10,7 @@ use klong_actors::judge::rubric::Variant;
 use klong_sandbox::{ByteSize, CallLimits, EpisodeBudget, HumanDuration};
 use klongd::config::{Config, ConfigError, StageConfig};
 use klongd::sandbox_cli::{self, RequestError};
-use klongd::{bench, bench_model, generate_cli, rubric_cli, run, tasks_cli};
+use klongd::{bench, bench_model, eval_cli, generate_cli, rubric_cli, run, tasks_cli};
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +45,22 @@ enum Command {
     },
     /// Where a run stands: stage, step, latest metrics.
     Status { run_dir: PathBuf },
+    /// Run a config's Eval stages on a checkpoint: an HF folder (e.g. RUN_DIR/models/STAGE),
+    /// a .gguf file, or a run directory (its latest checkpoint).
+    Eval {
+        config: PathBuf,
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Only this Eval stage (repeatable); default: all of them.
+        #[arg(long = "stage")]
+        stages: Vec<String>,
+        /// Where the reports go [default: RUN_DIR/eval-cli/<checkpoint's name>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the reports as JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run tool calls in the WASM sandbox.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
@@ -375,6 +391,47 @@ fn main() -> ExitCode {
             match run::run(&config, max_steps) {
                 Ok(summary) => {
                     tracing::info!(run_dir = %summary.run_dir.display(), resumed = summary.resumed, "done");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    report(&e);
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Eval {
+            config,
+            checkpoint,
+            stages,
+            out,
+            json,
+        } => {
+            let out = match out {
+                Some(o) => o,
+                None => match Config::load(&config) {
+                    Ok(c) => eval_cli::default_out(&c, &checkpoint),
+                    Err(e) => return config_error(&e),
+                },
+            };
+            if let Err(e) = Config::load(&config) {
+                return config_error(&e);
+            }
+            match eval_cli::eval(&config, &checkpoint, &stages, &out) {
+                Ok(reports) => {
+                    if json {
+                        match serde_json::to_string_pretty(&reports) {
+                            Ok(text) => println!("{text}"),
+                            Err(e) => {
+                                report(&e.into());
+                                return ExitCode::FAILURE;
+                            }
+                        }
+                    } else {
+                        for r in &reports {
+                            print!("{}", r.table());
+                        }
+                        println!("# reports in {}", out.join("eval").display());
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

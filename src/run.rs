@@ -135,9 +135,34 @@ pub fn run(config: &Config, max_steps: Option<u64>) -> anyhow::Result<RunSummary
         tracing::info!(run_dir = %run_dir.path.display(), name = %config.name, "new run");
     }
 
+    let (host, registry, modules) = bring_up_sandbox(config, &run_dir.path)?;
+    let done = run_stages(
+        config,
+        &run_dir.path,
+        host,
+        registry.clone(),
+        max_steps,
+    )?;
+    Ok(RunSummary {
+        run_dir: run_dir.path.clone(),
+        resumed,
+        tools: registry.tools().count(),
+        modules_ready: modules,
+        stages: done.sft,
+        rl: done.rl,
+        evals: done.evals,
+    })
+}
+
+/// The sandbox for `config`: the host, the tool registry with every module compiled (or read
+/// from the cache), and one real call in `dir/sandbox-check` that proves the sandbox works on
+/// this machine before anything relies on it. Returns the modules' count too.
+pub fn bring_up_sandbox(
+    config: &Config,
+    dir: &Path,
+) -> anyhow::Result<(Arc<SandboxHost>, Arc<ToolRegistry>, usize)> {
     let sandbox = &config.sandbox;
     let host = SandboxHost::new(sandbox.host_settings()?)?;
-    let host_for_stages = host.clone();
     let registry = Arc::new(ToolRegistry::load_dir(&sandbox.tools_dir).with_context(|| {
         format!(
             "cannot load tools from {} (built by sandboxes/tools/build.sh)",
@@ -152,9 +177,9 @@ pub fn run(config: &Config, max_steps: Option<u64>) -> anyhow::Result<RunSummary
     }
 
     // One real call proves the sandbox works on this machine before any stage relies on it.
-    let check_dir = run_dir.path.join("sandbox-check");
+    let check_dir = dir.join("sandbox-check");
     let mut check = Sandbox::new(
-        host,
+        host.clone(),
         registry.clone(),
         &check_dir,
         sandbox.call,
@@ -175,22 +200,7 @@ pub fn run(config: &Config, max_steps: Option<u64>) -> anyhow::Result<RunSummary
         wall_us = outcome.usage.wall_time_us,
         "sandbox self-check passed"
     );
-    let done = run_stages(
-        config,
-        &run_dir.path,
-        host_for_stages,
-        registry.clone(),
-        max_steps,
-    )?;
-    Ok(RunSummary {
-        run_dir: run_dir.path.clone(),
-        resumed,
-        tools: registry.tools().count(),
-        modules_ready: modules.len(),
-        stages: done.sft,
-        rl: done.rl,
-        evals: done.evals,
-    })
+    Ok((host, registry, modules.len()))
 }
 
 /// Runs the configured stages in order, resuming from the last checkpoint: a finished stage is
@@ -250,7 +260,7 @@ fn run_stages(
 }
 
 /// The supervisor and its children for this run's config.
-fn start_actors(
+pub(crate) fn start_actors(
     config: &Config,
     host: Arc<SandboxHost>,
     registry: Arc<ToolRegistry>,
