@@ -206,9 +206,8 @@ impl RlBudget {
     /// `self` allows at least what `other` does in every bound, and more in one.
     pub fn grows_from(&self, other: &RlBudget) -> bool {
         let wall = |b: &RlBudget| b.wall_time.map_or(Duration::MAX, |w| w.0);
-        let ge = self.turns >= other.turns
-            && self.tokens >= other.tokens
-            && wall(self) >= wall(other);
+        let ge =
+            self.turns >= other.turns && self.tokens >= other.tokens && wall(self) >= wall(other);
         let gt = self.turns > other.turns || self.tokens > other.tokens || wall(self) > wall(other);
         ge && gt
     }
@@ -754,7 +753,10 @@ impl Config {
             }
         }
         if rl.budget.wall_time.is_some_and(|w| w.0.is_zero()) {
-            return Err(format!("{}: expected a positive duration", at("budget.wall_time")));
+            return Err(format!(
+                "{}: expected a positive duration",
+                at("budget.wall_time")
+            ));
         }
         rl.tasks.check(&at("tasks"))
     }

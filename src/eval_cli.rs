@@ -80,10 +80,7 @@ pub fn eval(
         .collect();
     for name in only {
         if !stages.iter().any(|s| &s.name == name) {
-            bail!(
-                "{} has no Eval stage named {name:?}",
-                config_path.display()
-            );
+            bail!("{} has no Eval stage named {name:?}", config_path.display());
         }
     }
     if stages.is_empty() {

@@ -25,8 +25,11 @@ use serde::{Deserialize, Serialize};
 use crate::config::{EvalPolicy, EvalStage};
 use crate::progress::Progress;
 use crate::sft_stage::{StageEnv, TrainModel};
-use crate::task_set::resolve;
 use crate::supervisor::Actors;
+use crate::task_set::resolve;
+
+/// Tasks listed one by one in the readable table (the JSON report has all).
+const MAX_TABLE_TASKS: usize = 40;
 
 /// One evaluated episode. `score: None` is an infrastructure failure (not a 0).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +50,9 @@ pub struct EvalEpisode {
 /// Mean ± standard error of a group of episodes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScoreRow {
+    /// The task, in a per-task row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
     /// `None`: all horizons.
     pub horizon: Option<u32>,
     /// Scored episodes (infrastructure failures excluded).
@@ -66,6 +72,9 @@ pub struct EvalReport {
     pub stage: String,
     pub policy: String,
     pub episodes: Vec<EvalEpisode>,
+    /// One row per task (its seeds' episodes), in task order.
+    #[serde(default)]
+    pub by_task: Vec<ScoreRow>,
     pub by_horizon: Vec<ScoreRow>,
     pub overall: ScoreRow,
     pub infra_failures: usize,
@@ -113,6 +122,7 @@ fn row(horizon: Option<u32>, eps: &[&EvalEpisode]) -> ScoreRow {
         }
     }
     ScoreRow {
+        task: None,
         horizon,
         episodes: n,
         mean,
@@ -136,6 +146,21 @@ impl EvalReport {
                 row(Some(h), &eps)
             })
             .collect();
+        let mut tasks: Vec<(u32, &str)> = episodes
+            .iter()
+            .map(|e| (e.horizon, e.task.as_str()))
+            .collect();
+        tasks.dedup();
+        let by_task = tasks
+            .iter()
+            .map(|&(h, t)| {
+                let eps: Vec<&EvalEpisode> = episodes.iter().filter(|e| e.task == t).collect();
+                ScoreRow {
+                    task: Some(t.to_string()),
+                    ..row(Some(h), &eps)
+                }
+            })
+            .collect();
         let all: Vec<&EvalEpisode> = episodes.iter().collect();
         let overall = row(None, &all);
         let infra_failures = episodes.iter().filter(|e| e.score.is_none()).count();
@@ -143,6 +168,7 @@ impl EvalReport {
             stage: stage.to_string(),
             policy,
             episodes,
+            by_task,
             by_horizon,
             overall,
             infra_failures,
@@ -160,6 +186,31 @@ impl EvalReport {
             self.episodes.len(),
             self.infra_failures
         );
+        if self.by_task.len() > 1 {
+            let _ = writeln!(
+                t,
+                "{:<28} {:>8} {:>18} {:>7}",
+                "task", "episodes", "score (mean ± se)", "turns"
+            );
+            for r in self.by_task.iter().take(MAX_TABLE_TASKS) {
+                let _ = writeln!(
+                    t,
+                    "{:<28} {:>8} {:>10.3} ± {:<5.3} {:>7.1}",
+                    r.task.as_deref().unwrap_or("?"),
+                    r.episodes,
+                    r.mean,
+                    r.stderr,
+                    r.mean_turns
+                );
+            }
+            if self.by_task.len() > MAX_TABLE_TASKS {
+                let _ = writeln!(
+                    t,
+                    "... {} more tasks in the JSON report",
+                    self.by_task.len() - MAX_TABLE_TASKS
+                );
+            }
+        }
         let _ = writeln!(
             t,
             "{:<8} {:>8} {:>18} {:>7} {:>10}  ended by",
@@ -427,5 +478,11 @@ mod tests {
         let table = r.table();
         assert!(table.contains("1 infrastructure failures"), "{table}");
         assert!(table.contains("0.400 ± 0.200"), "{table}");
+        // Per task: t1 (horizon 1: 0.2, 0.6, one failure) and t2 (1.0, 0.0).
+        assert_eq!(r.by_task.len(), 2);
+        assert_eq!(r.by_task[0].task.as_deref(), Some("t1"));
+        assert_eq!(r.by_task[0].episodes, 2);
+        assert!((r.by_task[1].mean - 0.5).abs() < 1e-12);
+        assert!(table.contains("t2 "), "{table}");
     }
 }

@@ -35,7 +35,6 @@ use klong_actors::messages::{EpisodeRequest, LearnerMsg};
 use klong_actors::policy::actor::{PolicyArgs, PolicyBackend};
 use klong_actors::policy::local::LocalPolicy;
 use klong_actors::policy::model::Llama;
-use klong_actors::policy::pretrained::save_hf;
 use klong_actors::policy::sampling::SamplingParams;
 use klong_actors::trajectory::{Trajectory, Turn};
 use ractor::ActorRef;
@@ -44,7 +43,7 @@ use serde_json::json;
 
 use crate::config::RlStage;
 use crate::progress::Progress;
-use crate::sft_stage::{checkpoint, stage_model_dir, StageEnv, TrainModel};
+use crate::sft_stage::{checkpoint, save_stage_model, StageEnv, TrainModel};
 use crate::supervisor::Actors;
 use crate::task_set::{resolve, StageTask};
 
@@ -138,11 +137,7 @@ pub fn run_rl(
     let weights = actors
         .call(learner, LearnerMsg::Weights, timeout, "learner weights")?
         .context("the policy's first weights")?;
-    let model = Llama::from_tensors(
-        &tm.config,
-        weights.into_iter().collect(),
-        tm.model.device(),
-    )?;
+    let model = Llama::from_tensors(&tm.config, weights.into_iter().collect(), tm.model.device())?;
     let window = actors.window();
     actors.set_policy(PolicyArgs {
         backend: PolicyBackend::Local {
@@ -201,10 +196,11 @@ pub fn run_rl(
         let stats = if subs.is_empty() {
             None
         } else {
-            let micro: Vec<Vec<SubTrajectory>> = pack_batches(&subs, stage.batch_tokens, seed ^ step)?
-                .into_iter()
-                .map(|rows| rows.into_iter().map(|i| subs[i].clone()).collect())
-                .collect();
+            let micro: Vec<Vec<SubTrajectory>> =
+                pack_batches(&subs, stage.batch_tokens, seed ^ step)?
+                    .into_iter()
+                    .map(|rows| rows.into_iter().map(|i| subs[i].clone()).collect())
+                    .collect();
             let max_grad_norm = stage.max_grad_norm;
             Some(
                 actors
@@ -280,7 +276,8 @@ pub fn run_rl(
             "step_s": started.elapsed().as_secs_f64(),
         });
         writeln!(metrics, "{line}")?;
-        env.store.put("metrics/latest", line.to_string().as_bytes())?;
+        env.store
+            .put("metrics/latest", line.to_string().as_bytes())?;
         tracing::info!(
             step,
             total = stage.steps,
@@ -290,8 +287,20 @@ pub fn run_rl(
             "rl step"
         );
         progress.inc(1, &format!("reward {mean:.3}"));
+        if step == stage.steps {
+            // Before the checkpoint that marks the stage done (see `save_stage_model`).
+            save_stage_model(env, actors, learner, &stage.name, tm)?;
+        }
         if step.is_multiple_of(stage.checkpoint_every) || step == stage.steps {
-            checkpoint(env, actors, learner, index, &stage.name, step, step == stage.steps)?;
+            checkpoint(
+                env,
+                actors,
+                learner,
+                index,
+                &stage.name,
+                step,
+                step == stage.steps,
+            )?;
         }
     }
     progress.finish();
@@ -300,14 +309,6 @@ pub fn run_rl(
         checkpoint(env, actors, learner, index, &stage.name, step, false)?;
     }
     let finished = step == stage.steps;
-    if finished {
-        let out = stage_model_dir(env.run_dir, &stage.name);
-        let weights = actors
-            .call(learner, LearnerMsg::Weights, timeout, "learner weights")?
-            .context("exporting the stage's model")?;
-        save_hf(&out, &tm.config, &weights, Some(&tm.tokenizer))?;
-        tracing::info!(model = %out.display(), "stage model saved");
-    }
     Ok(RlSummary {
         stage: stage.name.clone(),
         steps_done: step,
@@ -443,7 +444,11 @@ fn rollouts(
     })?;
     progress.finish();
     if failures > 0 {
-        tracing::warn!(failures, step = step + 1, "rollouts lost to infrastructure failures");
+        tracing::warn!(
+            failures,
+            step = step + 1,
+            "rollouts lost to infrastructure failures"
+        );
     }
     Ok(out)
 }

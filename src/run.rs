@@ -26,10 +26,10 @@ use crate::rl_stage::{run_rl, RlSummary};
 use crate::sft_stage::{
     build_model, run_sft, stage_model_dir, SftSummary, StageEnv, TrainModel, TrainState,
 };
-use klong_actors::policy::model::Llama;
-use klong_actors::policy::pretrained::read_safetensors;
 use crate::store::RunStore;
 use crate::supervisor::{Actors, RuntimeSettings};
+use klong_actors::policy::model::Llama;
+use klong_actors::policy::pretrained::read_safetensors;
 
 /// The run directory's copy of the config it was started with.
 const CONFIG_FILE: &str = "config.ron";
@@ -136,13 +136,7 @@ pub fn run(config: &Config, max_steps: Option<u64>) -> anyhow::Result<RunSummary
     }
 
     let (host, registry, modules) = bring_up_sandbox(config, &run_dir.path)?;
-    let done = run_stages(
-        config,
-        &run_dir.path,
-        host,
-        registry.clone(),
-        max_steps,
-    )?;
+    let done = run_stages(config, &run_dir.path, host, registry.clone(), max_steps)?;
     Ok(RunSummary {
         run_dir: run_dir.path.clone(),
         resumed,
@@ -393,7 +387,10 @@ fn reference_model(config: &Config, run_dir: &Path, index: usize) -> anyhow::Res
         Some(name) => {
             let dir = stage_model_dir(run_dir, name);
             let weights = read_safetensors(&dir, &device).with_context(|| {
-                format!("reading the RL reference, stage {name}'s model in {}", dir.display())
+                format!(
+                    "reading the RL reference, stage {name}'s model in {}",
+                    dir.display()
+                )
             })?;
             Ok(Llama::from_tensors(
                 &start.config,

@@ -37,10 +37,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::{Config, ModelConfig, SftData, SftStage, Teacher};
-use crate::task_set::family_task;
 use crate::progress::Progress;
 use crate::store::RunStore;
 use crate::supervisor::Actors;
+use crate::task_set::family_task;
 
 /// Most passes over the data a `train_tokens` budget may take.
 const MAX_PASSES: u32 = 10_000;
@@ -348,8 +348,21 @@ pub fn run_sft(
             "sft step"
         );
         progress.inc(1, &format!("loss {:.3}", st.loss));
+        if step == total {
+            // Before the checkpoint that marks the stage done: a later stage (RL's reference)
+            // reads this folder, and a finished stage is never run again to write it.
+            save_stage_model(env, actors, learner, &stage.name, tm)?;
+        }
         if step.is_multiple_of(stage.checkpoint_every) || step == total {
-            checkpoint(env, actors, learner, index, &stage.name, step, step == total)?;
+            checkpoint(
+                env,
+                actors,
+                learner,
+                index,
+                &stage.name,
+                step,
+                step == total,
+            )?;
         }
     }
     progress.finish();
@@ -358,19 +371,6 @@ pub fn run_sft(
         checkpoint(env, actors, learner, index, &stage.name, step, false)?;
     }
     let finished = step == total;
-    if finished {
-        let out = stage_model_dir(env.run_dir, &stage.name);
-        let weights = actors
-            .call(
-                learner,
-                LearnerMsg::Weights,
-                step_timeout,
-                "learner weights",
-            )?
-            .context("exporting the stage's model")?;
-        save_hf(&out, &tm.config, &weights, Some(&tm.tokenizer))?;
-        tracing::info!(model = %out.display(), "stage model saved");
-    }
     Ok(SftSummary {
         stage: stage.name.clone(),
         episodes,
@@ -382,6 +382,28 @@ pub fn run_sft(
         first_loss,
         last_loss,
     })
+}
+
+/// The learner's weights as an HF folder in `RUN_DIR/models/<stage>/`.
+pub(crate) fn save_stage_model(
+    env: &StageEnv,
+    actors: &Actors,
+    learner: &ActorRef<LearnerMsg>,
+    stage_name: &str,
+    tm: &TrainModel,
+) -> anyhow::Result<()> {
+    let out = stage_model_dir(env.run_dir, stage_name);
+    let weights = actors
+        .call(
+            learner,
+            LearnerMsg::Weights,
+            env.config.actors.episode_timeout.0,
+            "learner weights",
+        )?
+        .context("exporting the stage's model")?;
+    save_hf(&out, &tm.config, &weights, Some(&tm.tokenizer))?;
+    tracing::info!(model = %out.display(), "stage model saved");
+    Ok(())
 }
 
 /// The learner's state (weights, moments) and the step, durable, then the manifest switch.

@@ -21,13 +21,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use candle_core::Tensor;
 use klong_actors::environment::actor::{Environment, EnvironmentArgs};
 use klong_actors::judge::queue::{Judge, JudgeArgs, JudgeContext};
 use klong_actors::learner::actor::{Learner, LearnerArgs};
 use klong_actors::messages::{
     EnvironmentMsg, EpisodeFailure, EpisodeReply, EpisodeRequest, JudgeMsg, LearnerMsg, PolicyMsg,
 };
-use candle_core::Tensor;
 use klong_actors::policy::actor::{PolicyActor, PolicyArgs, PolicyBackend};
 use klong_actors::policy::model::Llama;
 use ractor::rpc::CallResult;
@@ -63,7 +63,8 @@ pub struct EpisodeOutcome {
 }
 
 pub enum CallOutcome {
-    Reply(EpisodeReply),
+    /// Boxed: a scored episode (its trajectory's header) is large beside `Died`.
+    Reply(Box<EpisodeReply>),
     Died(String),
 }
 
@@ -72,7 +73,8 @@ pub enum SupervisorMsg {
     /// An environment's call returned (sent by the supervisor's own tasks).
     Done {
         slot: usize,
-        request: EpisodeRequest,
+        /// Boxed: the request is large beside the other messages.
+        request: Box<EpisodeRequest>,
         outcome: CallOutcome,
     },
     /// Replace (or start) the policy.
@@ -89,7 +91,7 @@ pub enum SupervisorMsg {
     /// The children now running (for inspection and fault-injection tests).
     Children(RpcReplyPort<Result<Children, String>>),
     StartLearner(
-        LearnerArgs,
+        Box<LearnerArgs>,
         RpcReplyPort<Result<ActorRef<LearnerMsg>, String>>,
     ),
 }
@@ -213,7 +215,7 @@ impl Supervisor {
                     )
                     .await;
                 let outcome = match answer {
-                    Ok(CallResult::Success(r)) => CallOutcome::Reply(r),
+                    Ok(CallResult::Success(r)) => CallOutcome::Reply(Box::new(r)),
                     Ok(CallResult::Timeout) => {
                         // Presumed stuck: stop it; the supervisor restarts the slot.
                         env.kill();
@@ -226,7 +228,7 @@ impl Supervisor {
                 };
                 let _ = me.cast(SupervisorMsg::Done {
                     slot,
-                    request,
+                    request: Box::new(request),
                     outcome,
                 });
             });
@@ -357,7 +359,7 @@ impl Actor for Supervisor {
                         state,
                         EpisodeOutcome {
                             episode_id: request.episode_id,
-                            result,
+                            result: *result,
                             attempts,
                         },
                     )?,
@@ -365,7 +367,7 @@ impl Actor for Supervisor {
                         tracing::warn!(episode = request.episode_id, reason = %why, "environment died; re-queueing the episode once");
                         // A directory of its own: the dead attempt's thread may still write in
                         // the old one. First in line: it has waited longest.
-                        let mut request = request;
+                        let mut request = *request;
                         request.episode_dir = request.episode_dir.with_extension("retry");
                         request.attempt += 1;
                         state.queue.push_front((request, attempts));
@@ -408,7 +410,10 @@ impl Actor for Supervisor {
                 if let PolicyBackend::Local { policy: local, .. } = &mut args.backend {
                     let cfg = local.model.config().clone();
                     let device = local.model.device().clone();
-                    let copy = weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                    let copy = weights
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
                     match Llama::from_tensors(&cfg, copy, &device) {
                         Ok(model) => local.set_model(model, version),
                         Err(e) => {
@@ -424,13 +429,16 @@ impl Actor for Supervisor {
                             weights: Some(weights),
                             reply: r,
                         },
-                        Some(state.args.settings.episode_timeout),
+                        // Within the caller's own wait, so it gets the policy's answer.
+                        Some(CONTROL_TIMEOUT / 2),
                     )
                     .await;
                 let _ = reply.send(match answer {
                     Ok(CallResult::Success(Ok(()))) => Ok(()),
                     Ok(CallResult::Success(Err(e))) => Err(e.to_string()),
-                    Ok(CallResult::Timeout) => Err("the policy did not take the weights in time".into()),
+                    Ok(CallResult::Timeout) => {
+                        Err("the policy did not take the weights in time".into())
+                    }
                     Ok(CallResult::SenderError) | Err(_) => Err("the policy stopped".into()),
                 });
             }
@@ -446,7 +454,7 @@ impl Actor for Supervisor {
                 if let Some(old) = state.learner.take() {
                     old.stop(None);
                 }
-                match Actor::spawn_linked(None, Learner, args, myself.get_cell()).await {
+                match Actor::spawn_linked(None, Learner, *args, myself.get_cell()).await {
                     Ok((l, _)) => {
                         state.learner = Some(l.clone());
                         let _ = reply.send(Ok(l));
@@ -609,7 +617,10 @@ impl Actors {
     }
 
     pub fn start_learner(&self, args: LearnerArgs) -> anyhow::Result<ActorRef<LearnerMsg>> {
-        self.control(|r| SupervisorMsg::StartLearner(args, r), "learner")
+        self.control(
+            |r| SupervisorMsg::StartLearner(Box::new(args), r),
+            "learner",
+        )
     }
 
     /// A call to an actor, waited on for at most `timeout`.

@@ -284,6 +284,16 @@ fn episodes_without_a_policy_fail_typed_instead_of_hanging() {
 
 /// A tiny random model with a context long enough for the family's prompt.
 fn tiny_local(version: u64) -> LocalPolicy {
+    tiny_local_and_weights(version).0
+}
+
+/// The policy and its weights by name (what `sync_policy` takes).
+fn tiny_local_and_weights(
+    version: u64,
+) -> (
+    LocalPolicy,
+    std::collections::BTreeMap<String, candle_core::Tensor>,
+) {
     let mut cfg = LlamaConfig::tiny(ByteTokenizer::VOCAB_SIZE);
     cfg.hidden_size = 32;
     cfg.num_hidden_layers = 1;
@@ -293,7 +303,17 @@ fn tiny_local(version: u64) -> LocalPolicy {
     cfg.max_position_embeddings = 16384;
     let vm = VarMap::new();
     let model = Llama::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    LocalPolicy::new(model, Tokenizer::Byte(ByteTokenizer), version)
+    let weights = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    (
+        LocalPolicy::new(model, Tokenizer::Byte(ByteTokenizer), version),
+        weights,
+    )
 }
 
 #[test]
@@ -334,12 +354,33 @@ fn the_local_policy_batches_episodes_and_versions_flow_into_trajectories() {
         )
         .unwrap();
     assert!(synced.is_ok());
-    let mut reqs = requests(&dir.path().join("again"), 1, 16384, sampling);
+    let mut reqs = requests(&dir.path().join("again"), 1, 16384, sampling.clone());
     reqs[0].limits.max_turns = 1;
     reqs[0].limits.max_turn_tokens = 16;
     let second = run_all(&mut a, reqs);
+
+    // Weights synced through the supervisor survive the policy's death: the restarted policy
+    // comes back with them and their version, not with its first ones.
+    let (_, weights) = tiny_local_and_weights(0);
+    a.sync_policy(9, weights).unwrap();
+    let before = a.children().unwrap().policy.unwrap();
+    before.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while a
+        .children()
+        .unwrap()
+        .policy
+        .is_none_or(|p| p.get_id() == before.get_id())
+    {
+        assert!(std::time::Instant::now() < deadline, "policy not restarted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut reqs = requests(&dir.path().join("restarted"), 1, 16384, sampling);
+    reqs[0].limits.max_turns = 1;
+    reqs[0].limits.max_turn_tokens = 16;
+    let third = run_all(&mut a, reqs);
     a.shutdown();
-    for (outcomes, version) in [(first, 7), (second, 8)] {
+    for (outcomes, version) in [(first, 7), (second, 8), (third, 9)] {
         for o in outcomes {
             let s = o.result.expect("a random policy's episode is still judged");
             // A random byte model writes no valid call: every turn is malformed, nothing

@@ -212,10 +212,16 @@ fn rl_raises_the_score_of_a_weak_policy_under_growing_budgets() {
     let flat = dir.join("flat.ron");
     std::fs::write(&flat, config(dir, 3, 400)).unwrap();
     let out = klongd(&["check", flat.to_str().unwrap()], dir);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("warning") && text.contains("\"long\"") && text.contains("larger episode budget"),
+        text.contains("warning")
+            && text.contains("\"long\"")
+            && text.contains("larger episode budget"),
         "{text}"
     );
 
@@ -238,7 +244,11 @@ fn rl_raises_the_score_of_a_weak_policy_under_growing_budgets() {
             args.extend(["--max-steps", n.as_str()]);
         }
         let out = klongd(&args, dir);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let log = run_for(Some(1));
@@ -259,7 +269,11 @@ fn rl_raises_the_score_of_a_weak_policy_under_growing_budgets() {
     {
         let store = RunStore::open(&run).unwrap();
         for (key, bytes) in &first_rollouts {
-            assert_eq!(store.get(key).unwrap().as_ref(), Some(bytes), "{key} was re-run");
+            assert_eq!(
+                store.get(key).unwrap().as_ref(),
+                Some(bytes),
+                "{key} was re-run"
+            );
         }
     }
 
@@ -274,7 +288,10 @@ fn rl_raises_the_score_of_a_weak_policy_under_growing_budgets() {
 
     // Metrics per RL step.
     let m = metrics(&run);
-    let rl: Vec<&Value> = m.iter().filter(|l| l.get("reward_mean").is_some()).collect();
+    let rl: Vec<&Value> = m
+        .iter()
+        .filter(|l| l.get("reward_mean").is_some())
+        .collect();
     assert_eq!(rl.len(), 6, "3 steps per stage");
     for (i, l) in rl.iter().enumerate() {
         for key in [
@@ -303,7 +320,9 @@ fn rl_raises_the_score_of_a_weak_policy_under_growing_budgets() {
         assert_eq!(l["ends"], json!({"turns": 12}), "{l}");
         assert!(l["turns_mean"].as_f64().unwrap() == 1.0, "{l}");
     }
-    assert!(rl[..3].iter().any(|l| l["reward_mean"].as_f64().unwrap() > 0.0));
+    assert!(rl[..3]
+        .iter()
+        .any(|l| l["reward_mean"].as_f64().unwrap() > 0.0));
     // The long stage's episodes have room to submit.
     assert!(rl[3..].iter().any(|l| l["ends"].get("submitted").is_some()));
 
@@ -325,7 +344,10 @@ fn rl_raises_the_score_of_a_weak_policy_under_growing_budgets() {
                 })
                 .collect();
             assert!(!versions.is_empty());
-            assert!(versions.iter().all(|v| *v == Some(step)), "{key}: {versions:?}");
+            assert!(
+                versions.iter().all(|v| *v == Some(step)),
+                "{key}: {versions:?}"
+            );
             assert!(r.trajectory.turns.iter().all(|t| match t {
                 Turn::Assistant(a) => a.logprobs.is_some(),
                 _ => true,
@@ -352,14 +374,25 @@ fn rl_raises_the_score_of_a_weak_policy_under_growing_budgets() {
             ],
             dir,
         );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let reports: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(reports.as_array().unwrap().len(), 1);
         assert_eq!(reports[0]["overall"]["mean"].as_f64().unwrap(), after);
         assert!(out_dir.join("eval/after.txt").is_file());
     }
     let out = klongd(
-        &["eval", path.to_str().unwrap(), "--checkpoint", run.to_str().unwrap(), "--stage", "nope"],
+        &[
+            "eval",
+            path.to_str().unwrap(),
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--stage",
+            "nope",
+        ],
         dir,
     );
     assert!(!out.status.success());
@@ -368,6 +401,10 @@ fn rl_raises_the_score_of_a_weak_policy_under_growing_budgets() {
     // A second invocation re-runs nothing: every stage is finished.
     let lines = m.len();
     let out = klongd(&["run", path.to_str().unwrap()], dir);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(metrics(&run).len(), lines);
 }

@@ -262,6 +262,27 @@ fn a_random_model_runs_into_its_budgets_and_records_its_version() {
     .unwrap();
     assert_eq!(run.end, EpisodeEnd::Tokens);
     assert!(run.generated_tokens <= 40);
+
+    // So does a wall-time budget (an RL stage's timeout): checked before each turn, so a
+    // spent one ends the episode before the policy acts, and it is judged on that state.
+    let mut lim = limits(100);
+    lim.max_wall_time = Some(std::time::Duration::ZERO);
+    let ep4 = tempfile::tempdir().unwrap();
+    task.copy_files_into(ep4.path(), CopyBounds::default())
+        .unwrap();
+    let run = run_policy_episode(
+        "e4",
+        &task,
+        &mut sandbox(ep4.path(), 12),
+        &mut tiny_policy(1),
+        &tok,
+        &ChatTemplate::ChatMl,
+        &tools,
+        &sampling,
+        &lim,
+    )
+    .unwrap();
+    assert_eq!((run.end, run.turns), (EpisodeEnd::WallTime, 0));
 }
 
 #[test]

@@ -119,7 +119,10 @@ pub fn ppo_terms(
     };
     let loss_sum = (per_token * mask)?.sum_all()?;
     let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
-        t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        t.detach()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()
     };
     let (m, r, p) = (host(mask)?, host(&ratio)?, host(&pg)?);
     let k = kl.as_ref().map(host).transpose()?;
@@ -280,7 +283,11 @@ pub fn rl_step(
     opt.set_lr(lr);
     opt.step(&grads)?;
     let n = total as f64;
-    let kl_used = if reference.is_some() { sums.kl / n } else { 0.0 };
+    let kl_used = if reference.is_some() {
+        sums.kl / n
+    } else {
+        0.0
+    };
     Ok(RlStepStats {
         loss: sums.pg / n + hp.kl_beta * kl_used,
         pg_loss: sums.pg / n,
@@ -345,8 +352,8 @@ mod tests {
         let adv = t(&[1.0, 1.0, -2.0, 5.0]);
         let reference = t(&[ln(1.5) + 0.1, ln(0.5), ln(1.1) - 0.2, 0.0]);
         let mask = t(&[1.0, 1.0, 1.0, 0.0]);
-        let (loss, s) = ppo_terms(&logp, &behaviour, &adv, Some(&reference), &mask, 0.2, 0.5)
-            .unwrap();
+        let (loss, s) =
+            ppo_terms(&logp, &behaviour, &adv, Some(&reference), &mask, 0.2, 0.5).unwrap();
         // pg: token 0: min(1.5, 1.2) = 1.2 -> -1.2; token 1: min(0.5, 0.8) = 0.5 -> -0.5;
         // token 2: A = -2: min(-2.2, -2.2) -> 2.2. Sum -1.2 - 0.5 + 2.2 = 0.5.
         assert!((s.pg - 0.5).abs() < 1e-5, "{s:?}");
