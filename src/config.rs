@@ -913,4 +913,37 @@ mod tests {
         .to_string();
         assert!(err.contains("sandbox.call.wall_time"), "{err}");
     }
+
+    fn rl_config(group: u32, temperature: &str, second_turns: u32) -> String {
+        let stage = |name: &str, turns: u32, group: u32, temperature: &str| {
+            format!(
+                r#"Rl((name: "{name}", tasks: Dir("tasks"), steps: 1, tasks_per_step: 1,
+                    group_size: {group}, budget: (turns: {turns}, tokens: 100),
+                    max_turn_tokens: 16, temperature: {temperature}, clip_eps: 0.2,
+                    kl_beta: 0.0, lr: 1e-4, split: (context: 256, mode: Split),
+                    batch_tokens: 512))"#
+            )
+        };
+        format!(
+            r#"(name: "t", run_dir: "r", seed: 1,
+                model: Some(Tiny((hidden: 32, layers: 1, heads: 2, kv_heads: 1, ffn: 64, context: 512))),
+                stages: [{}, {}])"#,
+            stage("a", 4, group, temperature),
+            stage("b", second_turns, 2, "1.0")
+        )
+    }
+
+    #[test]
+    fn rl_stages_are_checked_and_flat_budgets_warned_about() {
+        let c = parse(&rl_config(4, "1.0", 8)).unwrap();
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        assert_eq!(parse(&c.to_ron()).unwrap(), c);
+        let w = parse(&rl_config(4, "1.0", 4)).unwrap().warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("\"b\"") && w[0].contains("\"a\""), "{}", w[0]);
+        let e = parse(&rl_config(1, "1.0", 8)).unwrap_err().to_string();
+        assert!(e.contains("stages[0].group_size"), "{e}");
+        let e = parse(&rl_config(4, "0.0", 8)).unwrap_err().to_string();
+        assert!(e.contains("stages[0].temperature"), "{e}");
+    }
 }

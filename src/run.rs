@@ -28,7 +28,7 @@ use crate::sft_stage::{
 };
 use crate::store::RunStore;
 use crate::supervisor::{Actors, RuntimeSettings};
-use klong_actors::policy::model::Llama;
+use klong_actors::policy::model::{Llama, LlamaConfig};
 use klong_actors::policy::pretrained::read_safetensors;
 
 /// The run directory's copy of the config it was started with.
@@ -338,7 +338,9 @@ fn run_stage_list(
             _ => AdamW::from_varmap(&tm.varmap, hp)?,
         };
         let reference = match stage {
-            StageConfig::Rl(rl) if rl.kl_beta > 0.0 => Some(reference_model(config, run_dir, i)?),
+            StageConfig::Rl(rl) if rl.kl_beta > 0.0 => {
+                Some(reference_model(config, run_dir, i, &tm.config)?)
+            }
             _ => None,
         };
         let learner = actors.start_learner(LearnerArgs {
@@ -372,18 +374,24 @@ fn run_stage_list(
 /// The frozen reference of RL stage `index`'s KL term: the model as the last Sft stage before
 /// it left it (read from its saved folder, so a resumed run gets the same one), or the
 /// configured model's starting weights when no Sft stage comes first.
-fn reference_model(config: &Config, run_dir: &Path, index: usize) -> anyhow::Result<Llama> {
+fn reference_model(
+    config: &Config,
+    run_dir: &Path,
+    index: usize,
+    model_config: &LlamaConfig,
+) -> anyhow::Result<Llama> {
     let device = Device::Cpu;
-    let Some(model) = &config.model else {
-        bail!("the config has stages but no `model`");
-    };
-    let start = build_model(model, config.seed, &device)?;
     let last_sft = config.stages[..index].iter().rev().find_map(|s| match s {
         StageConfig::Sft(sft) => Some(&sft.name),
         _ => None,
     });
     match last_sft {
-        None => Ok(start.model),
+        None => {
+            let Some(model) = &config.model else {
+                bail!("the config has stages but no `model`");
+            };
+            Ok(build_model(model, config.seed, &device)?.model)
+        }
         Some(name) => {
             let dir = stage_model_dir(run_dir, name);
             let weights = read_safetensors(&dir, &device).with_context(|| {
@@ -393,7 +401,7 @@ fn reference_model(config: &Config, run_dir: &Path, index: usize) -> anyhow::Res
                 )
             })?;
             Ok(Llama::from_tensors(
-                &start.config,
+                model_config,
                 weights.into_iter().collect(),
                 &device,
             )?)
