@@ -11,7 +11,6 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use klong_actors::learner::optim::{AdamW, AdamWParams};
 use klong_actors::policy::chat::ChatTemplate;
-use klong_actors::policy::pretrained::Pretrained;
 
 use crate::config::{Config, StageConfig};
 use crate::eval_stage::{run_eval, EvalReport};
@@ -50,15 +49,7 @@ fn load_checkpoint(config: &Config, path: &Path, device: &Device) -> anyhow::Res
         tracing::info!(run = %path.display(), seq = manifest.seq, "evaluating the run's latest checkpoint");
         return Ok(tm);
     }
-    let p = Pretrained::load(path, device)
-        .with_context(|| format!("loading the checkpoint {}", path.display()))?;
-    let (varmap, model) = p.trainable()?;
-    Ok(TrainModel {
-        config: p.config.clone(),
-        varmap,
-        model,
-        tokenizer: p.tokenizer,
-    })
+    TrainModel::load(path, device)
 }
 
 /// Runs the Eval stages of `config_path` (those named in `only`, or all) with the model at

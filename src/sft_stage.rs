@@ -116,17 +116,22 @@ pub fn build_model(model: &ModelConfig, seed: u64, device: &Device) -> anyhow::R
                 tokenizer: Tokenizer::Byte(ByteTokenizer),
             })
         }
-        ModelConfig::Pretrained { path } => {
-            let p = Pretrained::load(path, device)
-                .with_context(|| format!("loading the model {}", path.display()))?;
-            let (varmap, model) = p.trainable()?;
-            Ok(TrainModel {
-                config: p.config.clone(),
-                varmap,
-                model,
-                tokenizer: p.tokenizer,
-            })
-        }
+        ModelConfig::Pretrained { path } => TrainModel::load(path, device),
+    }
+}
+
+impl TrainModel {
+    /// An HF folder or a `.gguf` file, trainable (dequantized, f32).
+    pub fn load(path: &Path, device: &Device) -> anyhow::Result<TrainModel> {
+        let p = Pretrained::load(path, device)
+            .with_context(|| format!("loading the model {}", path.display()))?;
+        let (varmap, model) = p.trainable()?;
+        Ok(TrainModel {
+            config: p.config.clone(),
+            varmap,
+            model,
+            tokenizer: p.tokenizer,
+        })
     }
 }
 

@@ -378,14 +378,7 @@ mod tests {
         let mask = t(&[1.0, 1.0, 1.0]);
         let (loss, _) =
             ppo_terms(var.as_tensor(), &behaviour, &adv, None, &mask, 0.2, 0.0).unwrap();
-        let grads = loss.backward().unwrap();
-        let g: Vec<f32> = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let g = grads_of(&loss, &var);
         // Token 0: ratio 1.5 > 1.2 with A > 0: clipped, no gradient. Token 1: inside, -0.9.
         // Token 2: ratio 0.5 < 0.8 with A < 0: clipped, no gradient.
         assert!(g[0].abs() < 1e-6, "{g:?}");
@@ -409,19 +402,18 @@ mod tests {
             1.0,
         )
         .unwrap();
-        let g = grads_scalar(&loss, &var);
+        let g = f64::from(grads_of(&loss, &var)[0]);
         assert!((g - (1.0 - (-1.0f64).exp())).abs() < 1e-5, "{g}");
     }
 
-    fn grads_scalar(loss: &Tensor, var: &candle_core::Var) -> f64 {
+    fn grads_of(loss: &Tensor, var: &candle_core::Var) -> Vec<f32> {
         let grads = loss.backward().unwrap();
-        let g: Vec<f32> = grads
+        grads
             .get(var.as_tensor())
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1()
-            .unwrap();
-        f64::from(g[0])
+            .unwrap()
     }
 }
