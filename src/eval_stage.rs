@@ -80,7 +80,8 @@ pub struct EvalReport {
     pub infra_failures: usize,
 }
 
-fn end_name(end: EpisodeEnd) -> String {
+/// How an episode ended, as its report and metrics name it (`submitted`, `turns`, ...).
+pub(crate) fn end_name(end: EpisodeEnd) -> String {
     serde_json::to_value(end)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))

@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::RlStage;
+use crate::eval_stage::end_name;
 use crate::progress::Progress;
 use crate::sft_stage::{checkpoint, save_stage_model, StageEnv, TrainModel};
 use crate::supervisor::Actors;
@@ -168,6 +169,7 @@ pub fn run_rl(
         // Advantages per group; rollouts of groups without a spread are left out.
         let mut groups: BTreeMap<u32, Vec<&StoredRollout>> = BTreeMap::new();
         for r in rollouts.iter().flatten() {
+            check_version(&r.trajectory, step)?;
             groups.entry(r.group).or_default().push(r);
         }
         let mut subs: Vec<SubTrajectory> = Vec::new();
@@ -179,7 +181,6 @@ pub fn run_rl(
                 continue;
             };
             for (r, a) in members.iter().zip(adv) {
-                check_version(&r.trajectory, step)?;
                 for mut s in split(&r.trajectory, &split_cfg)
                     .with_context(|| format!("splitting {}", r.trajectory.id))?
                 {
@@ -316,13 +317,6 @@ pub fn run_rl(
         finished,
         reward_means,
     })
-}
-
-fn end_name(end: EpisodeEnd) -> String {
-    serde_json::to_value(end)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{end:?}"))
 }
 
 /// Every action of a rollout of step `step` was sampled by version `step` (on-policy).
