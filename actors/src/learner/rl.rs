@@ -44,6 +44,9 @@ pub enum RlError {
     Model(#[from] candle_core::Error),
 }
 
+/// Bound on `|logp - behaviour|` and `|ref - logp|` before `exp` (e^20 ~ 5e8).
+const MAX_LOG_RATIO: f64 = 20.0;
+
 /// The step's hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RlHyper {
@@ -100,7 +103,11 @@ pub fn ppo_terms(
     clip_eps: f64,
     kl_beta: f64,
 ) -> candle_core::Result<(Tensor, TermSums)> {
-    let log_ratio = (logp - behaviour)?;
+    // Masked first: at a non-target position (an observation, padding) the logprobs are not
+    // comparable and their difference could overflow `exp` into inf, and inf x 0 is NaN. The
+    // clamp keeps a far-off-policy token finite (it is clipped out of the gradient anyway).
+    let mask = &mask.to_dtype(logp.dtype())?;
+    let log_ratio = ((logp - behaviour)? * mask)?.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)?;
     let ratio = log_ratio.exp()?;
     let unclipped = (&ratio * advantage)?;
     let clipped = (ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)? * advantage)?;
@@ -108,7 +115,7 @@ pub fn ppo_terms(
     let mut per_token = pg.clone();
     let kl = match reference {
         Some(r) => {
-            let d = (r - logp)?;
+            let d = ((r - logp)? * mask)?.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)?;
             let kl = ((d.exp()? - &d)? - 1.0)?;
             if kl_beta != 0.0 {
                 per_token = (per_token + (&kl * kl_beta)?)?;
@@ -384,6 +391,28 @@ mod tests {
         assert!(g[0].abs() < 1e-6, "{g:?}");
         assert!((g[1] + 0.9).abs() < 1e-5, "{g:?}");
         assert!(g[2].abs() < 1e-6, "{g:?}");
+    }
+
+    #[test]
+    fn masked_positions_cannot_poison_the_loss() {
+        // A non-target position whose logprobs differ by 200 nats: exp would overflow f32.
+        let logp = t(&[-0.5, -200.0]);
+        let behaviour = t(&[-0.5, 0.0]);
+        let reference = t(&[-0.5, 0.0]);
+        let (loss, s) = ppo_terms(
+            &logp,
+            &behaviour,
+            &t(&[1.0, 1.0]),
+            Some(&reference),
+            &t(&[1.0, 0.0]),
+            0.2,
+            0.1,
+        )
+        .unwrap();
+        let l = loss.to_scalar::<f32>().unwrap();
+        assert!(l.is_finite() && (l + 1.0).abs() < 1e-6, "{l}");
+        assert_eq!(s.targets, 1);
+        assert!(s.kl.abs() < 1e-12 && s.pg.is_finite());
     }
 
     #[test]
