@@ -12,7 +12,7 @@ use candle_core::Device;
 use klong_actors::learner::optim::{AdamW, AdamWParams};
 use klong_actors::policy::chat::ChatTemplate;
 
-use crate::config::{Config, StageConfig};
+use crate::config::{Config, EvalStage, StageConfig};
 use crate::eval_stage::{run_eval, EvalReport};
 use crate::run::{bring_up_sandbox, start_actors};
 use crate::sft_stage::{build_model, StageEnv, TrainModel};
@@ -52,16 +52,9 @@ fn load_checkpoint(config: &Config, path: &Path, device: &Device) -> anyhow::Res
     TrainModel::load(path, device)
 }
 
-/// Runs the Eval stages of `config_path` (those named in `only`, or all) with the model at
-/// `checkpoint`; the reports are written under `out` and returned.
-pub fn eval(
-    config_path: &Path,
-    checkpoint: &Path,
-    only: &[String],
-    out: &Path,
-) -> anyhow::Result<Vec<EvalReport>> {
-    let config = Config::load(config_path)?;
-    let stages: Vec<_> = config
+/// The config's Eval stages named in `only` (all of them when it is empty), or why not.
+pub fn eval_stages<'a>(config: &'a Config, only: &[String]) -> Result<Vec<&'a EvalStage>, String> {
+    let stages: Vec<&EvalStage> = config
         .stages
         .iter()
         .filter_map(|s| match s {
@@ -69,16 +62,25 @@ pub fn eval(
             _ => None,
         })
         .collect();
-    for name in only {
-        if !stages.iter().any(|s| &s.name == name) {
-            bail!("{} has no Eval stage named {name:?}", config_path.display());
-        }
+    if let Some(name) = only.iter().find(|n| !stages.iter().any(|s| &&s.name == n)) {
+        return Err(format!("no Eval stage named {name:?}"));
     }
     if stages.is_empty() {
-        bail!("{} has no Eval stage to run", config_path.display());
+        return Err("no Eval stage to run".into());
     }
+    Ok(stages)
+}
+
+/// Runs `stages` (Eval stages of `config`) with the model at `checkpoint`; the reports are
+/// written under `out` and returned.
+pub fn eval(
+    config: &Config,
+    stages: &[&EvalStage],
+    checkpoint: &Path,
+    out: &Path,
+) -> anyhow::Result<Vec<EvalReport>> {
     let device = Device::Cpu;
-    let tm = load_checkpoint(&config, checkpoint, &device)?;
+    let tm = load_checkpoint(config, checkpoint, &device)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     // The evaluations' own state (episode results), fresh each time: a report must describe
     // this checkpoint and this config, not an earlier invocation's.
@@ -87,12 +89,12 @@ pub fn eval(
         .tempdir_in(out)
         .with_context(|| format!("cannot write in {}", out.display()))?;
     let store = RunStore::open(scratch.path())?;
-    let (host, registry, _) = bring_up_sandbox(&config, scratch.path())?;
+    let (host, registry, _) = bring_up_sandbox(config, scratch.path())?;
     let tokenizer = Arc::new(tm.tokenizer.clone());
     let template = Arc::new(ChatTemplate::for_tokenizer(&tm.tokenizer, true)?);
-    let mut actors = start_actors(&config, host, registry, tokenizer, template)?;
+    let mut actors = start_actors(config, host, registry, tokenizer, template)?;
     let env = StageEnv {
-        config: &config,
+        config,
         run_dir: out,
         store: &store,
     };

@@ -406,17 +406,19 @@ fn main() -> ExitCode {
             out,
             json,
         } => {
-            let out = match out {
-                Some(o) => o,
-                None => match Config::load(&config) {
-                    Ok(c) => eval_cli::default_out(&c, &checkpoint),
-                    Err(e) => return config_error(&e),
-                },
+            let c = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
             };
-            if let Err(e) = Config::load(&config) {
-                return config_error(&e);
-            }
-            match eval_cli::eval(&config, &checkpoint, &stages, &out) {
+            let chosen = match eval_cli::eval_stages(&c, &stages) {
+                Ok(chosen) => chosen,
+                Err(why) => {
+                    eprintln!("error: {}: {why}", config.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let out = out.unwrap_or_else(|| eval_cli::default_out(&c, &checkpoint));
+            match eval_cli::eval(&c, &chosen, &checkpoint, &out) {
                 Ok(reports) => {
                     if json {
                         match serde_json::to_string_pretty(&reports) {

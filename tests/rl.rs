@@ -395,7 +395,11 @@ fn rl_raises_the_score_of_a_weak_policy_under_growing_budgets() {
         ],
         dir,
     );
-    assert!(!out.status.success());
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a stage that is not there is bad input"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("no Eval stage named \"nope\""));
 
     // A second invocation re-runs nothing: every stage is finished.
