@@ -241,7 +241,7 @@ impl EvalReport {
 }
 
 /// A copy of the model's current weights that no later training step touches.
-fn frozen_model(tm: &TrainModel) -> anyhow::Result<Llama> {
+pub(crate) fn frozen_model(tm: &TrainModel) -> anyhow::Result<Llama> {
     let data = tm.varmap.data();
     let vars = data
         .lock()
@@ -328,11 +328,7 @@ pub fn run_eval(
                     max_wall_time: None,
                 },
                 task: task.clone(),
-                episode_dir: env
-                    .run_dir
-                    .join("episodes")
-                    .join(&stage.name)
-                    .join(format!("{id:08}")),
+                episode_dir: env.episode_dir(&stage.name, id),
                 sandbox_seed: seed,
                 policy_seed: env.config.seed ^ (id << 20),
                 sampling: SamplingParams {

@@ -21,20 +21,18 @@
 //! the final model to `RUN_DIR/models/<stage>/`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use klong_actors::environment::episode::{EpisodeEnd, EpisodeLimits};
+use klong_actors::environment::episode::EpisodeLimits;
 use klong_actors::environment::expert::MAX_OBSERVATION_BYTES;
 use klong_actors::learner::optim::LrSchedule;
 use klong_actors::learner::rl::{group_advantages, RlHyper};
 use klong_actors::learner::sft::pack_batches;
 use klong_actors::learner::split::{split, Pin, SplitConfig, SubTrajectory};
-use klong_actors::messages::{EpisodeRequest, LearnerMsg};
+use klong_actors::messages::{EpisodeRequest, LearnerMsg, ScoredEpisode};
 use klong_actors::policy::actor::{PolicyArgs, PolicyBackend};
 use klong_actors::policy::local::LocalPolicy;
-use klong_actors::policy::model::Llama;
 use klong_actors::policy::sampling::SamplingParams;
 use klong_actors::trajectory::{Trajectory, Turn};
 use ractor::ActorRef;
@@ -42,26 +40,20 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::RlStage;
-use crate::eval_stage::end_name;
+use crate::eval_stage::{end_name, frozen_model};
 use crate::progress::Progress;
 use crate::sft_stage::{checkpoint, save_stage_model, StageEnv, TrainModel};
 use crate::supervisor::Actors;
 use crate::task_set::{resolve, StageTask};
 
-/// A judged rollout as stored.
+/// A judged rollout as stored: the episode and its place in the step.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredRollout {
-    pub task: String,
     /// The task's slot in its step.
     pub group: u32,
     pub sample: u32,
-    pub score: f64,
-    pub end: EpisodeEnd,
-    pub turns: u32,
-    pub generated_tokens: u64,
-    pub malformed_turns: u32,
-    pub judge_seconds: f64,
-    pub trajectory: Trajectory,
+    #[serde(flatten)]
+    pub episode: ScoredEpisode,
 }
 
 /// How an Rl stage ended in this invocation.
@@ -134,11 +126,9 @@ pub fn run_rl(
         min_ratio: stage.min_lr_ratio,
     };
 
-    // The policy: the learner's weights as they are now, version = steps taken.
-    let weights = actors
-        .call(learner, LearnerMsg::Weights, timeout, "learner weights")?
-        .context("the policy's first weights")?;
-    let model = Llama::from_tensors(&tm.config, weights.into_iter().collect(), tm.model.device())?;
+    // The policy: a copy of the weights as they are now (the learner trains `tm`'s
+    // variables in place), version = steps taken.
+    let model = frozen_model(tm)?;
     let window = actors.window();
     actors.set_policy(PolicyArgs {
         backend: PolicyBackend::Local {
@@ -149,12 +139,6 @@ pub fn run_rl(
         max_episodes: window,
     })?;
 
-    let metrics_path = env.run_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
     let mut progress = Progress::starting_at(&stage.name, start_step, stage.steps);
     let mut reward_means = Vec::new();
     let mut step = start_step;
@@ -169,20 +153,20 @@ pub fn run_rl(
         // Advantages per group; rollouts of groups without a spread are left out.
         let mut groups: BTreeMap<u32, Vec<&StoredRollout>> = BTreeMap::new();
         for r in rollouts.iter().flatten() {
-            check_version(&r.trajectory, step)?;
+            check_version(&r.episode.trajectory, step)?;
             groups.entry(r.group).or_default().push(r);
         }
         let mut subs: Vec<SubTrajectory> = Vec::new();
         let mut zero_groups = 0usize;
         for members in groups.values() {
-            let rewards: Vec<f64> = members.iter().map(|r| r.score).collect();
+            let rewards: Vec<f64> = members.iter().map(|r| r.episode.score).collect();
             let Some(adv) = group_advantages(&rewards) else {
                 zero_groups += 1;
                 continue;
             };
             for (r, a) in members.iter().zip(adv) {
-                for mut s in split(&r.trajectory, &split_cfg)
-                    .with_context(|| format!("splitting {}", r.trajectory.id))?
+                for mut s in split(&r.episode.trajectory, &split_cfg)
+                    .with_context(|| format!("splitting {}", r.episode.trajectory.id))?
                 {
                     s.advantage = Some(a as f32);
                     subs.push(s);
@@ -235,11 +219,16 @@ pub fn run_rl(
         let scored: Vec<&StoredRollout> = rollouts.iter().flatten().collect();
         let infra_failures = rollouts.iter().filter(|r| r.is_none()).count();
         let count = scored.len().max(1) as f64;
-        let mean = scored.iter().map(|r| r.score).sum::<f64>() / count;
-        let std = (scored.iter().map(|r| (r.score - mean).powi(2)).sum::<f64>() / count).sqrt();
+        let mean = scored.iter().map(|r| r.episode.score).sum::<f64>() / count;
+        let std = (scored
+            .iter()
+            .map(|r| (r.episode.score - mean).powi(2))
+            .sum::<f64>()
+            / count)
+            .sqrt();
         let mut ends: BTreeMap<String, usize> = BTreeMap::new();
         for r in &scored {
-            *ends.entry(end_name(r.end)).or_insert(0) += 1;
+            *ends.entry(end_name(r.episode.end)).or_insert(0) += 1;
         }
         reward_means.push(mean);
         let line = json!({
@@ -251,10 +240,10 @@ pub fn run_rl(
             "reward_mean": mean,
             "reward_std": std,
             "score_mean": mean,
-            "success_rate": scored.iter().filter(|r| r.score >= 1.0 - 1e-9).count() as f64 / count,
-            "turns_mean": scored.iter().map(|r| f64::from(r.turns)).sum::<f64>() / count,
-            "generated_tokens": scored.iter().map(|r| r.generated_tokens).sum::<u64>(),
-            "malformed_turns": scored.iter().map(|r| u64::from(r.malformed_turns)).sum::<u64>(),
+            "success_rate": scored.iter().filter(|r| r.episode.score >= 1.0 - 1e-9).count() as f64 / count,
+            "turns_mean": scored.iter().map(|r| f64::from(r.episode.turns)).sum::<f64>() / count,
+            "generated_tokens": scored.iter().map(|r| r.episode.generated_tokens).sum::<u64>(),
+            "malformed_turns": scored.iter().map(|r| u64::from(r.episode.malformed_turns)).sum::<u64>(),
             "ends": ends,
             "groups": groups.len(),
             "zero_variance_groups": zero_groups,
@@ -271,14 +260,12 @@ pub fn run_rl(
             "grad_norm": stats.map(|s| s.grad_norm),
             "lr": step_lr,
             "rollout_s": rollout_s,
-            "judge_s": scored.iter().map(|r| r.judge_seconds).sum::<f64>(),
+            "judge_s": scored.iter().map(|r| r.episode.judge_seconds).sum::<f64>(),
             "learn_s": learn_s,
             "sync_s": sync_s,
             "step_s": started.elapsed().as_secs_f64(),
         });
-        writeln!(metrics, "{line}")?;
-        env.store
-            .put("metrics/latest", line.to_string().as_bytes())?;
+        env.log_metrics(&line)?;
         tracing::info!(
             step,
             total = stage.steps,
@@ -379,11 +366,7 @@ fn rollouts(
                     max_wall_time: budget.wall_time.map(|w| w.0),
                 },
                 task: t.task.clone(),
-                episode_dir: env
-                    .run_dir
-                    .join("episodes")
-                    .join(&stage.name)
-                    .join(format!("{id:08}")),
+                episode_dir: env.episode_dir(&stage.name, id),
                 sandbox_seed: t.seed,
                 policy_seed: mix(seed ^ id),
                 sampling: SamplingParams {
@@ -414,16 +397,9 @@ fn rollouts(
         match outcome.result {
             Ok(s) => {
                 let stored = StoredRollout {
-                    task: s.task.clone(),
                     group: j,
                     sample: k,
-                    score: s.score,
-                    end: s.end,
-                    turns: s.turns,
-                    generated_tokens: s.generated_tokens,
-                    malformed_turns: s.malformed_turns,
-                    judge_seconds: s.judge_seconds,
-                    trajectory: s.trajectory,
+                    episode: s,
                 };
                 env.store.put(&key(j, k), &serde_json::to_vec(&stored)?)?;
                 out[at] = Some(stored);

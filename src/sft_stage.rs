@@ -52,6 +52,31 @@ pub struct StageEnv<'a> {
     pub store: &'a RunStore,
 }
 
+impl StageEnv<'_> {
+    /// Where episode `id` of `stage` runs (created fresh from the task's files, removed after).
+    pub fn episode_dir(&self, stage: &str, id: u64) -> PathBuf {
+        self.run_dir
+            .join("episodes")
+            .join(stage)
+            .join(format!("{id:08}"))
+    }
+
+    /// Appends a step's metrics to `RUN_DIR/metrics.jsonl` (opened per line: steps are seconds
+    /// apart) and keeps it as the store's `metrics/latest` (`klongd status`).
+    pub fn log_metrics(&self, line: &serde_json::Value) -> anyhow::Result<()> {
+        let path = self.run_dir.join("metrics.jsonl");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        writeln!(file, "{line}")?;
+        self.store
+            .put("metrics/latest", line.to_string().as_bytes())?;
+        Ok(())
+    }
+}
+
 /// The trainer's state in a checkpoint manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
@@ -292,12 +317,6 @@ pub fn run_sft(
         "sft data ready"
     );
 
-    let metrics_path = env.run_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
     let (mut first_loss, mut last_loss) = (None, None);
     let mut step = start_step;
     let mut progress = Progress::starting_at(&stage.name, start_step, total);
@@ -341,9 +360,7 @@ pub fn run_sft(
             "grad_norm": st.grad_norm,
             "tokens_per_s": st.tokens as f64 / secs.max(1e-9),
         });
-        writeln!(metrics, "{line}")?;
-        env.store
-            .put("metrics/latest", line.to_string().as_bytes())?;
+        env.log_metrics(&line)?;
         tracing::info!(
             step,
             total,
@@ -492,11 +509,7 @@ fn distill(
                 max_wall_time: None,
             },
             task,
-            episode_dir: env
-                .run_dir
-                .join("episodes")
-                .join(&stage.name)
-                .join(format!("{i:08}")),
+            episode_dir: env.episode_dir(&stage.name, u64::from(i)),
             sandbox_seed: seed,
             policy_seed: env.config.seed ^ (u64::from(i) << 20),
             sampling: SamplingParams::greedy(),

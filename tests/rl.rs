@@ -335,6 +335,7 @@ fn rl_raises_the_score_of_a_weak_policy_under_growing_budgets() {
             let r: StoredRollout = serde_json::from_slice(&bytes).unwrap();
             let step: u64 = key.rsplit('/').next().unwrap()[..6].parse().unwrap();
             let versions: Vec<Option<u64>> = r
+                .episode
                 .trajectory
                 .turns
                 .iter()
@@ -348,7 +349,7 @@ fn rl_raises_the_score_of_a_weak_policy_under_growing_budgets() {
                 versions.iter().all(|v| *v == Some(step)),
                 "{key}: {versions:?}"
             );
-            assert!(r.trajectory.turns.iter().all(|t| match t {
+            assert!(r.episode.trajectory.turns.iter().all(|t| match t {
                 Turn::Assistant(a) => a.logprobs.is_some(),
                 _ => true,
             }));

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use klong_sandbox::EpisodeBudget;
 use ractor::{ActorRef, RpcReplyPort};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use crate::judge::queue::{FinishedEpisode, GradedEpisode, JudgeFailure, JudgeMsg};
@@ -122,7 +122,7 @@ pub struct EpisodeRequest {
 }
 
 /// A judged episode.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScoredEpisode {
     pub episode_id: u64,
     pub task: String,
