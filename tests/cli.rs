@@ -6,36 +6,12 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tools_dir() -> PathBuf {
-    let dir = repo().join("sandboxes/tools/manifests");
-    assert!(
-        repo().join("sandboxes/tools/wasm/coreutils.wasm").exists(),
-        "guest tools are not built: run sandboxes/tools/build.sh"
-    );
-    dir
-}
+mod common;
+use common::{klongd, repo, tools_dir};
 
 /// Shared by all tests (and with the sandbox crate's tests) so modules compile once.
 fn cache_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("klong-module-cache")
-}
-
-fn klongd(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_klongd"))
-        .args(args)
-        .current_dir(cwd)
-        .env("KLONGD_TOOLS_DIR", tools_dir())
-        .env(
-            "XDG_CACHE_HOME",
-            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xdg-cache"),
-        )
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("klongd runs")
 }
 
 fn stderr(o: &Output) -> String {

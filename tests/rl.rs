@@ -6,7 +6,6 @@
 //! version that sampled it; `klongd check` warns about budgets that do not grow.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use klong_actors::environment::episode::SYSTEM_PROMPT;
 use klong_actors::trajectory::Turn;
@@ -14,30 +13,8 @@ use klongd::rl_stage::StoredRollout;
 use klongd::store::RunStore;
 use serde_json::{json, Value};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tools_dir() -> PathBuf {
-    assert!(
-        repo().join("sandboxes/tools/wasm/coreutils.wasm").exists(),
-        "guest tools are not built: run sandboxes/tools/build.sh"
-    );
-    repo().join("sandboxes/tools/manifests")
-}
-
-fn klongd(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_klongd"))
-        .args(args)
-        .current_dir(cwd)
-        .env(
-            "XDG_CACHE_HOME",
-            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xdg-cache"),
-        )
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("klongd runs")
-}
+mod common;
+use common::{klongd, tools_dir};
 
 const PAPER: &str = "Write yes or no to answer.txt with write_file, then call submit.\n\
 Tools: write_file(file, content), submit(message). One call per turn, as \
