@@ -474,6 +474,16 @@ fn positive_usize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Er
     Ok(v)
 }
 
+/// A training stage's settings that every such stage checks the same way.
+struct Training<'a> {
+    lr: f64,
+    min_lr_ratio: f64,
+    max_grad_norm: f64,
+    weight_decay: f64,
+    batch_tokens: usize,
+    split: &'a SplitSettings,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{}: {source}", file.display())]
@@ -628,39 +638,18 @@ impl Config {
                     at("train_tokens")
                 )));
             }
-            if !(sft.lr.is_finite() && sft.lr > 0.0) {
-                return Err(invalid(format!(
-                    "{}: expected a positive learning rate",
-                    at("lr")
-                )));
-            }
-            if !(0.0..=1.0).contains(&sft.min_lr_ratio) {
-                return Err(invalid(format!("{}: expected 0..=1", at("min_lr_ratio"))));
-            }
-            if !(sft.max_grad_norm.is_finite() && sft.max_grad_norm >= 0.0) {
-                return Err(invalid(format!("{}: expected >= 0", at("max_grad_norm"))));
-            }
-            if !(sft.weight_decay.is_finite() && sft.weight_decay >= 0.0) {
-                return Err(invalid(format!("{}: expected >= 0", at("weight_decay"))));
-            }
-            if sft.batch_tokens < sft.split.context {
-                return Err(invalid(format!(
-                    "{} ({}) is smaller than `split.context` ({}): a sub-trajectory would not fit a step",
-                    at("batch_tokens"),
-                    sft.batch_tokens,
-                    sft.split.context
-                )));
-            }
-            if let Some(ModelConfig::Tiny(t)) = &self.model {
-                if sft.split.context > t.context {
-                    return Err(invalid(format!(
-                        "{} ({}) is longer than the model's context ({})",
-                        at("split.context"),
-                        sft.split.context,
-                        t.context
-                    )));
-                }
-            }
+            self.check_training(
+                &Training {
+                    lr: sft.lr,
+                    min_lr_ratio: sft.min_lr_ratio,
+                    max_grad_norm: sft.max_grad_norm,
+                    weight_decay: sft.weight_decay,
+                    batch_tokens: sft.batch_tokens,
+                    split: &sft.split,
+                },
+                &at,
+            )
+            .map_err(invalid)?;
             if let SftData::Distill {
                 teacher: Teacher::Expert { noise },
                 tasks,
@@ -697,13 +686,48 @@ impl Config {
         Ok(())
     }
 
+    /// The checks every training stage's optimizer and splitting settings get.
+    fn check_training(&self, t: &Training, at: &dyn Fn(&str) -> String) -> Result<(), String> {
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err(format!("{}: expected a positive learning rate", at("lr")));
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return Err(format!("{}: expected 0..=1", at("min_lr_ratio")));
+        }
+        if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
+            return Err(format!("{}: expected >= 0", at("max_grad_norm")));
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return Err(format!("{}: expected >= 0", at("weight_decay")));
+        }
+        if t.batch_tokens < t.split.context {
+            return Err(format!(
+                "{} ({}) is smaller than `split.context` ({}): a sub-trajectory would not fit a step",
+                at("batch_tokens"),
+                t.batch_tokens,
+                t.split.context
+            ));
+        }
+        if let Some(ModelConfig::Tiny(m)) = &self.model {
+            if t.split.context > m.context {
+                return Err(format!(
+                    "{} ({}) is longer than the model's context ({})",
+                    at("split.context"),
+                    t.split.context,
+                    m.context
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_rl(&self, rl: &RlStage, at: &dyn Fn(&str) -> String) -> Result<(), String> {
-        let Some(model) = &self.model else {
+        if self.model.is_none() {
             return Err(format!(
                 "stage {:?} trains a model, but the config has no `model`",
                 rl.name
             ));
-        };
+        }
         if rl.group_size < 2 {
             return Err(format!(
                 "{}: expected at least 2 (advantages are normalised within a group)",
@@ -722,36 +746,17 @@ impl Config {
         if !(rl.kl_beta.is_finite() && rl.kl_beta >= 0.0) {
             return Err(format!("{}: expected >= 0", at("kl_beta")));
         }
-        if !(rl.lr.is_finite() && rl.lr > 0.0) {
-            return Err(format!("{}: expected a positive learning rate", at("lr")));
-        }
-        if !(0.0..=1.0).contains(&rl.min_lr_ratio) {
-            return Err(format!("{}: expected 0..=1", at("min_lr_ratio")));
-        }
-        if !(rl.max_grad_norm.is_finite() && rl.max_grad_norm >= 0.0) {
-            return Err(format!("{}: expected >= 0", at("max_grad_norm")));
-        }
-        if !(rl.weight_decay.is_finite() && rl.weight_decay >= 0.0) {
-            return Err(format!("{}: expected >= 0", at("weight_decay")));
-        }
-        if rl.batch_tokens < rl.split.context {
-            return Err(format!(
-                "{} ({}) is smaller than `split.context` ({}): a sub-trajectory would not fit",
-                at("batch_tokens"),
-                rl.batch_tokens,
-                rl.split.context
-            ));
-        }
-        if let ModelConfig::Tiny(t) = model {
-            if rl.split.context > t.context {
-                return Err(format!(
-                    "{} ({}) is longer than the model's context ({})",
-                    at("split.context"),
-                    rl.split.context,
-                    t.context
-                ));
-            }
-        }
+        self.check_training(
+            &Training {
+                lr: rl.lr,
+                min_lr_ratio: rl.min_lr_ratio,
+                max_grad_norm: rl.max_grad_norm,
+                weight_decay: rl.weight_decay,
+                batch_tokens: rl.batch_tokens,
+                split: &rl.split,
+            },
+            at,
+        )?;
         if rl.budget.wall_time.is_some_and(|w| w.0.is_zero()) {
             return Err(format!(
                 "{}: expected a positive duration",
