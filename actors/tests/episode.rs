@@ -241,25 +241,30 @@ fn a_random_model_runs_into_its_budgets_and_records_its_version() {
         "the same seed gave another episode"
     );
 
+    // Another budget, in a fresh episode directory, with the policy of seed 1.
+    let run_under = |lim: &EpisodeLimits| {
+        let ep = tempfile::tempdir().unwrap();
+        task.copy_files_into(ep.path(), CopyBounds::default())
+            .unwrap();
+        run_policy_episode(
+            "e3",
+            &task,
+            &mut sandbox(ep.path(), 12),
+            &mut tiny_policy(1),
+            &tok,
+            &ChatTemplate::ChatMl,
+            &tools,
+            &sampling,
+            lim,
+        )
+        .unwrap()
+    };
+
     // A token budget ends the episode too.
     let mut lim = limits(100);
     lim.max_turn_tokens = 16;
     lim.max_generated_tokens = 40;
-    let ep3 = tempfile::tempdir().unwrap();
-    task.copy_files_into(ep3.path(), CopyBounds::default())
-        .unwrap();
-    let run = run_policy_episode(
-        "e3",
-        &task,
-        &mut sandbox(ep3.path(), 12),
-        &mut tiny_policy(1),
-        &tok,
-        &ChatTemplate::ChatMl,
-        &tools,
-        &sampling,
-        &lim,
-    )
-    .unwrap();
+    let run = run_under(&lim);
     assert_eq!(run.end, EpisodeEnd::Tokens);
     assert!(run.generated_tokens <= 40);
 
@@ -267,21 +272,7 @@ fn a_random_model_runs_into_its_budgets_and_records_its_version() {
     // spent one ends the episode before the policy acts, and it is judged on that state.
     let mut lim = limits(100);
     lim.max_wall_time = Some(std::time::Duration::ZERO);
-    let ep4 = tempfile::tempdir().unwrap();
-    task.copy_files_into(ep4.path(), CopyBounds::default())
-        .unwrap();
-    let run = run_policy_episode(
-        "e4",
-        &task,
-        &mut sandbox(ep4.path(), 12),
-        &mut tiny_policy(1),
-        &tok,
-        &ChatTemplate::ChatMl,
-        &tools,
-        &sampling,
-        &lim,
-    )
-    .unwrap();
+    let run = run_under(&lim);
     assert_eq!((run.end, run.turns), (EpisodeEnd::WallTime, 0));
 }
 
