@@ -1,14 +1,16 @@
 //! Does SFT teach the tiny model to act? `examples/sft_compact.ron` distills the scripted
-//! expert on compact short-horizon tasks, trains the tiny byte-level model from scratch with
-//! trajectory splitting, and evaluates the untrained model, the trained one (greedy) and the
-//! expert on the same held-out tasks.
+//! expert on compact short-horizon tasks, trains the tiny byte-level model from scratch, and
+//! evaluates the untrained model, the trained one (greedy) and the expert on the same held-out
+//! tasks.
 //!
 //! What it asserts is what SFT reaches today: the untrained model writes no well-formed tool
-//! call; the trained one writes them, and its opening moves on every held-out task are the
-//! expert's, call for call. It does not yet earn rubric points (it cannot copy a config's
-//! values into the simulator's command line): raising the score is the open part of the work.
+//! call; the trained one writes them (51% of its turns), its opening moves on every held-out
+//! task are the expert's, call for call, and on at least half of them its fourth call is a
+//! simulator command of the expert's shape. It does not yet earn rubric points: it writes the
+//! most common values of the training data instead of copying the config's (no copy circuit
+//! forms at this scale), so the score is the open part of the work.
 //!
-//! About 16 minutes on 2 cores in a release build, so it is ignored by default. Run it after
+//! About 19 minutes on 2 cores in a release build, so it is ignored by default. Run it after
 //! any change to the model, the learner, splitting, the episode loop or the family:
 //!
 //!   cargo test --release --test learning -- --ignored
@@ -75,7 +77,7 @@ fn check(run_dir: &Path) {
     }
     assert_eq!(mean(&expert), 1.0);
     assert_eq!(rate(&before), 0.0);
-    assert!(rate(&after) >= 0.15, "{}", rate(&after));
+    assert!(rate(&after) >= 0.4, "{}", rate(&after));
     assert!(mean(&after) >= mean(&before));
 
     // The opening moves: read the task summary, the results so far, the first config.
@@ -89,10 +91,37 @@ fn check(run_dir: &Path) {
             assert_eq!(t.get(k), e.get(k), "{task}: action {k}");
         }
     }
+
+    // The fourth call: the simulator, its flags in the expert's order, the log where it goes.
+    let shaped = trained_calls
+        .iter()
+        .filter(|(_, t)| {
+            let Some(Some(call)) = t.get(3) else {
+                return false;
+            };
+            let Some(command) = call["arguments"]["command"].as_str() else {
+                return false;
+            };
+            let words: Vec<&str> = command.split(' ').collect();
+            call["name"] == "bash"
+                && words.len() == 13
+                && words[0] == "simulate"
+                && ["--model", "--lr", "--steps", "--seed", "--metric"]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, flag)| words[1 + 2 * i] == *flag)
+                && words[11..] == [">", "runs/exp1.log"][..]
+        })
+        .count();
+    assert!(
+        2 * shaped >= trained_calls.len(),
+        "{shaped} of {} held-out tasks call the simulator in the expert's shape",
+        trained_calls.len()
+    );
 }
 
 #[test]
-#[ignore = "about 16 minutes (release); run after changes to training or acting"]
+#[ignore = "about 19 minutes (release); run after changes to training or acting"]
 fn sft_teaches_the_tiny_model_tool_calls_and_the_experts_opening_moves() {
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("run");
