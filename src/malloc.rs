@@ -13,7 +13,7 @@
 ///
 /// Measured: SFT on 2.6k-token trajectories (hidden 96, batches of three) ran at ~700 tokens/s
 /// with mmap alone turned off, half of it `clear_page` in the kernel, and ~3,100 with all
-/// three; `klongd bench model` (8 x 512) trains at ~2,200 tokens/s (~2,080 with mmap alone
+/// three; `klongd bench model` (8 x 512) trains at 2,000–2,200 tokens/s (~2,080 with mmap alone
 /// off, ~1,230 with malloc left alone). One arena serialises allocation across threads; the
 /// compute kernels allocate per op, not per element, so the lock is not hot.
 /// Every command that runs the model wants it, so `main` calls it first. A no-op on other C
