@@ -281,6 +281,33 @@ fn random_model(cfg: &LlamaConfig, seed: u64) -> (VarMap, Llama) {
     (vm, model)
 }
 
+/// A frozen copy of trained weights (what evaluation and RL rollouts act with) records no
+/// graph, even from `var.as_tensor().copy()`, which records a `Copy` op: a generation over a
+/// graph-recording model keeps every layer's activations alive until its logits are dropped.
+#[test]
+fn a_model_from_copied_variables_records_no_graph() {
+    let mut cfg = LlamaConfig::tiny(32);
+    cfg.attention_bias = true;
+    cfg.use_qk_norm = true;
+    let (vm, model) = random_model(&cfg, 4);
+    let input = ids(&[vec![1, 2, 3, 4, 5]]);
+    let trained = model.forward(&input, None, None).unwrap();
+    assert!(
+        trained.track_op(),
+        "a model over a VarMap records the graph"
+    );
+
+    let copies = sorted_vars(&vm)
+        .into_iter()
+        .map(|(name, v)| (name, v.as_tensor().copy().unwrap()))
+        .collect();
+    assert!(sorted_vars(&vm)[0].1.as_tensor().copy().unwrap().track_op());
+    let frozen = Llama::from_tensors(&cfg, copies, &Device::Cpu).unwrap();
+    let logits = frozen.forward(&input, None, None).unwrap();
+    assert!(!logits.track_op(), "the frozen model recorded a graph");
+    assert_eq!(max_abs_diff(&trained, &logits), 0.0);
+}
+
 #[test]
 fn kv_cache_decode_matches_full_forward() {
     let mut cfg = LlamaConfig::tiny(32);
