@@ -1,10 +1,10 @@
 //! Does SFT teach a model to act? Two runs, each ignored by default (minutes of CPU):
 //!
 //! - `examples/sft_smollm2.ron` fine-tunes a pretrained model (SmolLM2-135M-Instruct, from
-//!   `tests/fetch-models.sh`) on 16 trajectories of the scripted expert. Asserted: before SFT it
-//!   writes no well-formed tool call and scores 0; after SFT it scores clearly higher on the
-//!   held-out tasks (at least 0.75, and at least 0.5 above the untrained model; measured:
-//!   0.000 -> 1.000 on 8 of 8). About 30 minutes on 2 cores in a release build.
+//!   `tests/fetch-models.sh`) on 16 trajectories of the scripted expert. Asserted: after SFT
+//!   it scores clearly higher on the held-out tasks than before (at least 0.75, and at least
+//!   0.5 above the untrained model; measured: 0.000 with no tool call -> 1.000 on 8 of 8).
+//!   About 30 minutes on 2 cores in a release build.
 //! - `examples/sft_compact.ron` trains the tiny byte-level model from scratch. Asserted is what
 //!   SFT reaches there today: the untrained model writes no well-formed tool call; the trained
 //!   one writes them (51% of its turns), its opening moves on every held-out task are the
