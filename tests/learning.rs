@@ -63,27 +63,42 @@ fn calls(run_dir: &Path, stage: &str) -> Vec<(String, Vec<Option<Value>>)> {
         .collect()
 }
 
-fn check(run_dir: &Path) {
-    let before = report(run_dir, "untrained");
-    let after = report(run_dir, "trained");
-    let expert = report(run_dir, "expert");
-    let mean = |r: &Value| r["overall"]["mean"].as_f64().unwrap();
-    let rate = |r: &Value| r["overall"]["tool_call_rate"].as_f64().unwrap();
+/// One Eval stage's overall numbers.
+struct Summary {
+    mean: f64,
+    tool_call_rate: f64,
+}
+
+/// The untrained, trained and expert Eval stages' summaries, printed; each stage must have
+/// run `episodes` episodes without an infrastructure failure.
+fn summaries(run_dir: &Path, episodes: u64) -> [Summary; 3] {
+    let summary = |stage: &str| {
+        let r = report(run_dir, stage);
+        assert_eq!(r["infra_failures"], 0, "{stage}: {r}");
+        assert_eq!(r["overall"]["episodes"], episodes, "{stage}: {r}");
+        Summary {
+            mean: r["overall"]["mean"].as_f64().unwrap(),
+            tool_call_rate: r["overall"]["tool_call_rate"].as_f64().unwrap(),
+        }
+    };
+    let [before, after, expert] = ["untrained", "trained", "expert"].map(summary);
     eprintln!(
         "score: untrained {:.3}, trained {:.3}, expert {:.3}; well-formed calls: untrained {:.0}%, trained {:.0}%",
-        mean(&before),
-        mean(&after),
-        mean(&expert),
-        100.0 * rate(&before),
-        100.0 * rate(&after),
+        before.mean,
+        after.mean,
+        expert.mean,
+        100.0 * before.tool_call_rate,
+        100.0 * after.tool_call_rate,
     );
-    for r in [&before, &after, &expert] {
-        assert_eq!(r["infra_failures"], 0, "{r}");
-    }
-    assert_eq!(mean(&expert), 1.0);
-    assert_eq!(rate(&before), 0.0);
-    assert!(rate(&after) >= 0.4, "{}", rate(&after));
-    assert!(mean(&after) >= mean(&before));
+    [before, after, expert]
+}
+
+fn check(run_dir: &Path) {
+    let [before, after, expert] = summaries(run_dir, 8);
+    assert_eq!(expert.mean, 1.0);
+    assert_eq!(before.tool_call_rate, 0.0);
+    assert!(after.tool_call_rate >= 0.4, "{}", after.tool_call_rate);
+    assert!(after.mean >= before.mean);
 
     // The opening moves: read the task summary, the results so far, the first config.
     let expert_calls = calls(run_dir, "expert");
@@ -127,30 +142,14 @@ fn check(run_dir: &Path) {
 
 /// Scores of the pretrained model fine-tuned by `examples/sft_smollm2.ron`.
 fn check_pretrained(run_dir: &Path) {
-    let before = report(run_dir, "untrained");
-    let after = report(run_dir, "trained");
-    let expert = report(run_dir, "expert");
-    let mean = |r: &Value| r["overall"]["mean"].as_f64().unwrap();
-    let rate = |r: &Value| r["overall"]["tool_call_rate"].as_f64().unwrap();
-    eprintln!(
-        "score: untrained {:.3}, trained {:.3}, expert {:.3}; well-formed calls: untrained {:.0}%, trained {:.0}%",
-        mean(&before),
-        mean(&after),
-        mean(&expert),
-        100.0 * rate(&before),
-        100.0 * rate(&after),
-    );
-    for r in [&before, &after, &expert] {
-        assert_eq!(r["infra_failures"], 0, "{r}");
-        assert_eq!(r["overall"]["episodes"], 8, "{r}");
-    }
-    assert_eq!(mean(&expert), 1.0);
-    assert!(mean(&after) >= 0.75, "trained score {}", mean(&after));
+    let [before, after, expert] = summaries(run_dir, 8);
+    assert_eq!(expert.mean, 1.0);
+    assert!(after.mean >= 0.75, "trained score {}", after.mean);
     assert!(
-        mean(&after) >= mean(&before) + 0.5,
+        after.mean >= before.mean + 0.5,
         "trained {} vs untrained {}",
-        mean(&after),
-        mean(&before)
+        after.mean,
+        before.mean
     );
 }
 
