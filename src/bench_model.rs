@@ -382,9 +382,14 @@ fn train(
     ))
 }
 
-/// Greedy decode of `new_tokens` tokens for each of `prompt` rows ([B, P]), prefill included.
-/// Returns the generated ids (row-major) so that runs can be checked against each other.
+/// Greedy decode of `new_tokens` tokens for each of `prompt` rows ([B, P]), prefill included,
+/// on the compute pool as `generate` runs. Returns the generated ids (row-major) so that runs
+/// can be checked against each other.
 fn greedy_decode(model: &Llama, prompt: &Tensor, new_tokens: usize) -> Result<Vec<u32>> {
+    klong_actors::policy::on_compute_pool(|| greedy_decode_here(model, prompt, new_tokens))
+}
+
+fn greedy_decode_here(model: &Llama, prompt: &Tensor, new_tokens: usize) -> Result<Vec<u32>> {
     let (b, _) = prompt.dims2()?;
     let mut cache = KvCache::inference();
     let mut input = prompt.clone();
@@ -482,7 +487,17 @@ pub fn model(opts: &ModelBenchOptions) -> Result<ModelBenchReport> {
     );
     let (train_numbers, breakdown) = train(&cfg, opts, seed)?;
     tracing::info!("klongd: decode");
-    let (_vm, m) = build_model(&cfg, seed)?;
+    // Generation in klongd runs on a frozen copy of the weights (`Llama::from_tensors`: no
+    // graph is recorded), as transformers' `generate` runs under `no_grad`.
+    let (vm, _) = build_model(&cfg, seed)?;
+    let weights = vm
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("model R's variables: lock poisoned"))?
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+        .collect();
+    let m = Llama::from_tensors(&cfg, weights, &Device::Cpu).context("freezing model R")?;
     let decode_b1 = decode(&m, &cfg, opts, 1, seed)?;
     let decode_b8 = decode(&m, &cfg, opts, 8, seed)?;
     drop(m);

@@ -305,7 +305,10 @@ fn a_model_from_copied_variables_records_no_graph() {
     let frozen = Llama::from_tensors(&cfg, copies, &Device::Cpu).unwrap();
     let logits = frozen.forward(&input, None, None).unwrap();
     assert!(!logits.track_op(), "the frozen model recorded a graph");
-    assert_eq!(max_abs_diff(&trained, &logits), 0.0);
+    // Not bitwise: with nothing to backpropagate, the frozen model's attention takes the
+    // inference kernel of `skinny.rs` (another summation order).
+    let diff = max_abs_diff(&trained, &logits);
+    assert!(diff < 1e-5, "frozen vs trainable logits differ by {diff}");
 }
 
 #[test]

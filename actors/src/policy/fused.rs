@@ -20,6 +20,8 @@ pub(crate) enum Kind {
     LogSoftmax,
     AdamW,
     LinearRows,
+    /// The few-row kernels of `skinny` (decode steps).
+    Skinny,
 }
 
 pub(crate) fn enabled(kind: Kind) -> bool {
@@ -39,6 +41,7 @@ pub(crate) fn enabled(kind: Kind) -> bool {
         Kind::LogSoftmax => "log_softmax",
         Kind::AdamW => "adamw",
         Kind::LinearRows => "linear_rows",
+        Kind::Skinny => "skinny",
     };
     !off.iter().any(|o| o == "all" || o == name)
 }

@@ -64,7 +64,21 @@ pub struct Completion {
 }
 
 /// Generates one completion per prompt, all in one batch. `eos_ids` end a row.
+///
+/// Runs on the compute pool (see [`super::on_compute_pool`]): a decode step is dozens of
+/// products of a few microseconds each, and each one started from outside the pool would wait
+/// for a pool thread to wake.
 pub fn generate(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    params: &[SamplingParams],
+    eos_ids: &[u32],
+) -> Result<Vec<Completion>, GenerateError> {
+    super::on_compute_pool(|| generate_on_this_thread(model, tokenizer, prompts, params, eos_ids))
+}
+
+fn generate_on_this_thread(
     model: &Llama,
     tokenizer: &Tokenizer,
     prompts: &[Vec<u32>],

@@ -9,8 +9,17 @@ pub mod local;
 pub mod model;
 pub mod pretrained;
 pub mod sampling;
+pub(crate) mod skinny;
 pub mod tokenizer;
 pub mod toolcall;
+
+/// Runs `f` on a thread of the compute pool (rayon's global pool, where candle's and the
+/// fused kernels' parallel loops run). A parallel loop started from outside the pool blocks
+/// its caller until a pool thread wakes, does the work and wakes the caller back; started from
+/// a pool thread, it works on its own share at once and the other threads steal the rest.
+pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
 
 /// The device a model runs on, from its name: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`. Without
 /// the `cuda` feature a CUDA name is an error that says so, never a silent fall back to CPU.

@@ -241,6 +241,20 @@ impl Module for RmsNorm {
 /// one per leading index and sums them.
 fn linear_rows(l: &Linear, x: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
+    if let Some(&k) = dims.last() {
+        let rows = x.elem_count() / k.max(1);
+        if rows <= skinny::MAX_ROWS {
+            if let Some(y) = skinny::linear(&x.reshape((rows, k))?, l.weight())? {
+                let y = match l.bias() {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                let mut out = dims[..dims.len() - 1].to_vec();
+                out.push(y.dim(1)?);
+                return y.reshape(out);
+            }
+        }
+    }
     if dims.len() <= 2 || !fused::enabled(fused::Kind::LinearRows) {
         return l.forward(x);
     }
@@ -483,9 +497,15 @@ impl Attention {
         let n_rep = h / hkv;
         // Query heads j·n_rep .. (j+1)·n_rep share kv head j (HF's repeat_kv order).
         let q = q.reshape((b, hkv, n_rep * t, hd))?;
-        let att = q.matmul(&k.t()?)?; // [B, Hkv, n_rep·T, S]
-        let att = fused::masked_softmax(&att, mask)?;
-        let y = att.matmul(&v)?.reshape((b, h, t, hd))?;
+        let y = match skinny::attention(&q, &k, &v, mask)? {
+            Some(y) => y,
+            None => {
+                let att = q.matmul(&k.t()?)?; // [B, Hkv, n_rep·T, S]
+                let att = fused::masked_softmax(&att, mask)?;
+                att.matmul(&v)?
+            }
+        };
+        let y = y.reshape((b, h, t, hd))?;
         let y = y.transpose(1, 2)?.reshape((b, t, h * hd))?;
         linear_rows(&self.o_proj, &y)
     }
@@ -792,14 +812,18 @@ impl Llama {
             // One [B·T, hidden] x [hidden, V] product: its backward is one gemm per operand
             // instead of a batch of them plus a reduction over the batch.
             let (b, t, hd) = x.dims3()?;
-            let y = x.reshape((b * t, hd))?.matmul(&self.lm_head.t()?)?;
+            let x = x.reshape((b * t, hd))?;
+            let y = match skinny::linear(&x, &self.lm_head)? {
+                Some(y) => y,
+                None => x.matmul(&self.lm_head.t()?)?,
+            };
             return y.reshape((b, t, self.cfg.vocab_size));
         }
         x.broadcast_matmul(&self.lm_head.t()?)
     }
 }
 
-use super::fused;
+use super::{fused, skinny};
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,602 @@
+//! CPU kernels for products with a handful of rows: the decode step of generation, where each
+//! sequence brings one new token.
+//!
+//! gemm (behind candle's matmul) packs its whole right-hand operand on every call. With 1-16
+//! rows that packing costs about as much as the product: in `klongd bench model`'s batch-8
+//! decode a fifth of the time was gemm packing the weights, and another ~15% was waking the
+//! thread pool for products of a few microseconds. These kernels read the operands in their
+//! stored layout instead (each output is a dot product of two contiguous rows) and stay on
+//! the calling thread below [`PAR_MIN_FMAS`]; above it they split over the output columns.
+//!
+//! Determinism: every output element is computed by one thread in a fixed order, so results
+//! do not depend on the thread count. They differ from gemm's in the last bits (another
+//! summation order), as gemm's own kernels differ from each other.
+//!
+//! Served: f32 on x86_64 CPUs with AVX2 and FMA (checked at run time, once). Anything else
+//! returns `None` and the caller takes the general path.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::fused;
+
+/// The most rows (tokens in a batch, or query rows per kv head) a product may have to take
+/// these kernels. Past this, gemm's packing is amortized and its blocking wins.
+pub(crate) const MAX_ROWS: usize = 16;
+
+/// Below this many multiply-adds a product runs on the calling thread alone. In `klongd bench
+/// model` (model R, 2 threads, generation on the compute pool) 2^14-2^15 was best; started from
+/// outside the pool, splitting even products of 2^17-2^18 made batch-1 decode 2.3x slower than
+/// one thread (see `on_compute_pool`).
+const PAR_MIN_FMAS: usize = 1 << 15;
+
+/// Whether the CPU has the instructions the kernels are compiled for.
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether these kernels serve `t`'s device and dtype (the row bound is the caller's).
+fn serves(t: &Tensor) -> bool {
+    fused::supported(t, fused::Kind::Skinny) && t.dtype() == DType::F32 && simd()
+}
+
+/// Dot products of each of `R` rows of `x` with each of `C` rows of `w` (all of one length):
+/// `R·C` independent 8-lane accumulators, so the multiply-adds do not wait on each other.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn tile<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) -> [[f32; C]; R] {
+    use std::arch::x86_64::*;
+    const LANES: usize = 8;
+    let k = x.first().map_or(0, |r| r.len());
+    assert!(x.iter().all(|r| r.len() == k) && w.iter().all(|r| r.len() == k));
+    let whole = k - k % LANES;
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut i = 0;
+    while i < whole {
+        let mut xv = [_mm256_setzero_ps(); R];
+        for (v, xr) in xv.iter_mut().zip(&x) {
+            // SAFETY: i + 8 <= whole <= k = xr.len(): the 8 floats read are in the row.
+            *v = unsafe { _mm256_loadu_ps(xr.as_ptr().add(i)) };
+        }
+        for (c, wc) in w.iter().enumerate() {
+            // SAFETY: as above; every row of w has length k too.
+            let wv = unsafe { _mm256_loadu_ps(wc.as_ptr().add(i)) };
+            for r in 0..R {
+                acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
+            }
+        }
+        i += LANES;
+    }
+    let mut out = [[0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            // Lanes i and i+4, then pairs, then the last two: a fixed order.
+            let a = acc[r][c];
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2));
+            let mut s = _mm_cvtss_f32(s1);
+            for j in whole..k {
+                s = x[r][j].mul_add(w[c][j], s);
+            }
+            out[r][c] = s;
+        }
+    }
+    out
+}
+
+/// The portable form of the x86 `tile`, so that the module builds everywhere; `simd()` keeps
+/// other targets on the general path.
+#[cfg(not(target_arch = "x86_64"))]
+fn tile<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) -> [[f32; C]; R] {
+    let mut out = [[0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            out[r][c] = x[r].iter().zip(w[c]).map(|(a, b)| a * b).sum();
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- x · wᵀ
+
+/// Writes a tile of outputs (rows `r0..`, columns `c0..`) into the transposed output.
+#[inline(always)]
+fn store<const R: usize, const C: usize>(
+    out_t: &mut [f32],
+    m: usize,
+    r0: usize,
+    c0: usize,
+    o: [[f32; C]; R],
+) {
+    for (r, row) in o.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            out_t[(c0 + c) * m + r0 + r] = *v;
+        }
+    }
+}
+
+/// Columns `n0 ..` of `x · wᵀ`, written transposed: `out_t` holds `out_t.len() / m` rows of
+/// `m` (one per output column). x: `[m, k]`, w: `[n, k]`. Tiles of 2 rows x 4 columns, or
+/// 1 x 8 for a single row: 8 accumulators either way.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+fn columns(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f32]) {
+    let cols = out_t.len() / m;
+    let xr = |r: usize| &x[r * k..(r + 1) * k];
+    let wr = |c: usize| &w[(n0 + c) * k..(n0 + c + 1) * k];
+    let wide = if m == 1 { 8 } else { 4 };
+    let mut c = 0;
+    while c < cols {
+        let take = (cols - c).min(wide);
+        let mut r = 0;
+        while r < m {
+            if take == 8 {
+                let ws = [0, 1, 2, 3, 4, 5, 6, 7].map(|j| wr(c + j));
+                store(out_t, m, r, c, tile::<1, 8>([xr(r)], ws));
+                r += 1;
+            } else if take == 4 && r + 2 <= m {
+                let ws = [wr(c), wr(c + 1), wr(c + 2), wr(c + 3)];
+                store(out_t, m, r, c, tile::<2, 4>([xr(r), xr(r + 1)], ws));
+                r += 2;
+            } else if take == 4 {
+                let ws = [wr(c), wr(c + 1), wr(c + 2), wr(c + 3)];
+                store(out_t, m, r, c, tile::<1, 4>([xr(r)], ws));
+                r += 1;
+            } else {
+                for col in c..c + take {
+                    store(out_t, m, r, col, tile::<1, 1>([xr(r)], [wr(col)]));
+                }
+                r += 1;
+            }
+        }
+        c += take;
+    }
+}
+
+/// `x · wᵀ` for x `[m, k]`, w `[n, k]`, both contiguous; returns `[m, n]`.
+fn linear_f32(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut out_t = vec![0f32; n * m];
+    let run = |n0: usize, chunk: &mut [f32]| {
+        // SAFETY: `columns` needs AVX2 and FMA on x86_64, and this is only reached when
+        // `simd()` found both on this CPU (`serves` is checked before the op is applied).
+        #[allow(unused_unsafe)]
+        unsafe {
+            columns(x, w, m, k, n0, chunk)
+        }
+    };
+    let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
+    if threads == 1 || m * n * k < PAR_MIN_FMAS {
+        run(0, &mut out_t);
+    } else {
+        // Column blocks of a multiple of 8, one per thread.
+        let per = n.div_ceil(threads).div_ceil(8) * 8;
+        out_t
+            .par_chunks_mut(per * m)
+            .enumerate()
+            .for_each(|(i, c)| run(i * per, c));
+    }
+    let mut out = vec![0f32; m * n];
+    for (col, o) in out_t.chunks_exact(m).enumerate() {
+        for (r, v) in o.iter().enumerate() {
+            out[r * n + col] = *v;
+        }
+    }
+    out
+}
+
+/// `x · wᵀ` with x `[M, K]`, w `[N, K]` (a `Linear`'s weight as stored); backward through
+/// candle's matmul.
+struct SkinnyLinear;
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(all) = s else {
+        candle_core::bail!("skinny op: f32 only");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("skinny op: non-contiguous input"),
+    }
+}
+
+impl CustomOp2 for SkinnyLinear {
+    fn name(&self) -> &'static str {
+        "klong-skinny-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (n, kw) = lw.shape().dims2()?;
+        if k != kw {
+            candle_core::bail!("skinny linear: x [{m}, {k}] against w [{n}, {kw}]");
+        }
+        let (x, w) = (contiguous_f32(x, lx)?, contiguous_f32(w, lw)?);
+        Ok((
+            CpuStorage::F32(linear_f32(x, w, m, k, n)),
+            Shape::from((m, n)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.matmul(w)?), Some(g.t()?.matmul(x)?)))
+    }
+}
+
+/// `x · wᵀ` for x `[M, K]` with `M <= MAX_ROWS` and w `[N, K]`, or `None` when these kernels
+/// do not serve it (the caller then takes candle's matmul).
+pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (Ok((m, _)), Ok(_)) = (x.dims2(), w.dims2()) else {
+        return Ok(None);
+    };
+    if m == 0 || m > MAX_ROWS || !serves(x) || !serves(w) {
+        return Ok(None);
+    }
+    Ok(Some(
+        x.contiguous()?.apply_op2(&w.contiguous()?, SkinnyLinear)?,
+    ))
+}
+
+// ---------------------------------------------------------------- attention
+
+/// A CPU f32 tensor's data, strides and start offset.
+fn strided(
+    t: &Tensor,
+    f: impl FnOnce(&[f32], &[usize], usize) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(CpuStorage::F32(all)) => f(all, l.stride(), l.start_offset()),
+        _ => candle_core::bail!("skinny attention: CPU f32 tensors only"),
+    }
+}
+
+/// softmax(scores)·v for one query row whose scores (mask added) are in `scores`, over the
+/// keys `live` allows: the others' weights are exactly 0 and skipped.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+fn weigh_values<'a>(
+    scores: &mut [f32],
+    live: impl Fn(usize) -> bool,
+    value: impl Fn(usize) -> &'a [f32],
+    y: &mut [f32],
+) {
+    let mx = (0..scores.len())
+        .filter(|j| live(*j))
+        .map(|j| scores[j])
+        .fold(f32::MIN, f32::max);
+    let mut sum = 0f32;
+    for (j, sc) in scores.iter_mut().enumerate() {
+        *sc = if live(j) { (*sc - mx).exp() } else { 0.0 };
+        sum += *sc;
+    }
+    let inv = 1.0 / sum;
+    y.fill(0.0);
+    for (j, p) in scores.iter().enumerate() {
+        if *p == 0.0 {
+            continue;
+        }
+        let p = p * inv;
+        for (yv, vv) in y.iter_mut().zip(value(j)) {
+            *yv = p.mul_add(*vv, *yv);
+        }
+    }
+}
+
+/// One (batch entry, kv head) pair: its query rows (`out.len() / d` of them) against `s` keys
+/// and values, two rows at a time (GQA's query heads of one kv head read the same keys).
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+fn attend_pair(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    (k_off, v_off, k_row, v_row): (usize, usize, usize, usize),
+    (t, s, d): (usize, usize, usize),
+    out: &mut [f32],
+) {
+    let half_masked = super::model::MASKED / 2.0;
+    let key = |j: usize| &k[k_off + j * k_row..k_off + j * k_row + d];
+    let value = |j: usize| &v[v_off + j * v_row..v_off + j * v_row + d];
+    let rows = out.len() / d;
+    let mut scores = [vec![0f32; s], vec![0f32; s]];
+    let mut r = 0;
+    while r < rows {
+        let n = if r + 1 < rows { 2 } else { 1 };
+        let qs = [&q[r * d..(r + 1) * d], &q[(r + n - 1) * d..(r + n) * d]];
+        let ms = [(r % t) * s, ((r + n - 1) % t) * s].map(|o| &mask[o..o + s]);
+        // Every key is scored (masked ones cost the same and are dropped below).
+        let mut j = 0;
+        while j < s {
+            let wide = (s - j).min(4);
+            if wide == 4 && n == 2 {
+                let o = tile::<2, 4>(qs, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+                for (i, row) in o.iter().enumerate() {
+                    for c in 0..4 {
+                        scores[i][j + c] = row[c] + ms[i][j + c];
+                    }
+                }
+            } else {
+                for c in j..j + wide {
+                    for i in 0..n {
+                        scores[i][c] = tile::<1, 1>([qs[i]], [key(c)])[0][0] + ms[i][c];
+                    }
+                }
+            }
+            j += wide;
+        }
+        for i in 0..n {
+            // Masked keys drop out unless every key is masked (a pad row: its output is
+            // meaningless, but finite, as in the general path).
+            let mi = ms[i];
+            let any_visible = mi.iter().any(|m| *m > half_masked);
+            let y = &mut out[(r + i) * d..(r + i + 1) * d];
+            weigh_values(
+                &mut scores[i],
+                |j| !any_visible || mi[j] > half_masked,
+                value,
+                y,
+            );
+        }
+        r += n;
+    }
+}
+
+/// softmax(q·kᵀ + mask)·v for inference: q `[B, G, R, D]` (pre-scaled; row r belongs to query
+/// position `r % T`), k and v `[B, G, S, D]` (any strides with contiguous rows: the KV cache's
+/// views of its buffers are read in place), mask `[B, 1, T, S]` additive. Returns `[B, G, R, D]`,
+/// or `None` when these kernels do not serve it: more than [`MAX_ROWS`] query rows, or any
+/// operand tracking gradients (this kernel has no backward).
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+) -> Result<Option<Tensor>> {
+    let (Ok((b, g, r, d)), Ok((kb, kg, s, kd)), Ok((_, _, t, ms))) =
+        (q.dims4(), k.dims4(), mask.dims4())
+    else {
+        return Ok(None);
+    };
+    let tracks = q.track_op() || k.track_op() || v.track_op();
+    if r == 0 || r > MAX_ROWS || tracks || !serves(q) || !serves(k) || !serves(v) || !serves(mask) {
+        return Ok(None);
+    }
+    if (kb, kg, kd) != (b, g, d) || v.dims() != k.dims() || ms != s || t == 0 || r % t != 0 {
+        candle_core::bail!(
+            "skinny attention: q {:?}, k {:?}, v {:?}, mask {:?} do not agree",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            mask.dims()
+        );
+    }
+    if k.stride()[3] != 1 || v.stride()[3] != 1 {
+        return Ok(None);
+    }
+    let q = q.contiguous()?;
+    let mask = mask.contiguous()?;
+    let out = fused::with_data::<f32, _>(&q, |qd| {
+        fused::with_data::<f32, _>(&mask, |md| {
+            strided(k, |kdat, kst, koff| {
+                strided(v, |vd, vst, voff| {
+                    let mut out = vec![0f32; b * g * r * d];
+                    let run = |pair: usize, o: &mut [f32]| {
+                        let (bi, gi) = (pair / g, pair % g);
+                        let qp = &qd[pair * r * d..(pair + 1) * r * d];
+                        let mp = &md[bi * t * s..(bi + 1) * t * s];
+                        let offsets = (
+                            koff + bi * kst[0] + gi * kst[1],
+                            voff + bi * vst[0] + gi * vst[1],
+                            kst[2],
+                            vst[2],
+                        );
+                        // SAFETY: `attend_pair` needs AVX2 and FMA on x86_64; `serves`
+                        // (checked above) found both on this CPU.
+                        #[allow(unused_unsafe)]
+                        unsafe {
+                            attend_pair(qp, kdat, vd, mp, offsets, (t, s, d), o)
+                        }
+                    };
+                    let threads = candle_core::utils::get_num_threads().clamp(1, b * g);
+                    if threads == 1 || 2 * b * g * r * s * d < PAR_MIN_FMAS {
+                        for (pair, o) in out.chunks_exact_mut(r * d).enumerate() {
+                            run(pair, o);
+                        }
+                    } else {
+                        out.par_chunks_exact_mut(r * d)
+                            .enumerate()
+                            .for_each(|(pair, o)| run(pair, o));
+                    }
+                    Ok(out)
+                })
+            })
+        })
+    })?;
+    Ok(Some(Tensor::from_vec(out, (b, g, r, d), q.device())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        // A small LCG: the tests need varied values, not a distribution.
+        let n: usize = shape.iter().product();
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff")
+    }
+
+    /// Every tile shape and tail: rows 1..16, K not a multiple of 8, N not a multiple of 4,
+    /// and products big enough to split over threads.
+    #[test]
+    fn linear_matches_matmul() {
+        if !simd() {
+            return; // nothing to compare: `linear` declines on this CPU
+        }
+        let mut seed = 1;
+        for m in [1, 2, 3, 5, 8, 16] {
+            for (k, n) in [(8, 4), (7, 1), (67, 13), (256, 300), (64, 1031)] {
+                seed += 1;
+                let x = randn(&[m, k], seed);
+                let w = randn(&[n, k], seed + 100);
+                let got = linear(&x, &w).expect("linear").expect("served");
+                let want = x.matmul(&w.t().expect("t")).expect("matmul");
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-4, "m {m} k {k} n {n}: max diff {d}");
+            }
+        }
+        // Past the row bound the caller takes gemm.
+        let x = randn(&[MAX_ROWS + 1, 8], 9);
+        assert!(linear(&x, &randn(&[4, 8], 10)).expect("linear").is_none());
+    }
+
+    /// The op's gradients are matmul's.
+    #[test]
+    fn linear_backward_matches_matmul() {
+        if !simd() {
+            return;
+        }
+        let x = Var::from_tensor(&randn(&[3, 19], 1)).expect("x");
+        let w = Var::from_tensor(&randn(&[11, 19], 2)).expect("w");
+        let g = randn(&[3, 11], 3);
+        let grads = |y: Tensor| {
+            let loss = (y * &g).and_then(|p| p.sum_all()).expect("loss");
+            let gr = loss.backward().expect("backward");
+            let gx = gr.get(x.as_tensor()).expect("dx").clone();
+            let gw = gr.get(w.as_tensor()).expect("dw").clone();
+            (gx, gw)
+        };
+        let (gx, gw) = grads(
+            linear(x.as_tensor(), w.as_tensor())
+                .expect("op")
+                .expect("served"),
+        );
+        let (rx, rw) = grads(
+            x.as_tensor()
+                .matmul(&w.as_tensor().t().expect("t"))
+                .expect("matmul"),
+        );
+        assert!(max_diff(&gx, &rx) < 1e-5);
+        assert!(max_diff(&gw, &rw) < 1e-5);
+    }
+
+    /// The general path of the model's attention: q·kᵀ, masked softmax, ·v.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Tensor {
+        let att = q.matmul(&k.t().expect("t")).expect("qk");
+        let att = fused::masked_softmax(&att, mask).expect("softmax");
+        att.matmul(&v.contiguous().expect("v")).expect("av")
+    }
+
+    fn additive_mask(
+        b: usize,
+        t: usize,
+        s: usize,
+        visible: impl Fn(usize, usize, usize) -> bool,
+    ) -> Tensor {
+        let mut m = Vec::with_capacity(b * t * s);
+        for bi in 0..b {
+            for ti in 0..t {
+                for j in 0..s {
+                    m.push(if visible(bi, ti, j) {
+                        0.0
+                    } else {
+                        super::super::model::MASKED
+                    });
+                }
+            }
+        }
+        Tensor::from_vec(m, (b, 1, t, s), &Device::Cpu).expect("mask")
+    }
+
+    /// Decode steps (T = 1) and short chunks (T = 3) with GQA rows, left pads, a fully masked
+    /// pad row, and keys read in place from a larger cache buffer (strided views).
+    #[test]
+    fn attention_matches_the_general_path() {
+        if !simd() {
+            return;
+        }
+        let (b, g, d) = (2, 2, 12);
+        for (t, n_rep, s) in [(1, 2, 37), (1, 1, 5), (3, 2, 22), (1, 3, 4)] {
+            let r = t * n_rep;
+            let q = randn(&[b, g, r, d], 7 + s as u64);
+            // Keys and values: the first s positions of a buffer of capacity s + 9.
+            let kb = randn(&[b, g, s + 9, d], 8 + s as u64);
+            let vb = randn(&[b, g, s + 9, d], 9 + s as u64);
+            let (k, v) = (
+                kb.narrow(2, 0, s).expect("k"),
+                vb.narrow(2, 0, s).expect("v"),
+            );
+            assert!(!k.is_contiguous());
+            // Row 0: causal over all keys; row 1: its first 3 keys are pads, and with t = 3
+            // its first query position sees no key at all (a pad query).
+            let mask = additive_mask(b, t, s, |bi, ti, j| {
+                let qpos = s - t + ti;
+                j <= qpos && (bi == 0 || (j >= 3 && !(t == 3 && ti == 0)))
+            });
+            let got = attention(&q, &k, &v, &mask).expect("op").expect("served");
+            let want = reference(&q, &k, &v, &mask);
+            let diff = max_diff(&got, &want);
+            assert!(diff < 1e-5, "t {t} n_rep {n_rep} s {s}: max diff {diff}");
+        }
+    }
+
+    /// Declined: gradients to track (the kernel has no backward), or too many query rows.
+    #[test]
+    fn attention_declines_what_it_does_not_serve() {
+        let (b, g, s, d) = (1, 1, 6, 8);
+        let k = randn(&[b, g, s, d], 1);
+        let v = randn(&[b, g, s, d], 2);
+        let mask = additive_mask(b, 1, s, |_, _, _| true);
+        let q = Var::from_tensor(&randn(&[b, g, 1, d], 3)).expect("q");
+        assert!(attention(q.as_tensor(), &k, &v, &mask)
+            .expect("op")
+            .is_none());
+        let rows = MAX_ROWS + 1;
+        let q = randn(&[b, g, rows, d], 4);
+        let mask = additive_mask(b, rows, s, |_, _, _| true);
+        assert!(attention(&q, &k, &v, &mask).expect("op").is_none());
+    }
+}
