@@ -72,7 +72,7 @@ impl Default for ModelBenchOptions {
             seq: 512,
             prompt: 16,
             new_tokens: 256,
-            decode_runs: 3,
+            decode_runs: 7,
         }
     }
 }

@@ -258,8 +258,10 @@ enum BenchCommand {
         /// Compute threads of both sides.
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// Timed decode runs per batch size (the median is reported).
-        #[arg(long, default_value_t = 3)]
+        /// Timed decode runs per batch size (the median is reported). A run is short (a
+        /// fraction of a second on klongd's side), and on a shared 2-core VM two runs of one
+        /// binary differ by up to ~30%: take several.
+        #[arg(long, default_value_t = 7)]
         decode_runs: usize,
         /// Print the report as JSON.
         #[arg(long)]
@@ -333,7 +335,20 @@ fn config_error(e: &ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// Pins the compute thread count (rayon's pool, candle's matmuls, our kernels) in
+/// `RAYON_NUM_THREADS` unless the user set it. candle looks the count up on every matmul, and
+/// without the variable that means reading /proc/cpuinfo for the physical core count each
+/// time: 12% of `klongd generate`'s time with SmolLM2-135M. Same number, looked up once.
+fn pin_compute_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        // Called first thing in `main`, before any other thread exists.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 fn main() -> ExitCode {
+    pin_compute_threads();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     klongd::malloc::keep_freed_memory();

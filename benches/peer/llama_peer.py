@@ -33,7 +33,7 @@ def parse_args():
     p.add_argument("--prompt", type=int, default=16, help="decode prompt length")
     p.add_argument("--new-tokens", type=int, default=256, help="decode: new tokens per row")
     p.add_argument("--decode-batches", default="1,8", help="decode batch sizes, comma separated")
-    p.add_argument("--decode-runs", type=int, default=3, help="timed generate calls per batch")
+    p.add_argument("--decode-runs", type=int, default=7, help="timed generate calls per batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)

@@ -112,6 +112,24 @@ fn tile<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) -> [[f32
 
 // ---------------------------------------------------------------- x · wᵀ
 
+/// Asks for `data`'s cache lines ahead of their use.
+#[inline(always)]
+fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for line in data.chunks(16) {
+            // SAFETY: a prefetch is a hint; it never faults and the pointer is in bounds.
+            #[allow(unused_unsafe)]
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast())
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
 /// Writes a tile of outputs (rows `r0..`, columns `c0..`) into the transposed output.
 #[inline(always)]
 fn store<const R: usize, const C: usize>(
@@ -140,6 +158,13 @@ fn columns(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f32
     let mut c = 0;
     while c < cols {
         let take = (cols - c).min(wide);
+        // The next block's weight rows, fetched while this block's rows are worked on: a
+        // decode step streams every weight once, from L3 or memory.
+        if c + take < cols {
+            let next = n0 + c + take;
+            let end = (next + wide).min(n0 + cols);
+            prefetch(&w[next * k..end * k]);
+        }
         let mut r = 0;
         while r < m {
             if take == 8 {
