@@ -259,8 +259,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         threads: usize,
         /// Timed decode runs per batch size (the median is reported). A run is short (a
-        /// fraction of a second on klongd's side), and on a shared 2-core VM two runs of one
-        /// binary differ by up to ~30%: take several.
+        /// fraction of a second on klongd's side) and runs vary: take several.
         #[arg(long, default_value_t = 7)]
         decode_runs: usize,
         /// Print the report as JSON.
