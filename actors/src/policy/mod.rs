@@ -21,6 +21,18 @@ pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// The largest absolute difference between two tensors of one shape (for the unit tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("diff")
+}
+
 /// The device a model runs on, from its name: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`. Without
 /// the `cuda` feature a CUDA name is an error that says so, never a silent fall back to CPU.
 pub fn device(name: &str) -> Result<candle_core::Device, String> {

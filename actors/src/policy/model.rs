@@ -869,14 +869,7 @@ mod tests {
         };
         let (in_place, fork_a) = decode(KvCache::inference());
         let (concat, fork_b) = decode(KvCache::new());
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .and_then(|d| d.abs())
-                .and_then(|d| d.flatten_all())
-                .and_then(|d| d.max(0))
-                .and_then(|d| d.to_scalar::<f32>())
-                .expect("diff")
-        };
+        let diff = super::super::max_abs_diff;
         assert!(diff(&in_place, &concat) < 1e-5);
         assert!(diff(&in_place, &full) < 1e-4);
         assert!(diff(&fork_a, &fork_b) < 1e-5);

@@ -464,6 +464,7 @@ pub(crate) fn attention(
 
 #[cfg(test)]
 mod tests {
+    use super::super::max_abs_diff as max_diff;
     use super::*;
     use candle_core::{Device, Var};
 
@@ -482,16 +483,6 @@ mod tests {
             })
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f32>())
-            .expect("diff")
     }
 
     /// Every tile shape and tail: rows 1..16, K not a multiple of 8, N not a multiple of 4,
