@@ -207,17 +207,19 @@ fn sft_makes_a_pretrained_model_solve_held_out_tasks() {
 #[test]
 #[ignore = "checks the run directory of examples/sft_smollm2.ron named by KLONGD_LEARNING_RUN"]
 fn check_a_pretrained_run() {
-    let Some(dir) = std::env::var_os("KLONGD_LEARNING_RUN") else {
-        panic!("set KLONGD_LEARNING_RUN to a run directory of examples/sft_smollm2.ron");
-    };
-    check_pretrained(Path::new(&dir));
+    check_pretrained(&learning_run("examples/sft_smollm2.ron"));
 }
 
 #[test]
 #[ignore = "checks the run directory of examples/sft_compact.ron named by KLONGD_LEARNING_RUN"]
 fn check_an_existing_run() {
-    let Some(dir) = std::env::var_os("KLONGD_LEARNING_RUN") else {
-        panic!("set KLONGD_LEARNING_RUN to a run directory of examples/sft_compact.ron");
-    };
-    check(Path::new(&dir));
+    check(&learning_run("examples/sft_compact.ron"));
+}
+
+/// The run directory `KLONGD_LEARNING_RUN` names (a run of `example`).
+fn learning_run(example: &str) -> PathBuf {
+    match std::env::var_os("KLONGD_LEARNING_RUN") {
+        Some(dir) => dir.into(),
+        None => panic!("set KLONGD_LEARNING_RUN to a run directory of {example}"),
+    }
 }

@@ -87,7 +87,7 @@ impl Real for f64 {
 }
 
 /// The contiguous slice of a CPU storage under `l`.
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let all = T::cpu_storage_as_slice(s)?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&all[a..b]),

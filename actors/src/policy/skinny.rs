@@ -225,16 +225,6 @@ fn linear_f32(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
 /// candle's matmul.
 struct SkinnyLinear;
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(all) = s else {
-        candle_core::bail!("skinny op: f32 only");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("skinny op: non-contiguous input"),
-    }
-}
-
 impl CustomOp2 for SkinnyLinear {
     fn name(&self) -> &'static str {
         "klong-skinny-linear"
@@ -252,7 +242,7 @@ impl CustomOp2 for SkinnyLinear {
         if k != kw {
             candle_core::bail!("skinny linear: x [{m}, {k}] against w [{n}, {kw}]");
         }
-        let (x, w) = (contiguous_f32(x, lx)?, contiguous_f32(w, lw)?);
+        let (x, w) = (fused::slice::<f32>(x, lx)?, fused::slice::<f32>(w, lw)?);
         Ok((
             CpuStorage::F32(linear_f32(x, w, m, k, n)),
             Shape::from((m, n)),
