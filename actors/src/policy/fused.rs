@@ -22,6 +22,8 @@ pub(crate) enum Kind {
     LinearRows,
     /// The few-row kernels of `skinny` (decode steps).
     Skinny,
+    /// The one-pass causal attention of `flash` (training and prefill).
+    Flash,
 }
 
 pub(crate) fn enabled(kind: Kind) -> bool {
@@ -42,6 +44,7 @@ pub(crate) fn enabled(kind: Kind) -> bool {
         Kind::AdamW => "adamw",
         Kind::LinearRows => "linear_rows",
         Kind::Skinny => "skinny",
+        Kind::Flash => "flash",
     };
     !off.iter().any(|o| o == "all" || o == name)
 }

@@ -13,6 +13,8 @@
 //! from basic tensor ops, which backpropagate everywhere. The finite-difference tests check
 //! the fused gradients (f64); the bf16 test (composed path) checks against them.
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -209,6 +211,53 @@ impl LlamaConfig {
 /// with no visible key (a pad position in a left-padded batch) gives a uniform distribution
 /// instead of NaN; such rows are never read.
 pub(crate) const MASKED: f32 = -1e9;
+
+/// The attention mask of one forward, shared by every layer: key `s` of row `b` is a real
+/// token (`rows[b][s]`), and the query at position `past + i` sees the real keys up to it.
+struct AttnMask {
+    rows: Vec<Vec<bool>>,
+    past: usize,
+    keys: Arc<flash::KeyMask>,
+    /// The additive form `[B, 1, T, S]` (0 or [`MASKED`]), built on first use: the one-pass
+    /// kernel does not need it, and for a 4k-token training batch it is hundreds of MB.
+    dense: OnceLock<Tensor>,
+    device: Device,
+    dtype: DType,
+}
+
+impl AttnMask {
+    fn new(rows: Vec<Vec<bool>>, past: usize, device: &Device, dtype: DType) -> Result<Self> {
+        Ok(AttnMask {
+            keys: Arc::new(flash::KeyMask::new(&rows, past)?),
+            rows,
+            past,
+            dense: OnceLock::new(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    fn dense(&self) -> Result<&Tensor> {
+        if let Some(m) = self.dense.get() {
+            return Ok(m);
+        }
+        let s = self.rows.first().map_or(0, |r| r.len());
+        let t = s - self.past;
+        let mut mask = Vec::with_capacity(self.rows.len() * t * s);
+        for keys in &self.rows {
+            for qi in self.past..s {
+                mask.extend(
+                    keys.iter()
+                        .enumerate()
+                        .map(|(j, k)| if *k && j <= qi { 0.0 } else { MASKED }),
+                );
+            }
+        }
+        let m = Tensor::from_vec(mask, (self.rows.len(), 1, t, s), &self.device)?
+            .to_dtype(self.dtype)?;
+        Ok(self.dense.get_or_init(|| m))
+    }
+}
 
 /// RMSNorm: the fused kernel where supported, else composed from basic ops (candle's own
 /// fused one has no gradient on CPU in 0.11).
@@ -468,7 +517,7 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: &AttnMask,
         cache: Option<LayerSlot<'_>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -497,27 +546,37 @@ impl Attention {
         let n_rep = h / hkv;
         // Query heads j·n_rep .. (j+1)·n_rep share kv head j (HF's repeat_kv order).
         let q = q.reshape((b, hkv, n_rep * t, hd))?;
-        let y = match skinny::attention(&q, &k, &v, mask)? {
+        // Decode steps take the few-row kernel, training and prefill the one-pass one; what
+        // neither serves, the general path.
+        let few = if n_rep * t <= skinny::MAX_ROWS {
+            skinny::attention(&q, &k, &v, mask.dense()?)?
+        } else {
+            None
+        };
+        let y = match few {
             Some(y) => y,
-            None => {
-                let att = q.matmul(&k.t()?)?; // [B, Hkv, n_rep·T, S]
-                let att = fused::masked_softmax(&att, mask)?;
-                att.matmul(&v)?
-            }
+            None => match flash::attention(&q, &k, &v, &mask.keys)? {
+                Some(y) => y,
+                None => {
+                    let att = q.matmul(&k.t()?)?; // [B, Hkv, n_rep·T, S]
+                    let att = fused::masked_softmax(&att, mask.dense()?)?;
+                    att.matmul(&v)?
+                }
+            },
         };
         let y = y.reshape((b, h, t, hd))?;
         let y = y.transpose(1, 2)?.reshape((b, t, h * hd))?;
         linear_rows(&self.o_proj, &y)
     }
 
-    /// x: [B, T, hidden]; cos/sin: [B, T, D]; mask: [B, 1, T, S] additive; cache: this
+    /// x: [B, T, hidden]; cos/sin: [B, T, D]; mask: which keys each query sees; cache: this
     /// layer's (k, v).
     fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: &AttnMask,
         cache: Option<LayerSlot<'_>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -547,7 +606,7 @@ impl Attention {
         let k = repeat_kv(k, n_rep)?.contiguous()?;
         let v = repeat_kv(v, n_rep)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask.dense()?)?;
         // `softmax` (not `softmax_last_dim`): it backpropagates on CPU.
         let att = candle_nn::ops::softmax(&att, D::Minus1)?;
         let y = att.matmul(&v)?; // [B, H, T, D]
@@ -733,27 +792,24 @@ impl Llama {
             _ => vec![Vec::new(); b],
         };
         let p = past.first().map_or(0, |r| r.len());
-        let s = p + t;
 
-        // Positions and the additive mask, built on the host: both are small ([B,T], [B,T,S]).
+        // Positions, built on the host ([B, T]), and the mask.
         let mut positions = Vec::with_capacity(b * t);
-        let mut mask = Vec::with_capacity(b * t * s);
         for (row_past, row_new) in past.iter().zip(&new_mask) {
-            let keys: Vec<bool> = row_past.iter().chain(row_new).copied().collect();
             let mut seen = row_past.iter().filter(|m| **m).count();
-            for (i, real) in row_new.iter().enumerate() {
+            for real in row_new {
                 positions.push(seen as f32);
                 if *real {
                     seen += 1;
                 }
-                let qi = p + i;
-                mask.extend(
-                    keys.iter()
-                        .enumerate()
-                        .map(|(j, k)| if *k && j <= qi { 0.0 } else { MASKED }),
-                );
             }
         }
+        let keys: Vec<Vec<bool>> = past
+            .iter()
+            .zip(&new_mask)
+            .map(|(a, n)| a.iter().chain(n).copied().collect())
+            .collect();
+        let mask = AttnMask::new(keys, p, &self.device, self.dtype)?;
         // RoPE angles in f32 whatever the compute dtype (as HF does): bf16 holds integers
         // exactly only up to 256, so positions and angles in bf16 would be wrong past that.
         let angle_dtype = if self.dtype == DType::F64 {
@@ -763,7 +819,6 @@ impl Llama {
         };
         let positions =
             Tensor::from_vec(positions, (b, t, 1), &self.device)?.to_dtype(angle_dtype)?;
-        let mask = Tensor::from_vec(mask, (b, 1, t, s), &self.device)?.to_dtype(self.dtype)?;
         let inv_freq = Tensor::new(self.inv_freq.as_slice(), &self.device)?
             .to_dtype(angle_dtype)?
             .reshape((1, 1, self.inv_freq.len()))?;
@@ -798,14 +853,7 @@ impl Llama {
             x = (x + h)?;
         }
         if let Some(c) = cache {
-            c.key_mask = past
-                .into_iter()
-                .zip(new_mask)
-                .map(|(mut a, n)| {
-                    a.extend(n);
-                    a
-                })
-                .collect();
+            c.key_mask = mask.rows;
         }
         let x = self.norm.forward(&x)?;
         if fused::enabled(fused::Kind::LinearRows) {
@@ -823,7 +871,7 @@ impl Llama {
     }
 }
 
-use super::{fused, skinny};
+use super::{flash, fused, skinny};
 
 #[cfg(test)]
 mod tests {

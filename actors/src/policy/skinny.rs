@@ -31,7 +31,7 @@ pub(crate) const MAX_ROWS: usize = 16;
 const PAR_MIN_FMAS: usize = 1 << 15;
 
 /// Whether the CPU has the instructions the kernels are compiled for.
-fn simd() -> bool {
+pub(crate) fn simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

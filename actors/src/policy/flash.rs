@@ -1,0 +1,899 @@
+//! Causal attention in one pass over the keys, with a backward (the FlashAttention algorithm,
+//! on CPU): for training and for prompt prefill.
+//!
+//! The general path materializes `[B, H, T, S]` scores, their softmax and, in the backward,
+//! two more such tensors, and computes every masked entry. For the tiny byte models trained
+//! on ~3k-token windows that was most of a training step: in a profile of `examples/
+//! sft_compact.ron`, attention's matmuls, softmax, `expf`, the gradient sums over the score
+//! tensors and their zeroing took about 85% of the samples. Here each tile of query rows walks
+//! the key blocks it can see (causal blocks past it are never touched), keeps a running max
+//! and sum (online softmax), and keeps only the output and each row's max and normalizer for
+//! the backward, which recomputes the probabilities block by block.
+//!
+//! Masking is exactly the general path's, from the same key mask: query `t` of row `b` sees
+//! key `s` when `s <= past + t` and key `s` is a real token; other keys get weight 0. A query
+//! that sees no key (a pad position of a left-padded row) gets the general path's uniform
+//! weights over all keys (every score plus [`MASKED`]), so results agree everywhere.
+//!
+//! Determinism: each output element is computed by one thread in a fixed order; the results
+//! do not depend on the thread count. They differ from the general path's in the last bits
+//! (another summation order, and a polynomial `exp` within 2 ulp of libm's).
+//!
+//! Served: f32 on x86_64 CPUs with AVX2 and FMA, head dimensions a multiple of 8. Anything
+//! else returns `None` and the caller takes the general path.
+
+// The kernels index several register tiles by one row or lane index; iterators would hide that.
+#![allow(clippy::needless_range_loop)]
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::fused;
+use super::model::MASKED;
+
+/// Query rows per tile: the rows that share one walk over the key blocks.
+const BR: usize = 16;
+/// Keys per block: one block's scores for a tile stay in L1 (`BR · BC` floats).
+const BC: usize = 64;
+/// f32 lanes of an AVX2 register.
+const LANES: usize = 8;
+
+/// Which keys each query sees. Key `s` of row `b` is a real token or a pad (`keys`); the T new
+/// queries sit at positions `past .. past + T` of the S = past + T keys, and query `t` sees the
+/// real keys at positions `<= past + t`.
+#[derive(Debug)]
+pub(crate) struct KeyMask {
+    /// `[B, S]`: 0 for a real key, [`MASKED`] for a pad.
+    bias: Vec<f32>,
+    /// `[B, S + 1]`: pads among the first `s` keys of row `b`, at `b · (S + 1) + s`.
+    pads_before: Vec<u32>,
+    /// Per row, its first real key (S when it has none).
+    first: Vec<usize>,
+    s: usize,
+    past: usize,
+}
+
+/// The keys one query row reads: `lo .. hi`, and whether it sees none of them (`dead`: the
+/// general path's uniform weights over all keys).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Span {
+    lo: usize,
+    hi: usize,
+    dead: bool,
+}
+
+impl KeyMask {
+    /// `keys[b][s]`: key `s` of row `b` is a real token; every row has `S` keys, of which the
+    /// last `S - past` are the new tokens.
+    pub(crate) fn new(keys: &[Vec<bool>], past: usize) -> Result<Self> {
+        let s = keys.first().map_or(0, |r| r.len());
+        if keys.iter().any(|r| r.len() != s) || past > s {
+            candle_core::bail!("key mask: rows of different lengths, or past {past} > {s} keys");
+        }
+        let mut bias = Vec::with_capacity(keys.len() * s);
+        let mut pads_before = Vec::with_capacity(keys.len() * (s + 1));
+        let mut first = Vec::with_capacity(keys.len());
+        for row in keys {
+            let mut pads = 0u32;
+            pads_before.push(0);
+            for real in row {
+                bias.push(if *real { 0.0 } else { MASKED });
+                pads += u32::from(!*real);
+                pads_before.push(pads);
+            }
+            first.push(row.iter().position(|r| *r).unwrap_or(s));
+        }
+        Ok(KeyMask {
+            bias,
+            pads_before,
+            first,
+            s,
+            past,
+        })
+    }
+
+    fn rows(&self) -> usize {
+        self.first.len()
+    }
+
+    fn span(&self, b: usize, t: usize) -> Span {
+        let hi = (self.past + t + 1).min(self.s);
+        let lo = self.first[b];
+        if lo < hi {
+            Span {
+                lo,
+                hi,
+                dead: false,
+            }
+        } else {
+            Span {
+                lo: 0,
+                hi: self.s,
+                dead: true,
+            }
+        }
+    }
+
+    /// Whether keys `s0 .. s1` of row `b` are all real.
+    fn all_real(&self, b: usize, s0: usize, s1: usize) -> bool {
+        let p = &self.pads_before[b * (self.s + 1)..(b + 1) * (self.s + 1)];
+        p[s1] == p[s0]
+    }
+}
+
+// ---------------------------------------------------------------- kernels
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// 8 floats of `s` from `i`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn ld(s: &[f32], i: usize) -> __m256 {
+    let s = &s[i..i + LANES];
+    // SAFETY: `s` holds exactly the 8 floats read (the slice above is bounds-checked).
+    unsafe { _mm256_loadu_ps(s.as_ptr()) }
+}
+
+/// Stores 8 floats into `s` from `i`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn st(s: &mut [f32], i: usize, v: __m256) {
+    let s = &mut s[i..i + LANES];
+    // SAFETY: `s` holds exactly the 8 floats written (bounds-checked slice above).
+    unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) }
+}
+
+/// e^x per lane (Cephes' `expf`: the argument reduced by ln 2, a degree-5 polynomial, the
+/// exponent put back in the float's bits); within 2 ulp of libm. Lanes below -87.3 (e^x
+/// under the smallest normal float), -inf included, give exactly 0, as masked scores must.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp8(x: __m256) -> __m256 {
+    let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.33654));
+    let x = _mm256_min_ps(x, _mm256_set1_ps(88.37626));
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654));
+    let n = _mm256_floor_ps(_mm256_fmadd_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+        _mm256_set1_ps(0.5),
+    ));
+    // ln 2 in two parts, so that n·ln2 is subtracted without rounding the high part.
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let r2 = _mm256_mul_ps(r, r);
+    let p = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    let y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    _mm256_andnot_ps(tiny, y)
+}
+
+/// `out[r][c] = a[r] · kt[·, c0 + c]` for `c < w8` (a multiple of 8): kt is `[D, stride]`
+/// (keys transposed, so that 8 keys are one load). 4 rows x 16 keys per step: 8 accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn scores<const N: usize>(
+    a: [&[f32]; N],
+    kt: &[f32],
+    stride: usize,
+    c0: usize,
+    w8: usize,
+    out: &mut [[f32; BC]],
+) {
+    let d = a[0].len();
+    let mut c = 0;
+    while c + 2 * LANES <= w8 {
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        for dd in 0..d {
+            let k0 = ld(kt, dd * stride + c0 + c);
+            let k1 = ld(kt, dd * stride + c0 + c + LANES);
+            for r in 0..N {
+                let x = _mm256_set1_ps(a[r][dd]);
+                acc[r][0] = _mm256_fmadd_ps(x, k0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(x, k1, acc[r][1]);
+            }
+        }
+        for r in 0..N {
+            st(&mut out[r], c, acc[r][0]);
+            st(&mut out[r], c + LANES, acc[r][1]);
+        }
+        c += 2 * LANES;
+    }
+    if c < w8 {
+        let mut acc = [_mm256_setzero_ps(); N];
+        for dd in 0..d {
+            let k0 = ld(kt, dd * stride + c0 + c);
+            for r in 0..N {
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(a[r][dd]), k0, acc[r]);
+            }
+        }
+        for r in 0..N {
+            st(&mut out[r], c, acc[r]);
+        }
+    }
+}
+
+/// `out[r] += Σ_j w[r][j] · m[j]` for rows `r < N` of `out` (row stride `os`), `j < J`, and
+/// `m`'s rows at stride `ms`; every row is D long (a multiple of 8). 4 rows x 16 lanes per
+/// step: 8 accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn accumulate<const N: usize>(
+    out: &mut [f32],
+    os: usize,
+    w: [&[f32]; N],
+    m: &[f32],
+    ms: usize,
+    j_end: usize,
+    d: usize,
+) {
+    let mut c = 0;
+    while c < d {
+        if c + 2 * LANES <= d {
+            let mut acc = [[_mm256_setzero_ps(); 2]; N];
+            for r in 0..N {
+                acc[r] = [ld(out, r * os + c), ld(out, r * os + c + LANES)];
+            }
+            for j in 0..j_end {
+                let m0 = ld(m, j * ms + c);
+                let m1 = ld(m, j * ms + c + LANES);
+                for r in 0..N {
+                    let x = _mm256_set1_ps(w[r][j]);
+                    acc[r][0] = _mm256_fmadd_ps(x, m0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(x, m1, acc[r][1]);
+                }
+            }
+            for r in 0..N {
+                st(out, r * os + c, acc[r][0]);
+                st(out, r * os + c + LANES, acc[r][1]);
+            }
+            c += 2 * LANES;
+        } else {
+            let mut acc = [_mm256_setzero_ps(); N];
+            for r in 0..N {
+                acc[r] = ld(out, r * os + c);
+            }
+            for j in 0..j_end {
+                let m0 = ld(m, j * ms + c);
+                for r in 0..N {
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(w[r][j]), m0, acc[r]);
+                }
+            }
+            for r in 0..N {
+                st(out, r * os + c, acc[r]);
+            }
+            c += LANES;
+        }
+    }
+}
+
+/// `scores` over `n <= BR` rows (`row(i)` is row i), 4 at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn scores_rows<'a>(
+    n: usize,
+    row: impl Fn(usize) -> &'a [f32],
+    kt: &[f32],
+    stride: usize,
+    c0: usize,
+    w8: usize,
+    out: &mut [[f32; BC]; BR],
+) {
+    let mut i = 0;
+    while i + 4 <= n {
+        let rows = [row(i), row(i + 1), row(i + 2), row(i + 3)];
+        scores::<4>(rows, kt, stride, c0, w8, &mut out[i..i + 4]);
+        i += 4;
+    }
+    while i < n {
+        scores::<1>([row(i)], kt, stride, c0, w8, &mut out[i..i + 1]);
+        i += 1;
+    }
+}
+
+/// `accumulate` over `n` output rows (`out` at stride `os`), weights `w(i)`, 4 rows at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn accumulate_rows<'a>(
+    n: usize,
+    out: &mut [f32],
+    os: usize,
+    w: impl Fn(usize) -> &'a [f32],
+    m: &[f32],
+    ms: usize,
+    j_end: usize,
+    d: usize,
+) {
+    let mut i = 0;
+    while i + 4 <= n {
+        let ws = [w(i), w(i + 1), w(i + 2), w(i + 3)];
+        accumulate::<4>(&mut out[i * os..], os, ws, m, ms, j_end, d);
+        i += 4;
+    }
+    while i < n {
+        accumulate::<1>(&mut out[i * os..], os, [w(i)], m, ms, j_end, d);
+        i += 1;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// `x` `[S, D]` transposed into `[D, stride]` (stride >= S + 7; the extra columns are 0).
+fn transpose(x: &[f32], s: usize, d: usize, stride: usize) -> Vec<f32> {
+    let mut t = vec![0f32; d * stride];
+    for (j, row) in x.chunks_exact(d).take(s).enumerate() {
+        for (dd, v) in row.iter().enumerate() {
+            t[dd * stride + j] = *v;
+        }
+    }
+    t
+}
+
+#[cfg(target_arch = "x86_64")]
+/// Applies the mask to one block of scores (keys `s0 .. s0 + w` for the tile's rows): keys a
+/// row does not read become -inf (weight exactly 0), pads get [`MASKED`] added, and a dead row
+/// gets [`MASKED`] added everywhere (the general path's additive mask, entry for entry).
+fn mask_block(
+    mask: &KeyMask,
+    b: usize,
+    spans: &[Span],
+    s0: usize,
+    w: usize,
+    sc: &mut [[f32; BC]; BR],
+) {
+    let s1 = s0 + w;
+    let bias = &mask.bias[b * mask.s..(b + 1) * mask.s];
+    let clean = mask.all_real(b, s0, s1);
+    for (row, sp) in sc.iter_mut().zip(spans) {
+        if sp.dead {
+            for v in &mut row[..w] {
+                *v += MASKED;
+            }
+        } else if clean && sp.lo <= s0 && s1 <= sp.hi {
+            // Every key of the block is real and in the row's span: nothing to do.
+        } else {
+            for (c, v) in row[..w].iter_mut().enumerate() {
+                let s = s0 + c;
+                *v = if s < sp.lo || s >= sp.hi {
+                    f32::NEG_INFINITY
+                } else {
+                    *v + bias[s]
+                };
+            }
+        }
+    }
+}
+
+/// `row[c] = e^(row[c] - shift) · scale` for `c < w`, and 0 for the padding columns
+/// `w .. row.len()` (a multiple of 8); returns the sum of the exponentials (before `scale`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp_shifted(row: &mut [f32], w: usize, shift: f32, scale: f32) -> f32 {
+    row[w..].fill(f32::NEG_INFINITY);
+    let (mv, kv) = (_mm256_set1_ps(shift), _mm256_set1_ps(scale));
+    let mut sv = _mm256_setzero_ps();
+    for c in (0..row.len()).step_by(LANES) {
+        let e = exp8(_mm256_sub_ps(ld(row, c), mv));
+        st(row, c, _mm256_mul_ps(e, kv));
+        sv = _mm256_add_ps(sv, e);
+    }
+    let mut lanes = [0f32; LANES];
+    st(&mut lanes, 0, sv);
+    lanes.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+/// The tile's key range: the union of its rows' spans, as the first key and the end.
+fn union(spans: &[Span]) -> (usize, usize) {
+    let lo = spans.iter().map(|s| s.lo).min().unwrap_or(0);
+    let hi = spans.iter().map(|s| s.hi).max().unwrap_or(0);
+    (lo, hi)
+}
+
+#[cfg(target_arch = "x86_64")]
+/// The operands of one (batch row, kv head) pair.
+struct Pair<'a> {
+    b: usize,
+    /// `[R, D]`: the query rows of the kv head's group, row `r` at position `r % T`.
+    q: &'a [f32],
+    /// `[S, D]` each.
+    k: &'a [f32],
+    v: &'a [f32],
+    /// `k` transposed, `[D, stride]`.
+    kt: &'a [f32],
+}
+
+#[cfg(target_arch = "x86_64")]
+/// Dims shared by every pair: query positions T, keys S (and its padded stride), head dim D.
+#[derive(Clone, Copy)]
+struct Dims {
+    t: usize,
+    s: usize,
+    stride: usize,
+    d: usize,
+}
+
+/// The forward of one query head's `T` rows (`r0 ..`) of one pair: `out` gets, per row, the
+/// output (D), the row max and the inverse normalizer (`[T, D + 2]`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn forward_head(p: &Pair, mask: &KeyMask, dm: Dims, r0: usize, out: &mut [f32]) {
+    let Dims { t, stride, d, .. } = dm;
+    let ow = d + 2;
+    let mut sc = [[0f32; BC]; BR];
+    let mut acc = vec![0f32; BR * d];
+    for t0 in (0..t).step_by(BR) {
+        let n = (t - t0).min(BR);
+        let spans: Vec<Span> = (t0..t0 + n).map(|ti| mask.span(p.b, ti)).collect();
+        let (lo, hi) = union(&spans);
+        let mut mx = [f32::NEG_INFINITY; BR];
+        let mut sum = [0f32; BR];
+        acc.fill(0.0);
+        let qrow = |i: usize| &p.q[(r0 + t0 + i) * d..(r0 + t0 + i + 1) * d];
+        let mut s0 = lo;
+        while s0 < hi {
+            let w = (hi - s0).min(BC);
+            let w8 = w.div_ceil(LANES) * LANES;
+            scores_rows(n, qrow, p.kt, stride, s0, w8, &mut sc);
+            mask_block(mask, p.b, &spans, s0, w, &mut sc);
+            for i in 0..n {
+                let row = &mut sc[i][..w8];
+                let block_max = row[..w].iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+                if block_max == f32::NEG_INFINITY {
+                    row.fill(0.0); // no key of this block is read: weights 0
+                    continue;
+                }
+                let m_new = mx[i].max(block_max);
+                let alpha = (mx[i] - m_new).exp(); // 0 on the first visible block
+                let s = exp_shifted(row, w, m_new, 1.0);
+                sum[i] = sum[i] * alpha + s;
+                mx[i] = m_new;
+                if alpha != 1.0 {
+                    for a in &mut acc[i * d..(i + 1) * d] {
+                        *a *= alpha;
+                    }
+                }
+            }
+            accumulate_rows(n, &mut acc, d, |i| &sc[i][..], &p.v[s0 * d..], d, w, d);
+            s0 += w;
+        }
+        for i in 0..n {
+            let o = &mut out[(t0 + i) * ow..(t0 + i + 1) * ow];
+            let inv = 1.0 / sum[i];
+            for (o, a) in o[..d].iter_mut().zip(&acc[i * d..(i + 1) * d]) {
+                *o = a * inv;
+            }
+            o[d] = mx[i];
+            o[d + 1] = inv;
+        }
+    }
+}
+
+/// The backward of one pair: `dq` `[R, D]`, `dk` and `dv` `[S, D]` (zeroed) from the
+/// forward's rows `res` and their gradients `g` (both `[R, D + 2]`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn backward_pair(
+    p: &Pair,
+    mask: &KeyMask,
+    dm: Dims,
+    res: &[f32],
+    g: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let Dims { t, s, stride, d } = dm;
+    let ow = d + 2;
+    let vt = transpose(p.v, s, d, stride);
+    let rows = p.q.len() / d;
+    let mut sc = [[0f32; BC]; BR];
+    let mut dp = [[0f32; BC]; BR];
+    let mut ds_t = [[0f32; BR]; BC];
+    let mut p_t = [[0f32; BR]; BC];
+    let mut dq_tile = vec![0f32; BR * d];
+    for r0 in (0..rows).step_by(t) {
+        for t0 in (0..t).step_by(BR) {
+            let n = (t - t0).min(BR);
+            let first = r0 + t0;
+            let spans: Vec<Span> = (t0..t0 + n).map(|ti| mask.span(p.b, ti)).collect();
+            let (lo, hi) = union(&spans);
+            let qrow = |i: usize| &p.q[(first + i) * d..(first + i + 1) * d];
+            let grow = |i: usize| &g[(first + i) * ow..(first + i) * ow + d];
+            let mut delta = [0f32; BR];
+            let mut shift = [0f32; BR];
+            let mut inv = [0f32; BR];
+            for i in 0..n {
+                let y = &res[(first + i) * ow..(first + i + 1) * ow];
+                delta[i] = y[..d].iter().zip(grow(i)).map(|(a, b)| a * b).sum();
+                shift[i] = y[d];
+                inv[i] = y[d + 1];
+            }
+            dq_tile.fill(0.0);
+            let mut s0 = lo;
+            while s0 < hi {
+                let w = (hi - s0).min(BC);
+                let w8 = w.div_ceil(LANES) * LANES;
+                scores_rows(n, qrow, p.kt, stride, s0, w8, &mut sc);
+                mask_block(mask, p.b, &spans, s0, w, &mut sc);
+                scores_rows(n, grow, &vt, stride, s0, w8, &mut dp);
+                for i in 0..n {
+                    // The probabilities, as the forward had them, and dS = P ⊙ (dP − Δ).
+                    exp_shifted(&mut sc[i][..w8], w, shift[i], inv[i]);
+                    for c in 0..w {
+                        let pr = sc[i][c];
+                        let ds = pr * (dp[i][c] - delta[i]);
+                        dp[i][c] = ds;
+                        ds_t[c][i] = ds;
+                        p_t[c][i] = pr;
+                    }
+                }
+                accumulate_rows(n, &mut dq_tile, d, |i| &dp[i][..], &p.k[s0 * d..], d, w, d);
+                let q_tile = &p.q[first * d..];
+                accumulate_rows(w, &mut dk[s0 * d..], d, |j| &ds_t[j][..], q_tile, d, n, d);
+                let g_tile = &g[first * ow..];
+                accumulate_rows(w, &mut dv[s0 * d..], d, |j| &p_t[j][..], g_tile, ow, n, d);
+                s0 += w;
+            }
+            dq[first * d..(first + n) * d].copy_from_slice(&dq_tile[..n * d]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// The op: q `[B, G, R, D]`, k and v `[B, G, S, D]` (contiguous) -> `[B, G, R, D + 2]`, each
+/// row's output followed by its score max and inverse normalizer (the backward's state).
+struct FlashAttention {
+    mask: Arc<KeyMask>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl FlashAttention {
+    /// `(B, G, R, dims)` of the operands.
+    fn dims(&self, q: &Layout, k: &Layout) -> Result<(usize, usize, usize, Dims)> {
+        let (b, g, r, d) = q.shape().dims4()?;
+        let (kb, kg, s, kd) = k.shape().dims4()?;
+        let t = s.saturating_sub(self.mask.past);
+        if (kb, kg, kd) != (b, g, d) || self.mask.rows() != b || self.mask.s != s || t == 0 {
+            candle_core::bail!(
+                "flash attention: q {:?} and k {:?} do not agree with the mask",
+                q.dims(),
+                k.dims()
+            );
+        }
+        if r % t != 0 || d % LANES != 0 {
+            candle_core::bail!("flash attention: {r} query rows for {t} positions, head dim {d}");
+        }
+        // A block starts at any key, so its last load may reach 7 columns past S.
+        let stride = s.div_ceil(LANES) * LANES + LANES;
+        Ok((b, g, r, Dims { t, s, stride, d }))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// Each pair's keys transposed (`[D, stride]`).
+fn transposed_keys(k: &[f32], pairs: usize, dm: Dims) -> Vec<Vec<f32>> {
+    let Dims { s, stride, d, .. } = dm;
+    (0..pairs)
+        .into_par_iter()
+        .map(|i| transpose(&k[i * s * d..(i + 1) * s * d], s, d, stride))
+        .collect()
+}
+
+#[cfg(target_arch = "x86_64")]
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "klong-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        lq: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, per_b, r, dm) = self.dims(lq, lk)?;
+        let pairs = b * per_b;
+        let (q, k, v) = (
+            fused::slice::<f32>(q, lq)?,
+            fused::slice::<f32>(k, lk)?,
+            fused::slice::<f32>(v, lv)?,
+        );
+        let Dims { t, s, d, .. } = dm;
+        let kts = transposed_keys(k, pairs, dm);
+        let n_rep = r / t;
+        let mut out = vec![0f32; pairs * r * (d + 2)];
+        out.par_chunks_exact_mut(t * (d + 2))
+            .enumerate()
+            .for_each(|(unit, o)| {
+                let i = unit / n_rep;
+                let pair = Pair {
+                    b: i / per_b,
+                    q: &q[i * r * d..(i + 1) * r * d],
+                    k: &k[i * s * d..(i + 1) * s * d],
+                    v: &v[i * s * d..(i + 1) * s * d],
+                    kt: &kts[i],
+                };
+                // SAFETY: `forward_head` needs AVX2 and FMA; the op is only built after
+                // `serves` found both on this CPU.
+                #[allow(unused_unsafe)]
+                unsafe {
+                    forward_head(&pair, &self.mask, dm, (unit % n_rep) * t, o)
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, per_b, r, d + 2))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (b, per_b, r, dm) = self.dims(q.layout(), k.layout())?;
+        let pairs = b * per_b;
+        let Dims { s, d, .. } = dm;
+        let mut dq = vec![0f32; pairs * r * d];
+        let mut dk = vec![0f32; pairs * s * d];
+        let mut dv = vec![0f32; pairs * s * d];
+        fused::with_data::<f32, _>(&q, |q| {
+            fused::with_data::<f32, _>(&k, |k| {
+                fused::with_data::<f32, _>(&v, |v| {
+                    fused::with_data::<f32, _>(res, |res| {
+                        fused::with_data::<f32, _>(g, |g| {
+                            let kts = transposed_keys(k, pairs, dm);
+                            let ow = d + 2;
+                            dq.par_chunks_exact_mut(r * d)
+                                .zip(dk.par_chunks_exact_mut(s * d))
+                                .zip(dv.par_chunks_exact_mut(s * d))
+                                .enumerate()
+                                .for_each(|(i, ((dq, dk), dv))| {
+                                    let pair = Pair {
+                                        b: i / per_b,
+                                        q: &q[i * r * d..(i + 1) * r * d],
+                                        k: &k[i * s * d..(i + 1) * s * d],
+                                        v: &v[i * s * d..(i + 1) * s * d],
+                                        kt: &kts[i],
+                                    };
+                                    let rows = i * r * ow..(i + 1) * r * ow;
+                                    // SAFETY: as in the forward, AVX2 and FMA were found.
+                                    #[allow(unused_unsafe)]
+                                    unsafe {
+                                        backward_pair(
+                                            &pair,
+                                            &self.mask,
+                                            dm,
+                                            &res[rows.clone()],
+                                            &g[rows],
+                                            dq,
+                                            dk,
+                                            dv,
+                                        )
+                                    }
+                                });
+                            Ok(())
+                        })
+                    })
+                })
+            })
+        })?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// Whether these kernels serve `t`'s device and dtype.
+fn serves(t: &Tensor) -> bool {
+    fused::supported(t, fused::Kind::Flash)
+        && t.dtype() == candle_core::DType::F32
+        && super::skinny::simd()
+}
+
+/// softmax(q·kᵀ + mask)·v with gradients: q `[B, G, R, D]` (pre-scaled; row r belongs to
+/// query position `r % T`, T = S − past), k and v `[B, G, S, D]`, the mask as key validity.
+/// Returns `[B, G, R, D]`, or `None` when these kernels do not serve it (then the caller takes
+/// the general path).
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Arc<KeyMask>,
+) -> Result<Option<Tensor>> {
+    let (Ok((b, _, r, d)), Ok((_, _, s, _))) = (q.dims4(), k.dims4()) else {
+        return Ok(None);
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    return Ok(None);
+    let t = s.saturating_sub(mask.past);
+    if !serves(q) || !serves(k) || !serves(v) || d % LANES != 0 || t == 0 || r % t != 0 {
+        return Ok(None);
+    }
+    if mask.rows() != b || mask.s != s {
+        candle_core::bail!(
+            "flash attention: mask for {} rows of {} keys, q {:?}, k {:?}",
+            mask.rows(),
+            mask.s,
+            q.dims(),
+            k.dims()
+        );
+    }
+    let out = q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        FlashAttention { mask: mask.clone() },
+    )?;
+    Ok(Some(out.narrow(3, 0, d)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::max_abs_diff;
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+    }
+
+    /// The general path: q·kᵀ, the additive mask, softmax, ·v.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, keys: &[Vec<bool>], past: usize) -> Tensor {
+        let s = keys[0].len();
+        let t = s - past;
+        let mut m = Vec::new();
+        for row in keys {
+            for qi in past..s {
+                m.extend((0..s).map(|j| if row[j] && j <= qi { 0.0 } else { MASKED }));
+            }
+        }
+        let mask = Tensor::from_vec(m, (keys.len(), 1, t, s), &Device::Cpu).expect("mask");
+        let att = q.matmul(&k.t().expect("t")).expect("qk");
+        let att = fused::masked_softmax(&att, &mask).expect("softmax");
+        att.matmul(v).expect("av")
+    }
+
+    /// Gradients of `Σ y ⊙ w` with respect to q, k and v.
+    fn grads(y: &Tensor, w: &Tensor, vars: &[&Var; 3]) -> Vec<Tensor> {
+        let loss = (y * w).and_then(|p| p.sum_all()).expect("loss");
+        let g = loss.backward().expect("backward");
+        vars.iter()
+            .map(|v| g.get(v.as_tensor()).expect("grad").clone())
+            .collect()
+    }
+
+    /// Forward and gradients against the general path: several key blocks and query tiles
+    /// with tails, GQA groups, head dims 8-32, right pads (training batches), left pads with
+    /// dead queries and a hole (generation), and cached keys before the new queries.
+    #[test]
+    fn attention_matches_the_general_path() {
+        if !super::super::skinny::simd() {
+            return; // nothing to compare: `attention` declines on this CPU
+        }
+        let cases: [(usize, usize, usize, usize, usize); 6] = [
+            // (T, past, n_rep, D, G)
+            (150, 0, 2, 24, 2),
+            (37, 0, 1, 8, 1),
+            (70, 0, 3, 32, 1),
+            (5, 20, 2, 16, 2),
+            (131, 3, 1, 24, 2),
+            (17, 0, 4, 16, 1),
+        ];
+        for (case, (t, past, n_rep, d, g)) in cases.into_iter().enumerate() {
+            let s = past + t;
+            let b = 3;
+            // Row 0: all real. Row 1: right pads (the last third). Row 2: four left pads (its
+            // first queries, when new, see no key) and a pad in the middle.
+            let keys: Vec<Vec<bool>> = vec![
+                vec![true; s],
+                (0..s).map(|j| j < s - s / 3).collect(),
+                (0..s).map(|j| j >= 4 && j != s / 2).collect(),
+            ];
+            let seed = 10 * case as u64;
+            let q = Var::from_tensor(&randn(&[b, g, n_rep * t, d], seed + 1, 1.5)).expect("q");
+            let k = Var::from_tensor(&randn(&[b, g, s, d], seed + 2, 1.5)).expect("k");
+            let v = Var::from_tensor(&randn(&[b, g, s, d], seed + 3, 1.0)).expect("v");
+            let w = randn(&[b, g, n_rep * t, d], seed + 4, 1.0);
+            let mask = Arc::new(KeyMask::new(&keys, past).expect("mask"));
+            let got = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask)
+                .expect("op")
+                .expect("served");
+            let want = reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &keys, past);
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-5, "case {case}: forward max diff {diff}");
+            let vars = [&q, &k, &v];
+            for (i, (a, e)) in grads(&got, &w, &vars)
+                .iter()
+                .zip(grads(&want, &w, &vars))
+                .enumerate()
+            {
+                let diff = max_abs_diff(a, &e);
+                assert!(diff < 2e-5, "case {case}: gradient {i} max diff {diff}");
+            }
+        }
+    }
+
+    /// A row whose queries see one key each (a single real token) and scores large enough
+    /// that a naive exp would overflow: weights are still exact.
+    #[test]
+    fn extreme_scores_stay_finite() {
+        if !super::super::skinny::simd() {
+            return;
+        }
+        let (t, d) = (40, 8);
+        let keys = vec![(0..t).map(|j| j == 0 || j > 20).collect::<Vec<_>>()];
+        let q = randn(&[1, 1, t, d], 5, 40.0);
+        let k = randn(&[1, 1, t, d], 6, 40.0);
+        let v = randn(&[1, 1, t, d], 7, 1.0);
+        let mask = Arc::new(KeyMask::new(&keys, 0).expect("mask"));
+        let got = attention(&q, &k, &v, &mask).expect("op").expect("served");
+        let want = reference(&q, &k, &v, &keys, 0);
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff < 1e-4, "max diff {diff}");
+        // Queries 0..=20 see key 0 alone: their output is v's row 0 exactly.
+        let v0 = v
+            .get(0)
+            .and_then(|x| x.get(0))
+            .and_then(|x| x.get(0))
+            .expect("v0");
+        let y5 = got
+            .get(0)
+            .and_then(|x| x.get(0))
+            .and_then(|x| x.get(5))
+            .expect("y5");
+        assert_eq!(max_abs_diff(&v0, &y5), 0.0);
+    }
+
+    /// Declined: a head dim that is not a multiple of 8 (the caller takes the general path).
+    #[test]
+    fn attention_declines_odd_head_dims() {
+        let keys = vec![vec![true; 6]];
+        let mask = Arc::new(KeyMask::new(&keys, 0).expect("mask"));
+        let q = randn(&[1, 1, 6, 12], 1, 1.0);
+        let k = randn(&[1, 1, 6, 12], 2, 1.0);
+        assert!(attention(&q, &k, &k, &mask).expect("op").is_none());
+    }
+
+    #[test]
+    fn key_masks_must_be_rectangular() {
+        assert!(KeyMask::new(&[vec![true; 3], vec![true; 2]], 0).is_err());
+        assert!(KeyMask::new(&[vec![true; 3]], 4).is_err());
+    }
+}
