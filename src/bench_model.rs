@@ -290,13 +290,14 @@ impl Rng {
     }
 }
 
-/// A fresh model R with HF's init (normal 0.02), seeded.
+/// A fresh model R with HF's init (normal 0.02), seeded as `klongd run` seeds its tiny
+/// models (candle's CPU device has no seed of its own).
 fn build_model(cfg: &LlamaConfig, seed: u64) -> Result<(VarMap, Llama)> {
     let device = Device::Cpu;
-    device.set_seed(seed).ok();
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &device);
     let model = Llama::new(cfg, vb).context("building model R")?;
+    crate::sft_stage::seeded_init(&vm, seed, &device)?;
     Ok((vm, model))
 }
 

@@ -162,7 +162,7 @@ impl TrainModel {
 
 /// Matrices ~ N(0, 0.02) (HF's Llama init), norm weights 1, from a splitmix64 stream over the
 /// variables in name order.
-fn seeded_init(vm: &VarMap, seed: u64, device: &Device) -> anyhow::Result<()> {
+pub(crate) fn seeded_init(vm: &VarMap, seed: u64, device: &Device) -> anyhow::Result<()> {
     let mut vars: Vec<(String, candle_core::Var)> = vm
         .data()
         .lock()

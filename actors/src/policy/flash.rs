@@ -247,7 +247,28 @@ fn accumulate<const N: usize>(
 ) {
     let mut c = 0;
     while c < d {
-        if c + 2 * LANES <= d {
+        if d - c == 3 * LANES {
+            // 24 lanes at once (head dim 24, or a tail): 12 accumulators.
+            let mut acc = [[_mm256_setzero_ps(); 3]; N];
+            for r in 0..N {
+                acc[r] = [0, 1, 2].map(|v| ld(out, r * os + c + v * LANES));
+            }
+            for j in 0..j_end {
+                let mv = [0, 1, 2].map(|v| ld(m, j * ms + c + v * LANES));
+                for r in 0..N {
+                    let x = _mm256_set1_ps(w[r][j]);
+                    for v in 0..3 {
+                        acc[r][v] = _mm256_fmadd_ps(x, mv[v], acc[r][v]);
+                    }
+                }
+            }
+            for r in 0..N {
+                for v in 0..3 {
+                    st(out, r * os + c + v * LANES, acc[r][v]);
+                }
+            }
+            c += 3 * LANES;
+        } else if c + 2 * LANES <= d {
             let mut acc = [[_mm256_setzero_ps(); 2]; N];
             for r in 0..N {
                 acc[r] = [ld(out, r * os + c), ld(out, r * os + c + LANES)];
