@@ -7,11 +7,11 @@
 //!   About 22 minutes on 2 cores in a release build.
 //! - `examples/sft_compact.ron` trains the tiny byte-level model from scratch. Asserted is what
 //!   SFT reaches there today: the untrained model writes no well-formed tool call; the trained
-//!   one writes them (51% of its turns), its opening moves on every held-out task are the
+//!   one writes them (74% of its turns), its opening moves on every held-out task are the
 //!   expert's, call for call, and on at least half of them its fourth call is a simulator
 //!   command of the expert's shape. It does not earn rubric points: it writes the most common
 //!   values of the training data instead of copying the config's (no copy circuit forms at
-//!   this scale and budget). About 19 minutes.
+//!   this scale and budget). About 10 minutes.
 //!
 //! Run them after any change to the model, the learner, splitting, the episode loop or the
 //! family:
@@ -185,7 +185,7 @@ fn run_example(example: &str, run_dir_name: &str) -> (tempfile::TempDir, PathBuf
 }
 
 #[test]
-#[ignore = "about 19 minutes (release); run after changes to training or acting"]
+#[ignore = "about 10 minutes (release); run after changes to training or acting"]
 fn sft_teaches_the_tiny_model_tool_calls_and_the_experts_opening_moves() {
     let (_tmp, run_dir) = run_example("examples/sft_compact.ron", "runs/sft-compact");
     check(&run_dir);

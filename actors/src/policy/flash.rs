@@ -356,8 +356,8 @@ fn accumulate_rows<'a>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 /// `x` `[S, D]` transposed into `[D, stride]` (stride >= S + 7; the extra columns are 0).
+#[cfg(target_arch = "x86_64")]
 fn transpose(x: &[f32], s: usize, d: usize, stride: usize) -> Vec<f32> {
     let mut t = vec![0f32; d * stride];
     for (j, row) in x.chunks_exact(d).take(s).enumerate() {
@@ -368,10 +368,10 @@ fn transpose(x: &[f32], s: usize, d: usize, stride: usize) -> Vec<f32> {
     t
 }
 
-#[cfg(target_arch = "x86_64")]
 /// Applies the mask to one block of scores (keys `s0 .. s0 + w` for the tile's rows): keys a
 /// row does not read become -inf (weight exactly 0), pads get [`MASKED`] added, and a dead row
 /// gets [`MASKED`] added everywhere (the general path's additive mask, entry for entry).
+#[cfg(target_arch = "x86_64")]
 fn mask_block(
     mask: &KeyMask,
     b: usize,
@@ -421,16 +421,16 @@ fn exp_shifted(row: &mut [f32], w: usize, shift: f32, scale: f32) -> f32 {
     lanes.iter().sum()
 }
 
-#[cfg(target_arch = "x86_64")]
 /// The tile's key range: the union of its rows' spans, as the first key and the end.
+#[cfg(target_arch = "x86_64")]
 fn union(spans: &[Span]) -> (usize, usize) {
     let lo = spans.iter().map(|s| s.lo).min().unwrap_or(0);
     let hi = spans.iter().map(|s| s.hi).max().unwrap_or(0);
     (lo, hi)
 }
 
-#[cfg(target_arch = "x86_64")]
 /// The operands of one (batch row, kv head) pair.
+#[cfg(target_arch = "x86_64")]
 struct Pair<'a> {
     b: usize,
     /// `[R, D]`: the query rows of the kv head's group, row `r` at position `r % T`.
@@ -443,13 +443,57 @@ struct Pair<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
+impl<'a> Pair<'a> {
+    /// Pair `i` (= b · G + g) of q `[B, G, R, D]`, k and v `[B, G, S, D]`, with its
+    /// transposed keys `kts[i]`.
+    fn nth(
+        i: usize,
+        groups: usize,
+        (q, k, v): (&'a [f32], &'a [f32], &'a [f32]),
+        kts: &'a [Vec<f32>],
+        r: usize,
+        dm: Dims,
+    ) -> Self {
+        let (s, d) = (dm.s, dm.d);
+        Pair {
+            b: i / groups,
+            q: &q[i * r * d..(i + 1) * r * d],
+            k: &k[i * s * d..(i + 1) * s * d],
+            v: &v[i * s * d..(i + 1) * s * d],
+            kt: &kts[i],
+        }
+    }
+}
+
 /// Dims shared by every pair: query positions T, keys S (and its padded stride), head dim D.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Dims {
     t: usize,
     s: usize,
     stride: usize,
     d: usize,
+}
+
+/// The masked scores of a tile's rows (`spans`, `qrow(i)`) against the key block from `s0`
+/// (at most [`BC`] keys, not past `hi`); returns the block's width and that width rounded up
+/// to 8 (the columns filled).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn block_scores<'a>(
+    p: &Pair,
+    mask: &KeyMask,
+    spans: &[Span],
+    qrow: impl Fn(usize) -> &'a [f32],
+    stride: usize,
+    (s0, hi): (usize, usize),
+    sc: &mut [[f32; BC]; BR],
+) -> (usize, usize) {
+    let w = (hi - s0).min(BC);
+    let w8 = w.div_ceil(LANES) * LANES;
+    scores_rows(spans.len(), qrow, p.kt, stride, s0, w8, sc);
+    mask_block(mask, p.b, spans, s0, w, sc);
+    (w, w8)
 }
 
 /// The forward of one query head's `T` rows (`r0 ..`) of one pair: `out` gets, per row, the
@@ -471,10 +515,7 @@ fn forward_head(p: &Pair, mask: &KeyMask, dm: Dims, r0: usize, out: &mut [f32]) 
         let qrow = |i: usize| &p.q[(r0 + t0 + i) * d..(r0 + t0 + i + 1) * d];
         let mut s0 = lo;
         while s0 < hi {
-            let w = (hi - s0).min(BC);
-            let w8 = w.div_ceil(LANES) * LANES;
-            scores_rows(n, qrow, p.kt, stride, s0, w8, &mut sc);
-            mask_block(mask, p.b, &spans, s0, w, &mut sc);
+            let (w, w8) = block_scores(p, mask, &spans, qrow, stride, (s0, hi), &mut sc);
             for i in 0..n {
                 let row = &mut sc[i][..w8];
                 let block_max = row[..w].iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
@@ -552,10 +593,7 @@ fn backward_pair(
             dq_tile.fill(0.0);
             let mut s0 = lo;
             while s0 < hi {
-                let w = (hi - s0).min(BC);
-                let w8 = w.div_ceil(LANES) * LANES;
-                scores_rows(n, qrow, p.kt, stride, s0, w8, &mut sc);
-                mask_block(mask, p.b, &spans, s0, w, &mut sc);
+                let (w, w8) = block_scores(p, mask, &spans, qrow, stride, (s0, hi), &mut sc);
                 scores_rows(n, grow, &vt, stride, s0, w8, &mut dp);
                 for i in 0..n {
                     // The probabilities, as the forward had them, and dS = P ⊙ (dP − Δ).
@@ -580,9 +618,9 @@ fn backward_pair(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 /// The op: q `[B, G, R, D]`, k and v `[B, G, S, D]` (contiguous) -> `[B, G, R, D + 2]`, each
 /// row's output followed by its score max and inverse normalizer (the backward's state).
+#[cfg(target_arch = "x86_64")]
 struct FlashAttention {
     mask: Arc<KeyMask>,
 }
@@ -610,8 +648,8 @@ impl FlashAttention {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 /// Each pair's keys transposed (`[D, stride]`).
+#[cfg(target_arch = "x86_64")]
 fn transposed_keys(k: &[f32], pairs: usize, dm: Dims) -> Vec<Vec<f32>> {
     let Dims { s, stride, d, .. } = dm;
     (0..pairs)
@@ -642,21 +680,14 @@ impl CustomOp3 for FlashAttention {
             fused::slice::<f32>(k, lk)?,
             fused::slice::<f32>(v, lv)?,
         );
-        let Dims { t, s, d, .. } = dm;
+        let Dims { t, d, .. } = dm;
         let kts = transposed_keys(k, pairs, dm);
         let n_rep = r / t;
         let mut out = vec![0f32; pairs * r * (d + 2)];
         out.par_chunks_exact_mut(t * (d + 2))
             .enumerate()
             .for_each(|(unit, o)| {
-                let i = unit / n_rep;
-                let pair = Pair {
-                    b: i / per_b,
-                    q: &q[i * r * d..(i + 1) * r * d],
-                    k: &k[i * s * d..(i + 1) * s * d],
-                    v: &v[i * s * d..(i + 1) * s * d],
-                    kt: &kts[i],
-                };
+                let pair = Pair::nth(unit / n_rep, per_b, (q, k, v), &kts, r, dm);
                 // SAFETY: `forward_head` needs AVX2 and FMA; the op is only built after
                 // `serves` found both on this CPU.
                 #[allow(unused_unsafe)]
@@ -694,13 +725,7 @@ impl CustomOp3 for FlashAttention {
                                 .zip(dv.par_chunks_exact_mut(s * d))
                                 .enumerate()
                                 .for_each(|(i, ((dq, dk), dv))| {
-                                    let pair = Pair {
-                                        b: i / per_b,
-                                        q: &q[i * r * d..(i + 1) * r * d],
-                                        k: &k[i * s * d..(i + 1) * s * d],
-                                        v: &v[i * s * d..(i + 1) * s * d],
-                                        kt: &kts[i],
-                                    };
+                                    let pair = Pair::nth(i, per_b, (q, k, v), &kts, r, dm);
                                     let rows = i * r * ow..(i + 1) * r * ow;
                                     // SAFETY: as in the forward, AVX2 and FMA were found.
                                     #[allow(unused_unsafe)]
@@ -752,8 +777,6 @@ pub(crate) fn attention(
     let (Ok((b, _, r, d)), Ok((_, _, s, _))) = (q.dims4(), k.dims4()) else {
         return Ok(None);
     };
-    #[cfg(not(target_arch = "x86_64"))]
-    return Ok(None);
     let t = s.saturating_sub(mask.past);
     if !serves(q) || !serves(k) || !serves(v) || d % LANES != 0 || t == 0 || r % t != 0 {
         return Ok(None);
@@ -767,12 +790,18 @@ pub(crate) fn attention(
             k.dims()
         );
     }
-    let out = q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        FlashAttention { mask: mask.clone() },
-    )?;
-    Ok(Some(out.narrow(3, 0, d)?))
+    #[cfg(target_arch = "x86_64")]
+    {
+        let out = q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            FlashAttention { mask: mask.clone() },
+        )?;
+        Ok(Some(out.narrow(3, 0, d)?))
+    }
+    // `serves` is false off x86_64 (no AVX2): never reached there.
+    #[cfg(not(target_arch = "x86_64"))]
+    Ok(None)
 }
 
 #[cfg(test)]
