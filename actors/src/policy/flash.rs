@@ -186,34 +186,6 @@ fn exp8(x: __m256) -> __m256 {
     _mm256_andnot_ps(tiny, y)
 }
 
-/// `dst[i] = e^(−src[i])`: [`exp8`] where the CPU has AVX2 and FMA, libm elsewhere. For the
-/// fused SwiGLU, whose sigmoid was ~4% of a model R training step in libm's scalar `expf`.
-pub(crate) fn exp_neg_f32(src: &[f32], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if super::skinny::simd() {
-        // SAFETY: `exp_neg_avx` needs AVX2 and FMA, which `simd()` just found on this CPU.
-        unsafe { exp_neg_avx(src, dst) };
-        return;
-    }
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = (-s).exp();
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn exp_neg_avx(src: &[f32], dst: &mut [f32]) {
-    let n = src.len().min(dst.len());
-    let whole = n - n % LANES;
-    let zero = _mm256_setzero_ps();
-    for i in (0..whole).step_by(LANES) {
-        st(dst, i, exp8(_mm256_sub_ps(zero, ld(src, i))));
-    }
-    for i in whole..n {
-        dst[i] = (-src[i]).exp();
-    }
-}
-
 /// `out[r][c] = a[r] · kt[·, c0 + c]` for `c < w8` (a multiple of 8): kt is `[D, stride]`
 /// (keys transposed, so that 8 keys are one load). 4 rows x 16 keys per step: 8 accumulators.
 #[cfg(target_arch = "x86_64")]

@@ -56,12 +56,6 @@ pub(crate) fn supported(t: &Tensor, kind: Kind) -> bool {
 
 pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> {
     fn exp(self) -> Self;
-    /// `dst[i] = e^(−src[i])` (vectorized where the dtype and CPU allow).
-    fn exp_neg(src: &[Self], dst: &mut [Self]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = (-*s).exp();
-        }
-    }
     fn sqrt(self) -> Self;
     fn ln(self) -> Self;
     fn lowest() -> Self;
@@ -69,9 +63,6 @@ pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> {
 impl Real for f32 {
     fn exp(self) -> Self {
         f32::exp(self)
-    }
-    fn exp_neg(src: &[Self], dst: &mut [Self]) {
-        super::flash::exp_neg_f32(src, dst)
     }
     fn sqrt(self) -> Self {
         f32::sqrt(self)
@@ -553,10 +544,9 @@ fn silu_mul_fwd<T: Real>(
     let row = 1024.min(a.len().max(1));
     par_rows(&mut out, row, |r0, out| {
         let o0 = r0 * row;
-        let (a, u) = (&a[o0..o0 + out.len()], &u[o0..o0 + out.len()]);
-        T::exp_neg(a, out);
-        for ((o, &x), &u) in out.iter_mut().zip(a).zip(u) {
-            *o = x / (T::one() + *o) * u;
+        for (k, o) in out.iter_mut().enumerate() {
+            let x = a[o0 + k];
+            *o = x / (T::one() + (-x).exp()) * u[o0 + k];
         }
     });
     Ok((T::to_cpu_storage_owned(out), la.shape().clone()))
@@ -568,29 +558,22 @@ fn silu_mul_bwd<T: Real>(a: &Tensor, u: &Tensor, g: &Tensor) -> Result<(Tensor, 
     let (da, du) = with_data::<T, _>(a, |a| {
         with_data::<T, _>(u, |u| {
             with_data::<T, _>(g, |g| {
-                // σ(a) once, for both gradients.
-                let mut sg = vec![T::zero(); n];
-                let row = 1024.min(n).max(1);
-                par_rows(&mut sg, row, |r0, out| {
-                    let e0 = r0 * row;
-                    T::exp_neg(&a[e0..e0 + out.len()], out);
-                    for o in out.iter_mut() {
-                        *o = T::one() / (T::one() + *o);
-                    }
-                });
                 let mut da = vec![T::zero(); n];
+                let mut du = vec![T::zero(); n];
+                let row = 1024.min(n).max(1);
                 par_rows(&mut da, row, |r0, out| {
                     let e0 = r0 * row;
                     for (k, o) in out.iter_mut().enumerate() {
                         let (x, i) = (a[e0 + k], e0 + k);
-                        *o = g[i] * u[i] * sg[i] * (T::one() + x * (T::one() - sg[i]));
+                        let sg = T::one() / (T::one() + (-x).exp());
+                        *o = g[i] * u[i] * sg * (T::one() + x * (T::one() - sg));
                     }
                 });
-                let mut du = sg;
                 par_rows(&mut du, row, |r0, out| {
                     let e0 = r0 * row;
                     for (k, o) in out.iter_mut().enumerate() {
-                        *o = g[e0 + k] * a[e0 + k] * *o;
+                        let x = a[e0 + k];
+                        *o = g[e0 + k] * (x / (T::one() + (-x).exp()));
                     }
                 });
                 Ok((da, du))
