@@ -116,6 +116,28 @@ impl KeyMask {
         }
     }
 
+    /// The same mask in the general path's additive form, `[B, T, S]` flattened: 0 where
+    /// query `t` of row `b` sees key `s`, [`MASKED`] elsewhere.
+    pub(crate) fn additive(&self) -> Vec<f32> {
+        let t = self.s - self.past;
+        let mut m = Vec::with_capacity(self.rows() * t * self.s);
+        for bias in self.bias.chunks_exact(self.s.max(1)) {
+            for qi in self.past..self.s {
+                m.extend(
+                    bias.iter()
+                        .enumerate()
+                        .map(|(j, b)| if j <= qi { *b } else { MASKED }),
+                );
+            }
+        }
+        m
+    }
+
+    /// `(B, T, S)`: rows, new queries, keys.
+    pub(crate) fn dims(&self) -> (usize, usize, usize) {
+        (self.rows(), self.s - self.past, self.s)
+    }
+
     /// Whether keys `s0 .. s1` of row `b` are all real.
     fn all_real(&self, b: usize, s0: usize, s1: usize) -> bool {
         let p = &self.pads_before[b * (self.s + 1)..(b + 1) * (self.s + 1)];
@@ -826,15 +848,9 @@ mod tests {
 
     /// The general path: q·kᵀ, the additive mask, softmax, ·v.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, keys: &[Vec<bool>], past: usize) -> Tensor {
-        let s = keys[0].len();
-        let t = s - past;
-        let mut m = Vec::new();
-        for row in keys {
-            for qi in past..s {
-                m.extend((0..s).map(|j| if row[j] && j <= qi { 0.0 } else { MASKED }));
-            }
-        }
-        let mask = Tensor::from_vec(m, (keys.len(), 1, t, s), &Device::Cpu).expect("mask");
+        let km = KeyMask::new(keys, past).expect("mask");
+        let (b, t, s) = km.dims();
+        let mask = Tensor::from_vec(km.additive(), (b, 1, t, s), &Device::Cpu).expect("mask");
         let att = q.matmul(&k.t().expect("t")).expect("qk");
         let att = fused::masked_softmax(&att, &mask).expect("softmax");
         att.matmul(v).expect("av")

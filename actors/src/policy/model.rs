@@ -213,10 +213,11 @@ impl LlamaConfig {
 pub(crate) const MASKED: f32 = -1e9;
 
 /// The attention mask of one forward, shared by every layer: key `s` of row `b` is a real
-/// token (`rows[b][s]`), and the query at position `past + i` sees the real keys up to it.
+/// token (`rows[b][s]`), and the query at position `past + i` sees the real keys up to it
+/// (`keys` holds the same, in the form the kernels read).
 struct AttnMask {
+    /// Kept for the KV cache, which remembers which of its keys are real.
     rows: Vec<Vec<bool>>,
-    past: usize,
     keys: Arc<flash::KeyMask>,
     /// The additive form `[B, 1, T, S]` (0 or [`MASKED`]), built on first use: the one-pass
     /// kernel does not need it, and for a 4k-token training batch it is hundreds of MB.
@@ -230,7 +231,6 @@ impl AttnMask {
         Ok(AttnMask {
             keys: Arc::new(flash::KeyMask::new(&rows, past)?),
             rows,
-            past,
             dense: OnceLock::new(),
             device: device.clone(),
             dtype,
@@ -241,19 +241,8 @@ impl AttnMask {
         if let Some(m) = self.dense.get() {
             return Ok(m);
         }
-        let s = self.rows.first().map_or(0, |r| r.len());
-        let t = s - self.past;
-        let mut mask = Vec::with_capacity(self.rows.len() * t * s);
-        for keys in &self.rows {
-            for qi in self.past..s {
-                mask.extend(
-                    keys.iter()
-                        .enumerate()
-                        .map(|(j, k)| if *k && j <= qi { 0.0 } else { MASKED }),
-                );
-            }
-        }
-        let m = Tensor::from_vec(mask, (self.rows.len(), 1, t, s), &self.device)?
+        let (b, t, s) = self.keys.dims();
+        let m = Tensor::from_vec(self.keys.additive(), (b, 1, t, s), &self.device)?
             .to_dtype(self.dtype)?;
         Ok(self.dense.get_or_init(|| m))
     }
