@@ -297,7 +297,7 @@ fn build_model(cfg: &LlamaConfig, seed: u64) -> Result<(VarMap, Llama)> {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &device);
     let model = Llama::new(cfg, vb).context("building model R")?;
-    crate::sft_stage::seeded_init(&vm, seed, &device)?;
+    crate::sft_stage::seeded_init(&vm, seed, crate::config::DEFAULT_INIT_STD, &device)?;
     Ok((vm, model))
 }
 

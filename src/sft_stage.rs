@@ -133,7 +133,7 @@ pub fn build_model(model: &ModelConfig, seed: u64, device: &Device) -> anyhow::R
             cfg.max_position_embeddings = t.context;
             let varmap = VarMap::new();
             let model = Llama::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-            seeded_init(&varmap, seed, device)?;
+            seeded_init(&varmap, seed, t.init_std, device)?;
             Ok(TrainModel {
                 config: cfg,
                 varmap,
@@ -160,9 +160,9 @@ impl TrainModel {
     }
 }
 
-/// Matrices ~ N(0, 0.02) (HF's Llama init), norm weights 1, from a splitmix64 stream over the
-/// variables in name order.
-pub(crate) fn seeded_init(vm: &VarMap, seed: u64, device: &Device) -> anyhow::Result<()> {
+/// Matrices ~ N(0, std²) (HF's Llama init draws with std 0.02), norm weights 1, from a
+/// splitmix64 stream over the variables in name order.
+pub(crate) fn seeded_init(vm: &VarMap, seed: u64, std: f64, device: &Device) -> anyhow::Result<()> {
     let mut vars: Vec<(String, candle_core::Var)> = vm
         .data()
         .lock()
@@ -189,7 +189,7 @@ pub(crate) fn seeded_init(vm: &VarMap, seed: u64, device: &Device) -> anyhow::Re
                     // Box-Muller.
                     let (u1, u2) = (next().max(1e-300), next());
                     let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-                    (0.02 * z) as f32
+                    (std * z) as f32
                 })
                 .collect()
         };
@@ -570,4 +570,50 @@ fn distill(
 /// The run directory's path for a stage's final model.
 pub fn stage_model_dir(run_dir: &Path, stage: &str) -> PathBuf {
     run_dir.join("models").join(stage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+    use candle_nn::Init;
+
+    #[test]
+    fn seeded_init_draws_matrices_at_the_given_std_and_norms_at_one() {
+        let device = Device::Cpu;
+        let vm = VarMap::new();
+        let w = vm.get(
+            (256, 256),
+            "w.weight",
+            Init::Const(0.0),
+            DType::F32,
+            &device,
+        );
+        let n = vm.get(
+            64,
+            "input_layernorm.weight",
+            Init::Const(0.0),
+            DType::F32,
+            &device,
+        );
+        let (w, n) = (w.expect("w"), n.expect("n"));
+        for std in [0.02, 0.1] {
+            seeded_init(&vm, 7, std, &device).expect("init");
+            let v: Vec<f32> = w.flatten_all().and_then(|t| t.to_vec1()).expect("w");
+            let mean = v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64;
+            let var = v
+                .iter()
+                .map(|x| (f64::from(*x) - mean).powi(2))
+                .sum::<f64>()
+                / v.len() as f64;
+            assert!(
+                (var.sqrt() / std - 1.0).abs() < 0.02,
+                "std {std}: got {}",
+                var.sqrt()
+            );
+            assert!(mean.abs() < std * 0.01, "std {std}: mean {mean}");
+            let ones: Vec<f32> = n.to_vec1().expect("n");
+            assert!(ones.iter().all(|x| *x == 1.0));
+        }
+    }
 }
