@@ -166,35 +166,40 @@ fn columns(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f32
             let end = (next + wide).min(n0 + cols);
             prefetch(&w[next * k..end * k]);
         }
-        let mut r = 0;
-        while r < m {
-            if take == 8 {
+        match take {
+            8 => {
                 let ws = [0, 1, 2, 3, 4, 5, 6, 7].map(|j| wr(c + j));
-                store(out_t, m, r, c, tile::<1, 8>([xr(r)], ws));
-                r += 1;
-            } else if take == 4 && r + 3 <= m {
-                let ws = [wr(c), wr(c + 1), wr(c + 2), wr(c + 3)];
-                store(
-                    out_t,
-                    m,
-                    r,
-                    c,
-                    tile::<3, 4>([xr(r), xr(r + 1), xr(r + 2)], ws),
-                );
-                r += 3;
-            } else if take == 4 && r + 2 <= m {
-                let ws = [wr(c), wr(c + 1), wr(c + 2), wr(c + 3)];
-                store(out_t, m, r, c, tile::<2, 4>([xr(r), xr(r + 1)], ws));
-                r += 2;
-            } else if take == 4 {
-                let ws = [wr(c), wr(c + 1), wr(c + 2), wr(c + 3)];
-                store(out_t, m, r, c, tile::<1, 4>([xr(r)], ws));
-                r += 1;
-            } else {
-                for col in c..c + take {
-                    store(out_t, m, r, col, tile::<1, 1>([xr(r)], [wr(col)]));
+                for r in 0..m {
+                    store(out_t, m, r, c, tile::<1, 8>([xr(r)], ws));
                 }
-                r += 1;
+            }
+            4 => {
+                let ws = [wr(c), wr(c + 1), wr(c + 2), wr(c + 3)];
+                let mut r = 0;
+                while r < m {
+                    r += match m - r {
+                        1 => {
+                            store(out_t, m, r, c, tile::<1, 4>([xr(r)], ws));
+                            1
+                        }
+                        2 => {
+                            store(out_t, m, r, c, tile::<2, 4>([xr(r), xr(r + 1)], ws));
+                            2
+                        }
+                        _ => {
+                            let rows = [xr(r), xr(r + 1), xr(r + 2)];
+                            store(out_t, m, r, c, tile::<3, 4>(rows, ws));
+                            3
+                        }
+                    };
+                }
+            }
+            _ => {
+                for r in 0..m {
+                    for col in c..c + take {
+                        store(out_t, m, r, col, tile::<1, 1>([xr(r)], [wr(col)]));
+                    }
+                }
             }
         }
         c += take;
