@@ -326,7 +326,18 @@ pub enum SftData {
         #[serde(deserialize_with = "positive_u32")]
         max_turns: u32,
     },
+    /// `count` synthetic in-context recall conversations of the data set `seed` (see
+    /// `klong_actors::learner::recall`): a warm-up that teaches a model trained from scratch
+    /// to copy values out of its context, before it learns from trajectories.
+    Recall {
+        seed: u64,
+        #[serde(deserialize_with = "positive_u32")]
+        count: u32,
+    },
 }
+
+/// Most recall conversations a stage may generate (~1 KB each once tokenized).
+pub const MAX_RECALL_CONVERSATIONS: u32 = 500_000;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -681,6 +692,14 @@ impl Config {
                 }
                 tasks.check(&at("data.tasks")).map_err(invalid)?;
             }
+            if let SftData::Recall { count, .. } = &sft.data {
+                if *count > MAX_RECALL_CONVERSATIONS {
+                    return Err(invalid(format!(
+                        "{}: {count} is more than the most, {MAX_RECALL_CONVERSATIONS}",
+                        at("data.count")
+                    )));
+                }
+            }
         }
         if let Some(ModelConfig::Tiny(t)) = &self.model {
             if t.hidden % t.heads != 0 || t.heads % t.kv_heads != 0 {
@@ -960,6 +979,36 @@ mod tests {
                 .to_string();
             assert!(e.contains("model.init_std"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn recall_data_is_counted_and_bounded() {
+        let cfg = |count: &str| {
+            format!(
+                r#"(name: "t", run_dir: "r", seed: 1,
+                    model: Some(Tiny((hidden: 32, layers: 1, heads: 2, kv_heads: 1, ffn: 64, context: 512))),
+                    stages: [Sft((name: "recall", data: Recall(seed: 3, count: {count}),
+                        split: (context: 512, mode: Split), batch_tokens: 1024, epochs: 1, lr: 1e-3))])"#
+            )
+        };
+        let c = parse(&cfg("1000")).unwrap();
+        match &c.stages[0] {
+            StageConfig::Sft(s) => assert_eq!(
+                s.data,
+                SftData::Recall {
+                    seed: 3,
+                    count: 1000
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parse(&c.to_ron()).unwrap(), c);
+        let e = parse(&cfg("0")).unwrap_err().to_string();
+        assert!(e.contains("positive"), "{e}");
+        let e = parse(&cfg(&(MAX_RECALL_CONVERSATIONS + 1).to_string()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stages[0].data.count"), "{e}");
     }
 
     fn rl_config(group: u32, temperature: &str, second_turns: u32) -> String {

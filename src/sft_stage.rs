@@ -1,5 +1,6 @@
 //! The `Sft` stage of `klongd run`: data (distilled from a teacher through environment and
-//! judge, or imported JSONL), trajectory splitting, SFT steps, metrics, checkpoints, resume.
+//! judge, imported JSONL, or synthetic recall conversations), trajectory splitting, SFT steps,
+//! metrics, checkpoints, resume.
 //!
 //! Durable facts, in order: every distilled episode is stored (`traj/<stage>/<index>`, with its
 //! score) as soon as it is judged, so a resumed run never re-runs it; a checkpoint (weights,
@@ -22,6 +23,7 @@ use candle_nn::{VarBuilder, VarMap};
 use klong_actors::environment::episode::EpisodeLimits;
 use klong_actors::environment::expert::MAX_OBSERVATION_BYTES;
 use klong_actors::learner::optim::LrSchedule;
+use klong_actors::learner::recall::recall_trajectories;
 use klong_actors::learner::sft::pack_batches;
 use klong_actors::learner::split::{split, Pin, SplitConfig, SubTrajectory};
 use klong_actors::messages::{EpisodeRequest, LearnerMsg};
@@ -233,6 +235,11 @@ pub fn run_sft(
             (trajs.len(), trajs)
         }
         SftData::Distill { .. } => distill(env, actors, stage, &Arc::new(tm.tokenizer.clone()))?,
+        SftData::Recall { seed, count } => {
+            let trajs = recall_trajectories(*seed, u64::from(*count), &tm.tokenizer, &template)
+                .with_context(|| format!("stage {}: recall conversations", stage.name))?;
+            (trajs.len(), trajs)
+        }
     };
     let kept = trajectories.len();
     if kept == 0 {

@@ -1,0 +1,338 @@
+//! Synthetic in-context recall conversations: a warm-up that teaches a model trained from
+//! scratch to copy values out of its context.
+//!
+//! Why it exists: every rubric leaf of a family task needs the exact simulator command, whose
+//! parameters (a 5-digit seed among them) are read from a config file the episode shows once.
+//! A tiny byte-level model trained from scratch on the expert's trajectories alone never learns
+//! to copy them: it writes the most common values, and its loss stops at what the uncopied
+//! values cost. Recall (as in the multi-query associative recall task of the Zoology and Based
+//! papers, here over bytes) is the skill it lacks, and a stage of these conversations first
+//! makes the later SFT copy (see `examples/sft_recall.ron`).
+//!
+//! One conversation: the user message lists 3-12 records `key<sep>value` (sometimes after a
+//! `#` comment line, as config files have), then asks for 1-6 of the keys in random order in
+//! one of three answer formats; the assistant message is the answer:
+//!
+//! ```text
+//! flags for: a, b   ->  run --a VA --b VB
+//! values of: a, b   ->  a=VA\nb=VB
+//! as json: a, b     ->  {"a": "VA", "b": "VB"}
+//! ```
+//!
+//! Keys are 2-8 lowercase letters (30% with `_` and 2-5 more), distinct within a conversation;
+//! the separator is one of ` = `, `: `, `=`, ` `. A value is an integer of 1-6 digits (45%), a
+//! decimal `0.` and 1-5 digits (25%), or 2-10 letters. Conversation `i` of seed `s` depends on
+//! `(s, i)` alone (its own SplitMix64 stream), so a data set is a pure function of its seed and
+//! any prefix of it is the same whatever the count.
+
+use serde_json::Value;
+
+use crate::environment::family::SplitMix64;
+use crate::policy::chat::{ChatMessage, ChatTemplate};
+use crate::policy::tokenizer::Tokenizer;
+use crate::trajectory::{tokenize_conversation, ConversationError, PrefixRule, Trajectory};
+
+/// Most records in one conversation.
+pub const MAX_RECORDS: usize = 12;
+/// Most keys asked for in one conversation.
+pub const MAX_QUERIES: usize = 6;
+
+const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
+const SEPARATORS: [&str; 4] = [" = ", ": ", "=", " "];
+
+fn word(rng: &mut SplitMix64, min: usize, max: usize) -> String {
+    let len = min + rng.below(max - min + 1);
+    (0..len)
+        .map(|_| char::from(LETTERS[rng.below(LETTERS.len())]))
+        .collect()
+}
+
+fn digits(rng: &mut SplitMix64, len: usize) -> String {
+    (0..len)
+        .map(|_| char::from(b'0' + rng.below(10) as u8))
+        .collect()
+}
+
+fn key(rng: &mut SplitMix64) -> String {
+    let mut k = word(rng, 2, 8);
+    if rng.unit() < 0.3 {
+        k.push('_');
+        k.push_str(&word(rng, 2, 5));
+    }
+    k
+}
+
+fn value(rng: &mut SplitMix64) -> String {
+    let t = rng.unit();
+    if t < 0.45 {
+        // No leading zero, except the integer 0 itself.
+        let len = 1 + rng.below(6);
+        let first = if len == 1 {
+            rng.below(10)
+        } else {
+            1 + rng.below(9)
+        };
+        format!("{first}{}", digits(rng, len - 1))
+    } else if t < 0.70 {
+        let len = 1 + rng.below(5);
+        format!("0.{}", digits(rng, len))
+    } else {
+        word(rng, 2, 10)
+    }
+}
+
+/// Conversation `index` of the data set `seed`: a user message and the assistant's answer.
+pub fn recall_conversation(seed: u64, index: u64) -> [ChatMessage; 2] {
+    // One stream per conversation, started at a hash of (seed, index): streams started at
+    // `base + index * step` would overlap, SplitMix64's state advancing by a fixed step.
+    let base = SplitMix64::new(seed ^ 0x7265_6361_6C6C_0001).next_u64();
+    let mut rng = SplitMix64::new(SplitMix64::new(base ^ index).next_u64());
+    let records = 3 + rng.below(MAX_RECORDS - 2);
+    let mut keys: Vec<String> = Vec::with_capacity(records);
+    while keys.len() < records {
+        let k = key(&mut rng);
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let values: Vec<String> = keys.iter().map(|_| value(&mut rng)).collect();
+    let sep = SEPARATORS[rng.below(SEPARATORS.len())];
+    let mut lines: Vec<String> = Vec::with_capacity(records + 1);
+    if rng.unit() < 0.3 {
+        let words: Vec<String> = (0..1 + rng.below(5))
+            .map(|_| word(&mut rng, 2, 8))
+            .collect();
+        lines.push(format!("# {}", words.join(" ")));
+    }
+    lines.extend(
+        keys.iter()
+            .zip(&values)
+            .map(|(k, v)| format!("{k}{sep}{v}")),
+    );
+
+    // The asked keys: a random order of a random subset (a partial Fisher-Yates shuffle).
+    let asked = 1 + rng.below(records.min(MAX_QUERIES));
+    let mut order: Vec<usize> = (0..records).collect();
+    for i in 0..asked {
+        let j = i + rng.below(records - i);
+        order.swap(i, j);
+    }
+    let asked = &order[..asked];
+    let names: Vec<&str> = asked.iter().map(|&j| keys[j].as_str()).collect();
+    let (request, answer) = match rng.below(3) {
+        0 => (
+            "flags for",
+            format!(
+                "run {}",
+                asked
+                    .iter()
+                    .map(|&j| format!("--{} {}", keys[j], values[j]))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        ),
+        1 => (
+            "values of",
+            asked
+                .iter()
+                .map(|&j| format!("{}={}", keys[j], values[j]))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        // Keys and values are letters, digits, `_` and `.`: nothing to escape.
+        _ => (
+            "as json",
+            format!(
+                "{{{}}}",
+                asked
+                    .iter()
+                    .map(|&j| format!("\"{}\": \"{}\"", keys[j], values[j]))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+    };
+    let user = format!("{}\n\n{request}: {}", lines.join("\n"), names.join(", "));
+    [
+        ChatMessage::user(user),
+        ChatMessage::assistant(answer, Vec::new()),
+    ]
+}
+
+/// `count` conversations of the data set `seed`, tokenized with the chat template (the user
+/// message is the pinned prefix; the answer is the one assistant turn, the only loss).
+pub fn recall_trajectories(
+    seed: u64,
+    count: u64,
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+) -> Result<Vec<Trajectory>, ConversationError> {
+    let tools: [Value; 0] = [];
+    let mut out = Vec::with_capacity(count.min(1 << 20) as usize);
+    for i in 0..count {
+        let messages = recall_conversation(seed, i);
+        let (prefix, turns) = tokenize_conversation(
+            &messages,
+            &tools,
+            tokenizer,
+            template,
+            &PrefixRule::BeforeFirstAssistant,
+        )?;
+        let traj = Trajectory {
+            id: format!("recall-{seed}-{i}"),
+            task: None,
+            tools: Vec::new(),
+            prefix,
+            turns,
+            outcome: None,
+        };
+        traj.validate()?;
+        out.push(traj);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::tokenizer::ByteTokenizer;
+
+    /// Parses a user message back into its records and asked keys.
+    fn parse(user: &str) -> (Vec<(String, String)>, String, Vec<String>) {
+        let (records, request) = user
+            .split_once("\n\n")
+            .expect("a blank line before the ask");
+        let sep = [" = ", ": ", "=", " "]
+            .into_iter()
+            .find(|s| {
+                records
+                    .lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .all(|l| l.contains(s))
+            })
+            .expect("one separator");
+        let records = records
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                let (k, v) = l.split_once(sep).expect("key sep value");
+                (k.to_string(), v.to_string())
+            })
+            .collect();
+        let (kind, keys) = request.split_once(": ").expect("kind: keys");
+        (
+            records,
+            kind.to_string(),
+            keys.split(", ").map(str::to_string).collect(),
+        )
+    }
+
+    #[test]
+    fn answers_give_the_asked_values_in_the_asked_order() {
+        let mut kinds = std::collections::BTreeSet::new();
+        for i in 0..500 {
+            let [user, answer] = recall_conversation(3, i);
+            let (records, kind, asked) = parse(&user.content);
+            assert!(
+                (3..=MAX_RECORDS).contains(&records.len()),
+                "{}",
+                user.content
+            );
+            assert!((1..=MAX_QUERIES).contains(&asked.len()));
+            let lookup = |k: &str| {
+                let hits: Vec<&String> = records
+                    .iter()
+                    .filter(|(key, _)| key == k)
+                    .map(|(_, v)| v)
+                    .collect();
+                assert_eq!(hits.len(), 1, "key {k} once in {}", user.content);
+                hits[0].clone()
+            };
+            let expected = match kind.as_str() {
+                "flags for" => format!(
+                    "run {}",
+                    asked
+                        .iter()
+                        .map(|k| format!("--{k} {}", lookup(k)))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+                "values of" => asked
+                    .iter()
+                    .map(|k| format!("{k}={}", lookup(k)))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                "as json" => {
+                    let parsed: serde_json::Map<String, Value> =
+                        serde_json::from_str(&answer.content).expect("json answer");
+                    assert_eq!(parsed.len(), asked.len());
+                    for k in &asked {
+                        assert_eq!(parsed[k.as_str()], Value::String(lookup(k)));
+                    }
+                    answer.content.clone()
+                }
+                other => panic!("unknown request {other:?}"),
+            };
+            assert_eq!(answer.content, expected, "{}", user.content);
+            kinds.insert(kind);
+        }
+        assert_eq!(kinds.len(), 3, "all three answer formats occur");
+    }
+
+    #[test]
+    fn conversations_are_a_function_of_seed_and_index() {
+        let a = recall_conversation(5, 17);
+        assert_eq!(a, recall_conversation(5, 17));
+        assert_ne!(a, recall_conversation(5, 18));
+        assert_ne!(a, recall_conversation(6, 17));
+    }
+
+    #[test]
+    fn values_mix_integers_decimals_and_words() {
+        let (mut ints, mut decimals, mut words, mut five_digit) = (0, 0, 0, 0);
+        for i in 0..400 {
+            let [user, _] = recall_conversation(9, i);
+            for (_, v) in parse(&user.content).0 {
+                if v.starts_with("0.") {
+                    decimals += 1;
+                } else if v.bytes().all(|b| b.is_ascii_digit()) {
+                    assert!(v == "0" || !v.starts_with('0'), "leading zero in {v}");
+                    ints += 1;
+                    five_digit += usize::from(v.len() == 5);
+                } else {
+                    assert!(v.bytes().all(|b| b.is_ascii_lowercase()), "{v}");
+                    words += 1;
+                }
+            }
+        }
+        let total = f64::from(ints + decimals + words);
+        for (share, want) in [(ints, 0.45), (decimals, 0.25), (words, 0.30)] {
+            assert!(
+                (f64::from(share) / total - want).abs() < 0.03,
+                "{share}/{total}"
+            );
+        }
+        assert!(five_digit > 100, "{five_digit}");
+    }
+
+    #[test]
+    fn trajectories_carry_loss_on_the_answer_only() {
+        let tok = Tokenizer::Byte(ByteTokenizer);
+        let template = ChatTemplate::for_tokenizer(&tok, true).expect("template");
+        let trajs = recall_trajectories(1, 20, &tok, &template).expect("tokenizes");
+        assert_eq!(trajs.len(), 20);
+        for (i, t) in trajs.iter().enumerate() {
+            let [user, answer] = recall_conversation(1, i as u64);
+            let answers: Vec<_> = t.all_turns().filter_map(|x| x.as_assistant()).collect();
+            assert_eq!(answers.len(), 1, "one assistant turn");
+            let turn = answers[0];
+            let text = tok.decode(&turn.tokens).expect("decodes");
+            assert!(text.starts_with(&answer.content), "{text:?}");
+            let prefix: Vec<u32> = t.prefix.iter().flat_map(|p| p.tokens().to_vec()).collect();
+            assert!(tok
+                .decode(&prefix)
+                .expect("decodes")
+                .contains(&user.content));
+        }
+    }
+}
