@@ -334,7 +334,14 @@ pub enum SftData {
         #[serde(deserialize_with = "positive_u32")]
         count: u32,
     },
+    /// The trajectories of several sources trained on together (at most
+    /// [`MAX_MIX_PARTS`], none a `Mix`, at most one `Distill`): e.g. recall conversations
+    /// beside distilled episodes, so that learning the task does not unlearn recall.
+    Mix(Vec<SftData>),
 }
+
+/// Most sources in one `Mix`.
+pub const MAX_MIX_PARTS: usize = 8;
 
 /// Most recall conversations a stage may generate (~1 KB each once tokenized).
 pub const MAX_RECALL_CONVERSATIONS: u32 = 500_000;
@@ -344,6 +351,63 @@ pub const MAX_RECALL_CONVERSATIONS: u32 = 500_000;
 pub enum Teacher {
     /// The built-in scripted expert; `noise` is the chance it botches each experiment.
     Expert { noise: f64 },
+}
+
+/// Checks a data source; `at` names it in messages. `top` is false inside a `Mix`.
+fn check_data(data: &SftData, at: &str, top: bool) -> Result<(), String> {
+    match data {
+        SftData::Jsonl { .. } => {}
+        SftData::Distill {
+            teacher: Teacher::Expert { noise },
+            tasks,
+            min_score,
+            ..
+        } => {
+            if !(0.0..=1.0).contains(noise) {
+                return Err(format!("field `{at}.teacher.noise`: expected 0..=1"));
+            }
+            if !(0.0..=1.0).contains(min_score) {
+                return Err(format!("field `{at}.min_score`: expected 0..=1"));
+            }
+            tasks.check(&format!("field `{at}.tasks`"))?;
+        }
+        SftData::Recall { count, .. } => {
+            if *count > MAX_RECALL_CONVERSATIONS {
+                return Err(format!(
+                    "field `{at}.count`: {count} is more than the most, \
+                     {MAX_RECALL_CONVERSATIONS}"
+                ));
+            }
+        }
+        SftData::Mix(parts) => {
+            if !top {
+                return Err(format!(
+                    "field `{at}`: a Mix inside a Mix (list its parts instead)"
+                ));
+            }
+            if parts.is_empty() || parts.len() > MAX_MIX_PARTS {
+                return Err(format!(
+                    "field `{at}`: a Mix takes 1 to {MAX_MIX_PARTS} sources, not {}",
+                    parts.len()
+                ));
+            }
+            // A distilled episode is stored under its stage and index: two sources would
+            // overwrite each other's.
+            let distills = parts
+                .iter()
+                .filter(|p| matches!(p, SftData::Distill { .. }))
+                .count();
+            if distills > 1 {
+                return Err(format!(
+                    "field `{at}`: at most one Distill in a Mix, not {distills}"
+                ));
+            }
+            for (i, part) in parts.iter().enumerate() {
+                check_data(part, &format!("{at}[{i}]"), false)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Tasks of the built-in family: `count` tasks from `seed`, horizons cycling through
@@ -674,32 +738,7 @@ impl Config {
                 &at,
             )
             .map_err(invalid)?;
-            if let SftData::Distill {
-                teacher: Teacher::Expert { noise },
-                tasks,
-                min_score,
-                ..
-            } = &sft.data
-            {
-                if !(0.0..=1.0).contains(noise) {
-                    return Err(invalid(format!(
-                        "{}: expected 0..=1",
-                        at("data.teacher.noise")
-                    )));
-                }
-                if !(0.0..=1.0).contains(min_score) {
-                    return Err(invalid(format!("{}: expected 0..=1", at("data.min_score"))));
-                }
-                tasks.check(&at("data.tasks")).map_err(invalid)?;
-            }
-            if let SftData::Recall { count, .. } = &sft.data {
-                if *count > MAX_RECALL_CONVERSATIONS {
-                    return Err(invalid(format!(
-                        "{}: {count} is more than the most, {MAX_RECALL_CONVERSATIONS}",
-                        at("data.count")
-                    )));
-                }
-            }
+            check_data(&sft.data, &format!("stages[{i}].data"), true).map_err(invalid)?;
         }
         if let Some(ModelConfig::Tiny(t)) = &self.model {
             if t.hidden % t.heads != 0 || t.heads % t.kv_heads != 0 {
@@ -1009,6 +1048,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("stages[0].data.count"), "{e}");
+    }
+
+    #[test]
+    fn a_mix_takes_a_bounded_flat_list_with_one_distill_at_most() {
+        let cfg = |data: &str| {
+            format!(
+                r#"(name: "t", run_dir: "r", seed: 1,
+                    model: Some(Tiny((hidden: 32, layers: 1, heads: 2, kv_heads: 1, ffn: 64, context: 512))),
+                    stages: [Sft((name: "s", data: {data},
+                        split: (context: 512, mode: Split), batch_tokens: 1024, epochs: 1, lr: 1e-3))])"#
+            )
+        };
+        let distill = |noise: &str| {
+            format!(
+                "Distill(teacher: Expert(noise: {noise}), tasks: (seed: 1, count: 4, \
+                 min_horizon: 1, max_horizon: 1), min_score: 0.5, max_turns: 8)"
+            )
+        };
+        let recall = "Recall(seed: 2, count: 10)";
+        let c = parse(&cfg(&format!("Mix([{recall}, {}])", distill("0.0")))).unwrap();
+        match &c.stages[0] {
+            StageConfig::Sft(s) => match &s.data {
+                SftData::Mix(parts) => assert_eq!(parts.len(), 2),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parse(&c.to_ron()).unwrap(), c);
+        for (data, want) in [
+            ("Mix([])".to_string(), "1 to 8 sources, not 0"),
+            (
+                format!("Mix([{}])", [recall; 9].join(", ")),
+                "1 to 8 sources, not 9",
+            ),
+            (
+                format!("Mix([Mix([{recall}])])"),
+                "stages[0].data[0]`: a Mix inside a Mix",
+            ),
+            (
+                format!("Mix([{}, {}])", distill("0.0"), distill("0.1")),
+                "at most one Distill",
+            ),
+            (
+                format!("Mix([{recall}, {}])", distill("2.0")),
+                "stages[0].data[1].teacher.noise",
+            ),
+        ] {
+            let e = parse(&cfg(&data)).unwrap_err().to_string();
+            assert!(e.contains(want), "{data}: {e}");
+        }
     }
 
     fn rl_config(group: u32, temperature: &str, second_turns: u32) -> String {

@@ -221,26 +221,7 @@ pub fn run_sft(
     let step_timeout = env.config.actors.episode_timeout.0;
 
     // Data.
-    let (episodes, trajectories) = match &stage.data {
-        SftData::Jsonl { path } => {
-            let file = std::fs::File::open(path)
-                .with_context(|| format!("cannot open {}", path.display()))?;
-            let trajs = import_jsonl(
-                std::io::BufReader::new(file),
-                &path.display().to_string(),
-                &tm.tokenizer,
-                &template,
-                &ImportOptions::default(),
-            )?;
-            (trajs.len(), trajs)
-        }
-        SftData::Distill { .. } => distill(env, actors, stage, &Arc::new(tm.tokenizer.clone()))?,
-        SftData::Recall { seed, count } => {
-            let trajs = recall_trajectories(*seed, u64::from(*count), &tm.tokenizer, &template)
-                .with_context(|| format!("stage {}: recall conversations", stage.name))?;
-            (trajs.len(), trajs)
-        }
-    };
+    let (episodes, trajectories) = load_data(env, actors, stage, &stage.data, tm, &template)?;
     let kept = trajectories.len();
     if kept == 0 {
         bail!(
@@ -466,6 +447,51 @@ pub(crate) fn checkpoint(
     Ok(())
 }
 
+/// A stage's trajectories from its data source: `(episodes seen, trajectories kept)`. A `Mix`
+/// is the concatenation of its parts in order (the packer shuffles batches across them).
+fn load_data(
+    env: &StageEnv,
+    actors: &mut Actors,
+    stage: &SftStage,
+    data: &SftData,
+    tm: &TrainModel,
+    template: &ChatTemplate,
+) -> anyhow::Result<(usize, Vec<Trajectory>)> {
+    Ok(match data {
+        SftData::Jsonl { path } => {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            let trajs = import_jsonl(
+                std::io::BufReader::new(file),
+                &path.display().to_string(),
+                &tm.tokenizer,
+                template,
+                &ImportOptions::default(),
+            )?;
+            (trajs.len(), trajs)
+        }
+        SftData::Distill { .. } => {
+            distill(env, actors, stage, data, &Arc::new(tm.tokenizer.clone()))?
+        }
+        SftData::Recall { seed, count } => {
+            let trajs = recall_trajectories(*seed, u64::from(*count), &tm.tokenizer, template)
+                .with_context(|| format!("stage {}: recall conversations", stage.name))?;
+            (trajs.len(), trajs)
+        }
+        SftData::Mix(parts) => {
+            let (mut episodes, mut trajs) = (0, Vec::new());
+            for part in parts {
+                // The config refuses nested mixes, so this recursion is one level deep.
+                let (e, t) = load_data(env, actors, stage, part, tm, template)?;
+                tracing::info!(episodes = e, kept = t.len(), "sft data part ready");
+                episodes += e;
+                trajs.extend(t);
+            }
+            (episodes, trajs)
+        }
+    })
+}
+
 /// Distillation: the teacher's episodes on the configured tasks, run by the actors (a pool of
 /// environments, the scripted expert as the policy, the judge), each stored as soon as it is
 /// judged (a stored one is read back, never re-run); those scoring at least `min_score` are
@@ -474,6 +500,7 @@ fn distill(
     env: &StageEnv,
     actors: &mut Actors,
     stage: &SftStage,
+    data: &SftData,
     tokenizer: &Arc<Tokenizer>,
 ) -> anyhow::Result<(usize, Vec<Trajectory>)> {
     let SftData::Distill {
@@ -481,9 +508,9 @@ fn distill(
         tasks,
         min_score,
         max_turns,
-    } = &stage.data
+    } = data
     else {
-        bail!("not a distillation stage");
+        bail!("not a distillation source");
     };
     let tasks_dir = env.run_dir.join("tasks").join(&stage.name);
     let window = actors.window();
