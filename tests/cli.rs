@@ -738,6 +738,39 @@ fn sft_distills_trains_and_resumes_to_the_same_weights() {
 }
 
 #[test]
+fn sft_trains_on_a_mix_of_recall_conversations_and_distilled_episodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("mix");
+    let config = sft_config(&run_dir).replace(
+        "            data: Distill(\n",
+        "            data: Mix([Recall(seed: 4, count: 48), Distill(\n",
+    );
+    let config = config.replace(
+        "                max_turns: 60,\n            ),",
+        "                max_turns: 60,\n            )]),",
+    );
+    assert!(config.contains("Mix([Recall"), "{config}");
+    let cfg = write_config(tmp.path(), &config);
+    let out = klongd(&["run", cfg.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("sft data part ready episodes=48 kept=48"),
+        "{err}"
+    );
+    assert!(
+        err.contains("sft data part ready episodes=2 kept=2"),
+        "{err}"
+    );
+    assert!(err.contains("sft data ready episodes=50 kept=50"), "{err}");
+    let m = metrics(&run_dir);
+    let first = m[0]["loss"].as_f64().unwrap();
+    let last = m[m.len() - 1]["loss"].as_f64().unwrap();
+    assert!(last < 0.8 * first, "loss {first} -> {last}");
+    assert!(run_dir.join("models/sft/model.safetensors").is_file());
+}
+
+#[test]
 fn sft_killed_mid_run_resumes_to_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let longer = |dir: &Path| sft_config(dir).replace("epochs: 6", "epochs: 24");
