@@ -314,6 +314,7 @@ fn example_configs_are_valid() {
         "examples/sft.ron",
         "examples/split_ablation.ron",
         "examples/sft_compact.ron",
+        "examples/sft_recall.ron",
     ] {
         let out = klongd(&["check", file], &repo());
         assert!(out.status.success(), "{file}: {}", stderr(&out));
