@@ -1,6 +1,6 @@
 //! The `Sft` stage of `klongd run`: data (distilled from a teacher through environment and
-//! judge, imported JSONL, or synthetic recall conversations), trajectory splitting, SFT steps,
-//! metrics, checkpoints, resume.
+//! judge, imported JSONL, synthetic recall conversations, or a mix of them), trajectory
+//! splitting, SFT steps, metrics, checkpoints, resume.
 //!
 //! Durable facts, in order: every distilled episode is stored (`traj/<stage>/<index>`, with its
 //! score) as soon as it is judged, so a resumed run never re-runs it; a checkpoint (weights,

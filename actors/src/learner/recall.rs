@@ -6,8 +6,9 @@
 //! A tiny byte-level model trained from scratch on the expert's trajectories alone never learns
 //! to copy them: it writes the most common values, and its loss stops at what the uncopied
 //! values cost. Recall (as in the multi-query associative recall task of the Zoology and Based
-//! papers, here over bytes) is the skill it lacks, and a stage of these conversations first
-//! makes the later SFT copy (see `examples/sft_recall.ron`).
+//! papers, here over bytes) is the skill it lacks. Stages of these conversations first, and
+//! some mixed into the task's SFT, make the trained model copy most config fields (see
+//! `examples/sft_recall.ron` for what it measured).
 //!
 //! One conversation: the user message lists 3-12 records `key<sep>value` (sometimes after a
 //! `#` comment line, as config files have), then asks for 1-6 of the keys in random order in
