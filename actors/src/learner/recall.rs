@@ -120,37 +120,24 @@ pub fn recall_conversation(seed: u64, index: u64) -> [ChatMessage; 2] {
     }
     let asked = &order[..asked];
     let names: Vec<&str> = asked.iter().map(|&j| keys[j].as_str()).collect();
+    // Each asked record written with `pair`, joined by `sep`.
+    let pairs = |pair: fn(&str, &str) -> String, sep: &str| {
+        asked
+            .iter()
+            .map(|&j| pair(&keys[j], &values[j]))
+            .collect::<Vec<_>>()
+            .join(sep)
+    };
     let (request, answer) = match rng.below(3) {
         0 => (
             "flags for",
-            format!(
-                "run {}",
-                asked
-                    .iter()
-                    .map(|&j| format!("--{} {}", keys[j], values[j]))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ),
+            format!("run {}", pairs(|k, v| format!("--{k} {v}"), " ")),
         ),
-        1 => (
-            "values of",
-            asked
-                .iter()
-                .map(|&j| format!("{}={}", keys[j], values[j]))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        ),
+        1 => ("values of", pairs(|k, v| format!("{k}={v}"), "\n")),
         // Keys and values are letters, digits, `_` and `.`: nothing to escape.
         _ => (
             "as json",
-            format!(
-                "{{{}}}",
-                asked
-                    .iter()
-                    .map(|&j| format!("\"{}\": \"{}\"", keys[j], values[j]))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            format!("{{{}}}", pairs(|k, v| format!("\"{k}\": \"{v}\""), ", ")),
         ),
     };
     let user = format!("{}\n\n{request}: {}", lines.join("\n"), names.join(", "));
