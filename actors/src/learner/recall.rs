@@ -20,11 +20,12 @@
 //! as json: a, b     ->  {"a": "VA", "b": "VB"}
 //! ```
 //!
-//! Keys are 2-8 lowercase letters (30% with `_` and 2-5 more), distinct within a conversation;
-//! the separator is one of ` = `, `: `, `=`, ` `. A value is an integer of 1-6 digits (45%), a
-//! decimal `0.` and 1-5 digits (25%), or 2-10 letters. Conversation `i` of seed `s` depends on
-//! `(s, i)` alone (its own SplitMix64 stream), so a data set is a pure function of its seed and
-//! any prefix of it is the same whatever the count.
+//! Keys are distinct within a conversation; half are common config names ([`COMMON_KEYS`]:
+//! `model`, `lr`, `steps`, `seed`, ...), the others 2-8 random lowercase letters (30% with `_`
+//! and 2-5 more). The separator is one of ` = `, `: `, `=`, ` `. A value, whatever its key, is
+//! an integer of 1-6 digits (45%), a decimal `0.` and 1-5 digits (25%), or 2-10 letters.
+//! Conversation `i` of seed `s` depends on `(s, i)` alone (its own SplitMix64 stream), so a data
+//! set is a pure function of its seed and any prefix of it is the same whatever the count.
 
 use serde_json::Value;
 
@@ -37,6 +38,56 @@ use crate::trajectory::{tokenize_conversation, ConversationError, PrefixRule, Tr
 pub const MAX_RECORDS: usize = 12;
 /// Most keys asked for in one conversation.
 pub const MAX_QUERIES: usize = 6;
+
+/// Share of keys drawn from [`COMMON_KEYS`] rather than made of random letters.
+pub const COMMON_KEY_SHARE: f64 = 0.5;
+/// Key names that configuration files and command lines commonly use. Random letters alone
+/// teach recall for keys never seen twice; a real config repeats the same few names with
+/// different values, and a model that saw `steps` only next to the values of its task data
+/// learns those values as a prior instead of copying. Here the common names come with random
+/// values, so for them too the only way to the answer is to read it from the context.
+pub const COMMON_KEYS: [&str; 40] = [
+    "model",
+    "lr",
+    "steps",
+    "seed",
+    "batch_size",
+    "dataset",
+    "epochs",
+    "optimizer",
+    "dropout",
+    "warmup",
+    "layers",
+    "hidden",
+    "heads",
+    "metric",
+    "name",
+    "path",
+    "port",
+    "host",
+    "user",
+    "timeout",
+    "retries",
+    "threads",
+    "device",
+    "mode",
+    "level",
+    "depth",
+    "width",
+    "rate",
+    "size",
+    "count",
+    "limit",
+    "version",
+    "momentum",
+    "decay",
+    "eps",
+    "beta",
+    "gamma",
+    "alpha",
+    "temperature",
+    "max_tokens",
+];
 
 const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
 const SEPARATORS: [&str; 4] = [" = ", ": ", "=", " "];
@@ -55,6 +106,9 @@ fn digits(rng: &mut SplitMix64, len: usize) -> String {
 }
 
 fn key(rng: &mut SplitMix64) -> String {
+    if rng.unit() < COMMON_KEY_SHARE {
+        return COMMON_KEYS[rng.below(COMMON_KEYS.len())].to_string();
+    }
     let mut k = word(rng, 2, 8);
     if rng.unit() < 0.3 {
         k.push('_');
@@ -301,6 +355,29 @@ mod tests {
             );
         }
         assert!(five_digit > 100, "{five_digit}");
+    }
+
+    #[test]
+    fn half_the_keys_are_common_names_with_values_of_any_kind() {
+        let (mut common, mut total) = (0usize, 0usize);
+        let mut steps_values = std::collections::BTreeSet::new();
+        for i in 0..400 {
+            let [user, _] = recall_conversation(11, i);
+            for (k, v) in parse(&user.content).0 {
+                total += 1;
+                if COMMON_KEYS.contains(&k.as_str()) {
+                    common += 1;
+                }
+                if k == "steps" {
+                    steps_values.insert(v);
+                }
+            }
+        }
+        let share = common as f64 / total as f64;
+        // Random keys can also spell a common name, so the share is a little over the draw's.
+        assert!((share - COMMON_KEY_SHARE).abs() < 0.04, "{common}/{total}");
+        // A common name is no hint of its value: `steps` takes many different values.
+        assert!(steps_values.len() > 20, "{steps_values:?}");
     }
 
     #[test]
