@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use klong_actors::learner::recall::MAX_FILLER_BYTES;
 use klong_sandbox::{CallLimits, EpisodeBudget, HostSettings, HumanDuration};
 use serde::{Deserialize, Serialize};
 
@@ -333,6 +334,10 @@ pub enum SftData {
         seed: u64,
         #[serde(deserialize_with = "positive_u32")]
         count: u32,
+        /// Most bytes of unrelated text before each conversation's records (a uniform draw per
+        /// conversation; at most [`MAX_FILLER_BYTES`]): recall at a task's distances.
+        #[serde(default)]
+        filler: u32,
     },
     /// The trajectories of several sources trained on together (at most
     /// [`MAX_MIX_PARTS`], none a `Mix`, at most one `Distill`): e.g. recall conversations
@@ -371,11 +376,17 @@ fn check_data(data: &SftData, at: &str, top: bool) -> Result<(), String> {
             }
             tasks.check(&format!("field `{at}.tasks`"))?;
         }
-        SftData::Recall { count, .. } => {
+        SftData::Recall { count, filler, .. } => {
             if *count > MAX_RECALL_CONVERSATIONS {
                 return Err(format!(
                     "field `{at}.count`: {count} is more than the most, \
                      {MAX_RECALL_CONVERSATIONS}"
+                ));
+            }
+            if *filler > MAX_FILLER_BYTES {
+                return Err(format!(
+                    "field `{at}.filler`: {filler} bytes is more than the most, \
+                     {MAX_FILLER_BYTES}"
                 ));
             }
         }
@@ -1036,7 +1047,8 @@ mod tests {
                 s.data,
                 SftData::Recall {
                     seed: 3,
-                    count: 1000
+                    count: 1000,
+                    filler: 0,
                 }
             ),
             other => panic!("{other:?}"),
@@ -1048,6 +1060,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("stages[0].data.count"), "{e}");
+        let filler = |bytes: u32| cfg(&format!("1000, filler: {bytes}"));
+        match &parse(&filler(MAX_FILLER_BYTES)).unwrap().stages[0] {
+            StageConfig::Sft(s) => assert!(matches!(
+                s.data,
+                SftData::Recall { filler, .. } if filler == MAX_FILLER_BYTES
+            )),
+            other => panic!("{other:?}"),
+        }
+        let e = parse(&filler(MAX_FILLER_BYTES + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stages[0].data.filler"), "{e}");
     }
 
     #[test]

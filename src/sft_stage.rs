@@ -473,9 +473,14 @@ fn load_data(
         SftData::Distill { .. } => {
             distill(env, actors, stage, data, &Arc::new(tm.tokenizer.clone()))?
         }
-        SftData::Recall { seed, count } => {
-            let trajs = recall_trajectories(*seed, u64::from(*count), &tm.tokenizer, template)
-                .with_context(|| format!("stage {}: recall conversations", stage.name))?;
+        SftData::Recall {
+            seed,
+            count,
+            filler,
+        } => {
+            let trajs =
+                recall_trajectories(*seed, u64::from(*count), *filler, &tm.tokenizer, template)
+                    .with_context(|| format!("stage {}: recall conversations", stage.name))?;
             (trajs.len(), trajs)
         }
         SftData::Mix(parts) => {

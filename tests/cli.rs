@@ -744,7 +744,7 @@ fn sft_trains_on_a_mix_of_recall_conversations_and_distilled_episodes() {
     let run_dir = tmp.path().join("mix");
     let config = sft_config(&run_dir).replace(
         "            data: Distill(\n",
-        "            data: Mix([Recall(seed: 4, count: 48), Distill(\n",
+        "            data: Mix([Recall(seed: 4, count: 48), Recall(seed: 5, count: 6, filler: 200), Distill(\n",
     );
     let config = config.replace(
         "                max_turns: 60,\n            ),",
@@ -760,10 +760,14 @@ fn sft_trains_on_a_mix_of_recall_conversations_and_distilled_episodes() {
         "{err}"
     );
     assert!(
+        err.contains("sft data part ready episodes=6 kept=6"),
+        "{err}"
+    );
+    assert!(
         err.contains("sft data part ready episodes=2 kept=2"),
         "{err}"
     );
-    assert!(err.contains("sft data ready episodes=50 kept=50"), "{err}");
+    assert!(err.contains("sft data ready episodes=56 kept=56"), "{err}");
     let m = metrics(&run_dir);
     let first = m[0]["loss"].as_f64().unwrap();
     let last = m[m.len() - 1]["loss"].as_f64().unwrap();

@@ -6,9 +6,12 @@
 //! A tiny byte-level model trained from scratch on the expert's trajectories alone never learns
 //! to copy them: it writes the most common values, and its loss stops at what the uncopied
 //! values cost. Recall (as in the multi-query associative recall task of the Zoology and Based
-//! papers, here over bytes) is the skill it lacks. Stages of these conversations first, and
-//! some mixed into the task's SFT, make the trained model copy most config fields (see
-//! `examples/sft_recall.ron` for what it measured).
+//! papers, here over bytes) is the skill it lacks. It has to be learned at the distances a
+//! task has: recall learned within a few hundred tokens fails outright when the records sit
+//! after a few thousand bytes of other text (measured: loss 0.004 -> 7.4), and a task's config
+//! comes ~1,500 tokens into its context. So a short-context stage first (the circuit forms
+//! there quickly), then conversations with filler before the records, and some of those mixed
+//! into the task's SFT (see `examples/sft_recall.ron` for what it measured).
 //!
 //! One conversation: the user message lists 3-12 records `key<sep>value` (sometimes after a
 //! `#` comment line, as config files have), then asks for 1-6 of the keys in random order in
@@ -136,8 +139,42 @@ fn value(rng: &mut SplitMix64) -> String {
     }
 }
 
+/// Most bytes of filler text before the records.
+pub const MAX_FILLER_BYTES: u32 = 16 * 1024;
+
+/// Up to `max_bytes` (a uniform draw) of unrelated text: lines of 4-14 lowercase words, some
+/// numbers among them. No word of it is one of `keys`, so it holds no answer, only things to
+/// look past; numbers in it are digits the answer must not take.
+fn filler(rng: &mut SplitMix64, max_bytes: u32, keys: &[String]) -> String {
+    let target = rng.below(max_bytes as usize + 1);
+    let mut text = String::with_capacity(target + 128);
+    while text.len() < target {
+        let words = 4 + rng.below(11);
+        let line: Vec<String> = (0..words)
+            .map(|_| {
+                if rng.unit() < 0.15 {
+                    let len = 1 + rng.below(5);
+                    digits(rng, len)
+                } else {
+                    let mut w = word(rng, 2, 8);
+                    while keys.contains(&w) {
+                        w = word(rng, 2, 8);
+                    }
+                    w
+                }
+            })
+            .collect();
+        text.push_str(&line.join(" "));
+        text.push('\n');
+    }
+    text
+}
+
 /// Conversation `index` of the data set `seed`: a user message and the assistant's answer.
-pub fn recall_conversation(seed: u64, index: u64) -> [ChatMessage; 2] {
+/// With `filler_bytes` > 0 the records come after up to that many bytes of unrelated text
+/// ([`filler`]), so that recall is learned at the distances a task's context has, not only
+/// within a few hundred tokens; with 0 the conversation is the same as before filler existed.
+pub fn recall_conversation(seed: u64, index: u64, filler_bytes: u32) -> [ChatMessage; 2] {
     // One stream per conversation, started at a hash of (seed, index): streams started at
     // `base + index * step` would overlap, SplitMix64's state advancing by a fixed step.
     let base = SplitMix64::new(seed ^ 0x7265_6361_6C6C_0001).next_u64();
@@ -194,7 +231,20 @@ pub fn recall_conversation(seed: u64, index: u64) -> [ChatMessage; 2] {
             format!("{{{}}}", pairs(|k, v| format!("\"{k}\": \"{v}\""), ", ")),
         ),
     };
-    let user = format!("{}\n\n{request}: {}", lines.join("\n"), names.join(", "));
+    let mut user = String::new();
+    // Drawn last, so that a conversation without filler is what it was before filler existed.
+    if filler_bytes > 0 {
+        let text = filler(&mut rng, filler_bytes.min(MAX_FILLER_BYTES), &keys);
+        if !text.is_empty() {
+            user.push_str(&text);
+            user.push('\n');
+        }
+    }
+    user.push_str(&format!(
+        "{}\n\n{request}: {}",
+        lines.join("\n"),
+        names.join(", ")
+    ));
     [
         ChatMessage::user(user),
         ChatMessage::assistant(answer, Vec::new()),
@@ -206,13 +256,14 @@ pub fn recall_conversation(seed: u64, index: u64) -> [ChatMessage; 2] {
 pub fn recall_trajectories(
     seed: u64,
     count: u64,
+    filler_bytes: u32,
     tokenizer: &Tokenizer,
     template: &ChatTemplate,
 ) -> Result<Vec<Trajectory>, ConversationError> {
     let tools: [Value; 0] = [];
     let mut out = Vec::with_capacity(count.min(1 << 20) as usize);
     for i in 0..count {
-        let messages = recall_conversation(seed, i);
+        let messages = recall_conversation(seed, i, filler_bytes);
         let (prefix, turns) = tokenize_conversation(
             &messages,
             &tools,
@@ -242,8 +293,10 @@ mod tests {
     /// Parses a user message back into its records and asked keys.
     fn parse(user: &str) -> (Vec<(String, String)>, String, Vec<String>) {
         let (records, request) = user
-            .split_once("\n\n")
+            .rsplit_once("\n\n")
             .expect("a blank line before the ask");
+        // Filler, if any, ends in a blank line before the records.
+        let records = records.rsplit_once("\n\n").map_or(records, |(_, r)| r);
         let sep = [" = ", ": ", "=", " "]
             .into_iter()
             .find(|s| {
@@ -273,7 +326,7 @@ mod tests {
     fn answers_give_the_asked_values_in_the_asked_order() {
         let mut kinds = std::collections::BTreeSet::new();
         for i in 0..500 {
-            let [user, answer] = recall_conversation(3, i);
+            let [user, answer] = recall_conversation(3, i, 0);
             let (records, kind, asked) = parse(&user.content);
             assert!(
                 (3..=MAX_RECORDS).contains(&records.len()),
@@ -323,17 +376,17 @@ mod tests {
 
     #[test]
     fn conversations_are_a_function_of_seed_and_index() {
-        let a = recall_conversation(5, 17);
-        assert_eq!(a, recall_conversation(5, 17));
-        assert_ne!(a, recall_conversation(5, 18));
-        assert_ne!(a, recall_conversation(6, 17));
+        let a = recall_conversation(5, 17, 0);
+        assert_eq!(a, recall_conversation(5, 17, 0));
+        assert_ne!(a, recall_conversation(5, 18, 0));
+        assert_ne!(a, recall_conversation(6, 17, 0));
     }
 
     #[test]
     fn values_mix_integers_decimals_and_words() {
         let (mut ints, mut decimals, mut words, mut five_digit) = (0, 0, 0, 0);
         for i in 0..400 {
-            let [user, _] = recall_conversation(9, i);
+            let [user, _] = recall_conversation(9, i, 0);
             for (_, v) in parse(&user.content).0 {
                 if v.starts_with("0.") {
                     decimals += 1;
@@ -362,7 +415,7 @@ mod tests {
         let (mut common, mut total) = (0usize, 0usize);
         let mut steps_values = std::collections::BTreeSet::new();
         for i in 0..400 {
-            let [user, _] = recall_conversation(11, i);
+            let [user, _] = recall_conversation(11, i, 0);
             for (k, v) in parse(&user.content).0 {
                 total += 1;
                 if COMMON_KEYS.contains(&k.as_str()) {
@@ -381,13 +434,37 @@ mod tests {
     }
 
     #[test]
+    fn filler_comes_before_the_same_records_and_holds_no_key() {
+        let mut longest = 0;
+        for i in 0..200 {
+            let [plain_user, plain_answer] = recall_conversation(4, i, 0);
+            let [user, answer] = recall_conversation(4, i, 2048);
+            // The records, the ask and the answer are those of the conversation without filler.
+            assert_eq!(answer, plain_answer);
+            assert!(
+                user.content.ends_with(&plain_user.content),
+                "{}",
+                user.content
+            );
+            let filler = &user.content[..user.content.len() - plain_user.content.len()];
+            assert!(filler.len() <= 2048 + 128, "{}", filler.len());
+            longest = longest.max(filler.len());
+            let (records, _, _) = parse(&plain_user.content);
+            for w in filler.split_whitespace() {
+                assert!(records.iter().all(|(k, _)| k != w), "key {w} in filler");
+            }
+        }
+        assert!(longest > 1500, "{longest}");
+    }
+
+    #[test]
     fn trajectories_carry_loss_on_the_answer_only() {
         let tok = Tokenizer::Byte(ByteTokenizer);
         let template = ChatTemplate::for_tokenizer(&tok, true).expect("template");
-        let trajs = recall_trajectories(1, 20, &tok, &template).expect("tokenizes");
+        let trajs = recall_trajectories(1, 20, 0, &tok, &template).expect("tokenizes");
         assert_eq!(trajs.len(), 20);
         for (i, t) in trajs.iter().enumerate() {
-            let [user, answer] = recall_conversation(1, i as u64);
+            let [user, answer] = recall_conversation(1, i as u64, 0);
             let answers: Vec<_> = t.all_turns().filter_map(|x| x.as_assistant()).collect();
             assert_eq!(answers.len(), 1, "one assistant turn");
             let turn = answers[0];
