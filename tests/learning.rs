@@ -13,17 +13,17 @@
 //!   values of the training data instead of copying the config's (no copy circuit forms at
 //!   this scale and budget). About 10 minutes.
 //! - `examples/sft_recall.ron` trains the same tiny model from scratch, with an in-context
-//!   recall warm-up first and recall mixed into the task's SFT. Asserted is issue 5's bar: a
-//!   trained score of at least 0.1, on at least 3 of 32 held-out tasks. Not met yet (0.013).
-//!   About 75 minutes.
+//!   recall warm-up first (short, then with filler text before the records) and recall mixed
+//!   into the task's SFT. Asserted is issue 5's "clearly higher than untrained": the untrained
+//!   model scores 0 and the trained one at least 0.5, with at least 16 of 32 held-out tasks
+//!   above 0. About 55 minutes.
 //!
 //! Run them after any change to the model, the learner, splitting, the episode loop or the
 //! family:
 //!
 //!   tests/fetch-models.sh && cargo test --release --test learning -- --ignored
 //!
-//! (add `--skip sft_after_a_recall` to leave out the 75-minute recall run, which fails until
-//! issue 5's bar is met).
+//! (add `--skip sft_after_a_recall` to leave out the 55-minute recall run).
 //!
 //! `KLONGD_LEARNING_RUN=runs/sft-compact cargo test --test learning -- --ignored check_an`
 //! checks a run directory made by `klongd run examples/sft_compact.ron` instead, and
@@ -161,10 +161,11 @@ fn check_pretrained(run_dir: &Path) {
 }
 
 /// What `examples/sft_recall.ron`'s trained model must reach on its 32 held-out tasks for
-/// issue 5 ("clearly higher than untrained"): the mean score, and the tasks that score above
-/// 0. Measured so far: 0.013, on one task (0.4); the untrained model 0.000.
-const MIN_RECALL_SCORE: f64 = 0.1;
-const MIN_RECALL_TASKS: usize = 3;
+/// issue 5 ("clearly higher than untrained", which scores 0): the mean score, and the tasks
+/// that score above 0. Well under what it measured (see the example's header), since a
+/// model this small is chaotic in the last bits of its numerics.
+const MIN_RECALL_SCORE: f64 = 0.5;
+const MIN_RECALL_TASKS: usize = 16;
 
 /// Scores of the tiny model trained from scratch by `examples/sft_recall.ron` (recall warm-up,
 /// then the task's SFT mixed with recall) on its 32 held-out tasks.
@@ -226,7 +227,7 @@ fn sft_teaches_the_tiny_model_tool_calls_and_the_experts_opening_moves() {
 }
 
 #[test]
-#[ignore = "about 75 minutes (release); issue 5's bar, not met yet (measured: trained 0.013, one task)"]
+#[ignore = "about 55 minutes (release); run after changes to training, acting or recall data"]
 fn sft_after_a_recall_warm_up_makes_the_tiny_model_score() {
     let (_tmp, run_dir) = run_example("examples/sft_recall.ron", "runs/sft-recall");
     check_recall(&run_dir);
