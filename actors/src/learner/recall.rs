@@ -156,11 +156,21 @@ fn filler(rng: &mut SplitMix64, max_bytes: u32, keys: &[String]) -> String {
                     let len = 1 + rng.below(5);
                     digits(rng, len)
                 } else {
+                    // Redrawn while it is a key: a draw collides with odds under 1 in 300 (a
+                    // 2-letter word, 1 in 7, equal to one of at most 12 keys), so the bound is
+                    // never reached in practice; it makes the loop finite by construction.
                     let mut w = word(rng, 2, 8);
-                    while keys.contains(&w) {
+                    for _ in 0..16 {
+                        if !keys.contains(&w) {
+                            break;
+                        }
                         w = word(rng, 2, 8);
                     }
-                    w
+                    if keys.contains(&w) {
+                        digits(rng, 3)
+                    } else {
+                        w
+                    }
                 }
             })
             .collect();
@@ -173,7 +183,8 @@ fn filler(rng: &mut SplitMix64, max_bytes: u32, keys: &[String]) -> String {
 /// Conversation `index` of the data set `seed`: a user message and the assistant's answer.
 /// With `filler_bytes` > 0 the records come after up to that many bytes of unrelated text
 /// ([`filler`]), so that recall is learned at the distances a task's context has, not only
-/// within a few hundred tokens; with 0 the conversation is the same as before filler existed.
+/// within a few hundred tokens. The filler is drawn last: the records, the ask and the answer
+/// are the same whatever `filler_bytes` is.
 pub fn recall_conversation(seed: u64, index: u64, filler_bytes: u32) -> [ChatMessage; 2] {
     // One stream per conversation, started at a hash of (seed, index): streams started at
     // `base + index * step` would overlap, SplitMix64's state advancing by a fixed step.
@@ -232,7 +243,7 @@ pub fn recall_conversation(seed: u64, index: u64, filler_bytes: u32) -> [ChatMes
         ),
     };
     let mut user = String::new();
-    // Drawn last, so that a conversation without filler is what it was before filler existed.
+    // Drawn last, so that nothing else depends on it.
     if filler_bytes > 0 {
         let text = filler(&mut rng, filler_bytes.min(MAX_FILLER_BYTES), &keys);
         if !text.is_empty() {
