@@ -261,7 +261,12 @@ fn rl_raises_the_score_of_a_weak_policy_under_growing_budgets() {
         before > 0.05 && before < 0.95,
         "the SFT policy is meant to be weak but not hopeless: {before}"
     );
-    assert!(after >= before + 0.2, "before {before}, after {after}");
+    // Up by 0.2, or to a perfect score where the SFT policy leaves less headroom than that
+    // (its score depends on the CPU's float kernels: 0.812 on one AVX-512 machine, 1.000 after).
+    assert!(
+        after >= (before + 0.2).min(1.0),
+        "before {before}, after {after}"
+    );
 
     // Metrics per RL step.
     let m = metrics(&run);
