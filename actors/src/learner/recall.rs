@@ -157,20 +157,12 @@ fn filler(rng: &mut SplitMix64, max_bytes: u32, keys: &[String]) -> String {
                     digits(rng, len)
                 } else {
                     // Redrawn while it is a key: a draw collides with odds under 1 in 300 (a
-                    // 2-letter word, 1 in 7, equal to one of at most 12 keys), so the bound is
-                    // never reached in practice; it makes the loop finite by construction.
-                    let mut w = word(rng, 2, 8);
-                    for _ in 0..16 {
-                        if !keys.contains(&w) {
-                            break;
-                        }
-                        w = word(rng, 2, 8);
-                    }
-                    if keys.contains(&w) {
-                        digits(rng, 3)
-                    } else {
-                        w
-                    }
+                    // 2-letter word, 1 in 7, equal to one of at most 12 keys), so the bound of
+                    // 17 draws is never reached in practice; it makes the loop finite.
+                    (0..17)
+                        .map(|_| word(rng, 2, 8))
+                        .find(|w| !keys.contains(w))
+                        .unwrap_or_else(|| digits(rng, 3))
                 }
             })
             .collect();
