@@ -248,6 +248,12 @@ pub struct EvalStage {
     /// Tokens one turn may generate.
     #[serde(deserialize_with = "positive_usize")]
     pub max_turn_tokens: usize,
+    /// The context the model policy sees, in tokens: the pinned prefix and the latest turns
+    /// that fit (default: the model's whole context, `max_position_embeddings`). Set it to the
+    /// Sft stage's `split.context` to score a model under the window it was trained in, as
+    /// the splitting ablation does. At most the model's context; the model policy only.
+    #[serde(default)]
+    pub context: Option<usize>,
 }
 
 fn default_one() -> u32 {
@@ -718,6 +724,26 @@ impl Config {
                             return Err(invalid(format!("{}: expected 0..=1", at("policy.noise"))));
                         }
                     }
+                    if let Some(context) = ev.context {
+                        if let EvalPolicy::Expert { .. } = ev.policy {
+                            return Err(invalid(format!(
+                                "{}: the scripted expert has no context window; set it for `policy: Model` only",
+                                at("context")
+                            )));
+                        }
+                        if context == 0 {
+                            return Err(invalid(format!("{}: expected > 0", at("context"))));
+                        }
+                        if let Some(ModelConfig::Tiny(t)) = &self.model {
+                            if context > t.context {
+                                return Err(invalid(format!(
+                                    "{}: {context} exceeds the model's context ({})",
+                                    at("context"),
+                                    t.context
+                                )));
+                            }
+                        }
+                    }
                     if !(ev.temperature.is_finite() && ev.temperature >= 0.0) {
                         return Err(invalid(format!("{}: expected >= 0", at("temperature"))));
                     }
@@ -1072,6 +1098,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("stages[0].data.filler"), "{e}");
+    }
+
+    #[test]
+    fn an_eval_context_is_positive_within_the_model_and_for_the_model_only() {
+        let cfg = |policy: &str, context: &str| {
+            format!(
+                r#"(name: "t", run_dir: "r", seed: 1,
+                    model: Some(Tiny((hidden: 32, layers: 1, heads: 2, kv_heads: 1, ffn: 64, context: 512))),
+                    stages: [Eval((name: "e", policy: {policy},
+                        tasks: Family((style: Compact, seed: 1, count: 2, min_horizon: 1, max_horizon: 2)),
+                        max_turns: 10, max_turn_tokens: 64{context}))])"#
+            )
+        };
+        let context_of = |c: &Config| match &c.stages[0] {
+            StageConfig::Eval(e) => e.context,
+            other => panic!("{other:?}"),
+        };
+        let c = parse(&cfg("Model", "")).unwrap();
+        assert_eq!(context_of(&c), None);
+        let c = parse(&cfg("Model", ", context: Some(256)")).unwrap();
+        assert_eq!(context_of(&c), Some(256));
+        assert_eq!(parse(&c.to_ron()).unwrap(), c);
+        assert!(parse(&cfg("Model", ", context: Some(512)")).is_ok());
+        for (policy, context, says) in [
+            ("Model", "0", "expected > 0"),
+            ("Model", "513", "exceeds the model's context (512)"),
+            ("Expert(noise: 0.0)", "256", "scripted expert"),
+        ] {
+            let e = parse(&cfg(policy, &format!(", context: Some({context})")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("stages[0].context") && e.contains(says), "{e}");
+        }
     }
 
     #[test]

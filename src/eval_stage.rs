@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use candle_core::Tensor;
 use klong_actors::environment::episode::{EpisodeEnd, EpisodeLimits};
 use klong_actors::environment::expert::MAX_OBSERVATION_BYTES;
@@ -271,7 +271,17 @@ pub fn run_eval(
     let window = actors.window();
     let (backend, context, policy_name) = match &stage.policy {
         EvalPolicy::Model => {
-            let context = tm.config.max_position_embeddings;
+            let model_context = tm.config.max_position_embeddings;
+            // A pretrained model's context is known only once it is loaded, so this bound is
+            // checked here rather than in the config's validation.
+            let context = match stage.context {
+                Some(c) if c > model_context => bail!(
+                    "eval stage {:?}: context {c} exceeds the model's context ({model_context})",
+                    stage.name
+                ),
+                Some(c) => c,
+                None => model_context,
+            };
             let policy = LocalPolicy::new(frozen_model(tm)?, tm.tokenizer.clone(), 0);
             (
                 PolicyBackend::Local {

@@ -315,6 +315,7 @@ fn example_configs_are_valid() {
         "examples/split_ablation.ron",
         "examples/sft_compact.ron",
         "examples/sft_recall.ron",
+        "examples/split_ablation_recall.ron",
     ] {
         let out = klongd(&["check", file], &repo());
         assert!(out.status.success(), "{file}: {}", stderr(&out));
@@ -887,6 +888,75 @@ fn eval_stage_reports_the_expert_on_compact_tasks_and_is_not_rerun() {
         stderr(&out)
     );
     assert!(!stderr(&out).contains("episode judged"), "{}", stderr(&out));
+}
+
+#[test]
+fn an_eval_stage_context_is_the_window_the_model_sees() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    // A compact task's pinned prefix is ~0.9k byte tokens: it fits the model's 2,048 but not a
+    // 600-token window, so there every episode fails on the context before its first turn.
+    let eval = |name: &str, context: &str| {
+        format!(
+            r#"Eval((name: "{name}", policy: Model,
+            tasks: Family((style: Compact, seed: 1000000, count: 2, min_horizon: 1, max_horizon: 1)),
+            max_turns: 1, max_turn_tokens: 8{context}))"#
+        )
+    };
+    let cfg = write_config(
+        tmp.path(),
+        &format!(
+            r#"(
+    name: "eval-context",
+    run_dir: "{}",
+    seed: 3,
+    sandbox: (tools_dir: "{}", cache_dir: Some("{}"), deterministic: true),
+    model: Some(Tiny((hidden: 32, layers: 1, heads: 2, kv_heads: 1, ffn: 64, context: 2048))),
+    stages: [{}, {}, {}],
+)"#,
+            run_dir.display(),
+            tools_dir().display(),
+            cache_dir().display(),
+            eval("whole", ""),
+            eval("window", ", context: Some(600)"),
+            eval("beyond", ", context: Some(2048)"),
+        ),
+    );
+    let out = klongd(&["run", cfg.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let episodes = |stage: &str| -> Vec<Value> {
+        let path = run_dir.join(format!("eval/{stage}.json"));
+        let report: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        report["episodes"].as_array().unwrap().clone()
+    };
+    for e in episodes("whole") {
+        assert_eq!(e["end"], "turns", "{e}");
+    }
+    for e in episodes("window") {
+        let failure = e["failure"].as_str().unwrap_or_default();
+        assert!(failure.contains("context of 600 tokens"), "{e}");
+    }
+
+    // A checkpoint's own context bounds the stage's: this one has 512 positions.
+    let model = tiny_model_dir(tmp.path());
+    let out = klongd(
+        &[
+            "eval",
+            cfg.to_str().unwrap(),
+            "--checkpoint",
+            model.to_str().unwrap(),
+            "--stage",
+            "beyond",
+        ],
+        tmp.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out)
+            .contains(r#"eval stage "beyond": context 2048 exceeds the model's context (512)"#),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
