@@ -20,6 +20,8 @@ pub(crate) enum Kind {
     LogSoftmax,
     AdamW,
     LinearRows,
+    /// A projection over the rows of an activation as one graph node ([`Linear`]).
+    Linear,
     /// The few-row kernels of `skinny` (decode steps).
     Skinny,
     /// The one-pass causal attention of `flash` (training and prefill).
@@ -43,6 +45,7 @@ pub(crate) fn enabled(kind: Kind) -> bool {
         Kind::LogSoftmax => "log_softmax",
         Kind::AdamW => "adamw",
         Kind::LinearRows => "linear_rows",
+        Kind::Linear => "linear",
         Kind::Skinny => "skinny",
         Kind::Flash => "flash",
     };
@@ -138,6 +141,91 @@ macro_rules! dispatch {
             _ => candle_core::bail!("fused op: f32/f64 only"),
         }
     };
+}
+
+// ---------------------------------------------------------------- Linear
+
+/// `x · wᵀ` over the rows of x `[.., K]` with w `[N, K]`, as one graph node.
+///
+/// Composed, the same product is four nodes: the rows reshaped to `[M, K]`, `w.t()`, the
+/// matmul, and the result reshaped back. candle's backward gives every node's input a
+/// gradient of its own, zeroed and then added to (`GradStore::or_insert` + `add`), so each
+/// reshape costs a zeroing and a full add over an activation: in model R's training step that
+/// was ~15% of the time (`__memset` and `binary_map_vec_par` in a profile). Here the backward
+/// computes the two products candle's matmul backward computes, with the same operands and
+/// layouts, so the gradients are the same numbers.
+pub(crate) struct Linear;
+
+impl Linear {
+    /// `(M, K, N)` and the layouts of x as `[M, K]` and of `wᵀ` as `[K, N]`.
+    fn operands(lx: &Layout, lw: &Layout) -> Result<((usize, usize, usize), Layout, Layout)> {
+        let k = *lx.dims().last().unwrap_or(&0);
+        let (n, kw) = lw.shape().dims2()?;
+        if k == 0 || kw != k {
+            candle_core::bail!(
+                "klong-linear: x {:?} and w {:?} do not agree",
+                lx.dims(),
+                lw.dims()
+            );
+        }
+        let m = lx.shape().elem_count() / k;
+        let Some((start, _)) = lx.contiguous_offsets() else {
+            candle_core::bail!("klong-linear: non-contiguous input");
+        };
+        Ok((
+            (m, k, n),
+            Layout::contiguous_with_offset((m, k), start),
+            lw.transpose(0, 1)?,
+        ))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "klong-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let ((m, k, n), lx2, lwt) = Self::operands(lx, lw)?;
+        // The storage-level product `Tensor::matmul` runs for `x2.matmul(&w.t())`.
+        let y = x.matmul(w, (1, m, n, k), &lx2, &lwt)?;
+        let mut dims = lx.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((y, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // candle's matmul backward for `x2.matmul(&wt)`: dx2 = g·wtᵀ, dwt = x2ᵀ·g; dw = dwtᵀ.
+        let (x, w) = (x.detach(), w.detach());
+        let (n, k) = w.dims2()?;
+        let m = x.elem_count() / k;
+        let x2 = x.reshape((m, k))?;
+        let g2 = g.reshape((m, n))?;
+        let wt = w.t()?;
+        let dx = g2.matmul(&wt.t()?)?.reshape(x.shape())?;
+        let dw = x2.t()?.matmul(&g2)?.t()?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `x · wᵀ` over the rows of `x` `[.., K]`, w `[N, K]` -> `[.., N]` (one graph node).
+pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(w, Linear)
 }
 
 // ---------------------------------------------------------------- RMSNorm
@@ -694,4 +782,59 @@ impl CustomOp1 for LogSoftmax {
 
 pub(crate) fn log_softmax(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(LogSoftmax)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+                h as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// The one-node projection gives the composed one's output and gradients, bit for bit:
+    /// the same storage-level products with the same operands.
+    #[test]
+    fn linear_is_the_composed_projection_to_the_bit() {
+        let dev = Device::Cpu;
+        let (b, t, k, n) = (3, 37, 24, 40);
+        let x = Var::from_vec(values(b * t * k, 1), (b, t, k), &dev).expect("x");
+        let w = Var::from_vec(values(n * k, 2), (n, k), &dev).expect("w");
+        let g = Tensor::from_vec(values(b * t * n, 3), (b, t, n), &dev).expect("g");
+        let run = |fused: bool| {
+            let y = if fused {
+                super::linear(x.as_tensor(), w.as_tensor()).expect("fused")
+            } else {
+                x.as_tensor()
+                    .reshape((b * t, k))
+                    .and_then(|x2| x2.matmul(&w.as_tensor().t()?))
+                    .and_then(|y| y.reshape((b, t, n)))
+                    .expect("composed")
+            };
+            let grads = (&y * &g)
+                .and_then(|p| p.sum_all())
+                .expect("loss")
+                .backward();
+            let grads = grads.expect("backward");
+            let flat = |t: &Tensor| {
+                t.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("vec")
+            };
+            (
+                flat(&y),
+                flat(grads.get(x.as_tensor()).expect("dx")),
+                flat(grads.get(w.as_tensor()).expect("dw")),
+            )
+        };
+        let (fused, composed) = (run(true), run(false));
+        assert_eq!(fused.0, composed.0, "output");
+        assert_eq!(fused.1, composed.1, "dx");
+        assert_eq!(fused.2, composed.2, "dw");
+    }
 }

@@ -296,6 +296,13 @@ fn linear_rows(l: &Linear, x: &Tensor) -> Result<Tensor> {
     if dims.len() <= 2 || !fused::enabled(fused::Kind::LinearRows) {
         return l.forward(x);
     }
+    if fused::supported(x, fused::Kind::Linear) && l.weight().dtype() == x.dtype() {
+        let y = fused::linear(x, l.weight())?;
+        return match l.bias() {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
     let k = dims[dims.len() - 1];
     let y = l.forward(&x.reshape(((), k))?)?;
     let mut out = dims[..dims.len() - 1].to_vec();
