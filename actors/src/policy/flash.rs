@@ -640,11 +640,20 @@ fn backward_pair(
     }
 }
 
-/// The op: q `[B, G, R, D]`, k and v `[B, G, S, D]` (contiguous) -> `[B, G, R, D + 2]`, each
-/// row's output followed by its score max and inverse normalizer (the backward's state).
+/// The op: q `[B, G, R, D]`, k and v `[B, G, S, D]` (contiguous) -> `[B, T, G·n_rep·D]`, the
+/// rows the output projection reads (head `g·n_rep + j` of position `t` is query row
+/// `j·T + t` of group `g`).
+///
+/// The kernels write `[B, G, R, D + 2]`: each row's output followed by its score max and
+/// inverse normalizer, the backward's state. The op keeps that block for its backward and
+/// returns the rows, so the graph holds one node where slicing off the state and moving the
+/// heads next to each other took four, each of which candle's backward would zero and add a
+/// gradient for.
 #[cfg(target_arch = "x86_64")]
 struct FlashAttention {
     mask: Arc<KeyMask>,
+    /// The kernels' output of the forward, `[B, G, R, D + 2]`, for the backward.
+    state: std::sync::Mutex<Vec<f32>>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -717,7 +726,26 @@ impl CustomOp3 for FlashAttention {
                     forward_head(&pair, &self.mask, dm, (unit % n_rep) * t, o)
                 }
             });
-        Ok((CpuStorage::F32(out), Shape::from((b, per_b, r, d + 2))))
+        let heads = per_b * n_rep;
+        let mut rows = vec![0f32; b * t * heads * d];
+        // One unit per head (a pair's T query rows of one repeat): its rows go to one column
+        // block of every position.
+        rows.par_chunks_exact_mut(t * heads * d)
+            .enumerate()
+            .for_each(|(bi, dst)| {
+                for h in 0..heads {
+                    let src = &out[((bi * heads + h) * t) * (d + 2)..];
+                    for ti in 0..t {
+                        dst[(ti * heads + h) * d..(ti * heads + h + 1) * d]
+                            .copy_from_slice(&src[ti * (d + 2)..ti * (d + 2) + d]);
+                    }
+                }
+            });
+        *self
+            .state
+            .lock()
+            .map_err(|_| candle_core::Error::msg("flash attention: state lock poisoned"))? = out;
+        Ok((CpuStorage::F32(rows), Shape::from((b, t, heads * d))))
     }
 
     fn bwd(
@@ -725,23 +753,50 @@ impl CustomOp3 for FlashAttention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        res: &Tensor,
+        _rows: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let (b, per_b, r, dm) = self.dims(q.layout(), k.layout())?;
         let pairs = b * per_b;
-        let Dims { s, d, .. } = dm;
+        let Dims { t, s, d, .. } = dm;
+        let ow = d + 2;
+        let state = self
+            .state
+            .lock()
+            .map_err(|_| candle_core::Error::msg("flash attention: state lock poisoned"))?;
+        if state.len() != pairs * r * ow {
+            candle_core::bail!("flash attention: backward without its forward's state");
+        }
+        let res: &[f32] = &state;
         let mut dq = vec![0f32; pairs * r * d];
         let mut dk = vec![0f32; pairs * s * d];
         let mut dv = vec![0f32; pairs * s * d];
         fused::with_data::<f32, _>(&q, |q| {
             fused::with_data::<f32, _>(&k, |k| {
                 fused::with_data::<f32, _>(&v, |v| {
-                    fused::with_data::<f32, _>(res, |res| {
-                        fused::with_data::<f32, _>(g, |g| {
+                    fused::with_data::<f32, _>(g, |g_rows| {
+                        {
+                            // The rows' gradient back in the kernels' layout (the state
+                            // columns carry none).
+                            let heads = r / t * per_b;
+                            let mut g = vec![0f32; pairs * r * ow];
+                            g.par_chunks_exact_mut(heads * t * ow).enumerate().for_each(
+                                |(bi, dst)| {
+                                    let src = &g_rows[bi * t * heads * d..];
+                                    for h in 0..heads {
+                                        for ti in 0..t {
+                                            dst[(h * t + ti) * ow..(h * t + ti) * ow + d]
+                                                .copy_from_slice(
+                                                    &src[(ti * heads + h) * d
+                                                        ..(ti * heads + h + 1) * d],
+                                                );
+                                        }
+                                    }
+                                },
+                            );
+                            let g: &[f32] = &g;
                             let kts = transposed_keys(k, pairs, dm);
-                            let ow = d + 2;
                             dq.par_chunks_exact_mut(r * d)
                                 .zip(dk.par_chunks_exact_mut(s * d))
                                 .zip(dv.par_chunks_exact_mut(s * d))
@@ -765,7 +820,7 @@ impl CustomOp3 for FlashAttention {
                                     }
                                 });
                             Ok(())
-                        })
+                        }
                     })
                 })
             })
@@ -788,8 +843,9 @@ fn serves(t: &Tensor) -> bool {
 
 /// softmax(q·kᵀ + mask)·v with gradients: q `[B, G, R, D]` (pre-scaled; row r belongs to
 /// query position `r % T`, T = S − past), k and v `[B, G, S, D]`, the mask as key validity.
-/// Returns `[B, G, R, D]`, or `None` when these kernels do not serve it (then the caller takes
-/// the general path).
+/// Returns the rows `[B, T, G·(R/T)·D]` (head `g·R/T + j` of position t is row `j·T + t` of
+/// group g: HF's head order), or `None` when these kernels do not serve it (then the caller
+/// takes the general path).
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -817,9 +873,12 @@ pub(crate) fn attention(
         let out = q.contiguous()?.apply_op3(
             &k.contiguous()?,
             &v.contiguous()?,
-            FlashAttention { mask: mask.clone() },
+            FlashAttention {
+                mask: mask.clone(),
+                state: std::sync::Mutex::new(Vec::new()),
+            },
         )?;
-        Ok(Some(out.narrow(3, 0, d)?))
+        Ok(Some(out))
     }
     // `serves` is false off x86_64 (no AVX2): never reached there.
     #[cfg(not(target_arch = "x86_64"))]
@@ -846,14 +905,21 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
     }
 
-    /// The general path: q·kᵀ, the additive mask, softmax, ·v.
+    /// The general path: q·kᵀ, the additive mask, softmax, ·v, then the heads side by side
+    /// per position (`[B, T, H·D]`, what `attention` returns).
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, keys: &[Vec<bool>], past: usize) -> Tensor {
         let km = KeyMask::new(keys, past).expect("mask");
         let (b, t, s) = km.dims();
         let mask = Tensor::from_vec(km.additive(), (b, 1, t, s), &Device::Cpu).expect("mask");
         let att = q.matmul(&k.t().expect("t")).expect("qk");
         let att = fused::masked_softmax(&att, &mask).expect("softmax");
-        att.matmul(v).expect("av")
+        let y = att.matmul(v).expect("av");
+        let (_, g, r, d) = y.dims4().expect("dims");
+        let h = g * r / t;
+        y.reshape((b, h, t, d))
+            .and_then(|y| y.transpose(1, 2))
+            .and_then(|y| y.reshape((b, t, h * d)))
+            .expect("rows")
     }
 
     /// Gradients of `Σ y ⊙ w` with respect to q, k and v.
@@ -896,7 +962,7 @@ mod tests {
             let q = Var::from_tensor(&randn(&[b, g, n_rep * t, d], seed + 1, 1.5)).expect("q");
             let k = Var::from_tensor(&randn(&[b, g, s, d], seed + 2, 1.5)).expect("k");
             let v = Var::from_tensor(&randn(&[b, g, s, d], seed + 3, 1.0)).expect("v");
-            let w = randn(&[b, g, n_rep * t, d], seed + 4, 1.0);
+            let w = randn(&[b, t, g * n_rep * d], seed + 4, 1.0);
             let mask = Arc::new(KeyMask::new(&keys, past).expect("mask"));
             let got = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask)
                 .expect("op")
@@ -939,11 +1005,7 @@ mod tests {
             .and_then(|x| x.get(0))
             .and_then(|x| x.get(0))
             .expect("v0");
-        let y5 = got
-            .get(0)
-            .and_then(|x| x.get(0))
-            .and_then(|x| x.get(5))
-            .expect("y5");
+        let y5 = got.get(0).and_then(|x| x.get(5)).expect("y5");
         assert_eq!(max_abs_diff(&v0, &y5), 0.0);
     }
 

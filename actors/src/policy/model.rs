@@ -549,19 +549,24 @@ impl Attention {
         } else {
             None
         };
+        // [B, Hkv, n_rep·T, D] -> the rows the output projection reads, [B, T, H·D].
+        let rows = |y: Tensor| {
+            y.reshape((b, h, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, t, h * hd))
+        };
         let y = match few {
-            Some(y) => y,
+            Some(y) => rows(y)?,
+            // The one-pass kernel returns the rows itself.
             None => match flash::attention(&q, &k, &v, &mask.keys)? {
                 Some(y) => y,
                 None => {
                     let att = q.matmul(&k.t()?)?; // [B, Hkv, n_rep·T, S]
                     let att = fused::masked_softmax(&att, mask.dense()?)?;
-                    att.matmul(&v)?
+                    rows(att.matmul(&v)?)?
                 }
             },
         };
-        let y = y.reshape((b, h, t, hd))?;
-        let y = y.transpose(1, 2)?.reshape((b, t, h * hd))?;
         linear_rows(&self.o_proj, &y)
     }
 
