@@ -328,6 +328,137 @@ fn accumulate<const N: usize>(
     }
 }
 
+/// Whether the CPU has AVX-512F, for [`scores16`] and [`accumulate16`] (checked once).
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && super::fused::enabled(super::fused::Kind::Avx512)
+    })
+}
+
+/// `scores` with 16-lane registers. Each score is the same chain of multiply-adds over D as
+/// in `scores` (only more of them run side by side), so the results are the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn scores16<const N: usize>(
+    a: [&[f32]; N],
+    kt: &[f32],
+    stride: usize,
+    c0: usize,
+    w8: usize,
+    out: &mut [[f32; BC]],
+) {
+    const W: usize = 16;
+    let d = a[0].len();
+    // Columns c .. c + width (width 8 or 16) of key row dd: a load of `width` lanes.
+    let load = |dd: usize, c: usize, width: usize| -> __m512 {
+        let s = &kt[dd * stride + c0 + c..dd * stride + c0 + c + width];
+        // SAFETY: the masked load reads exactly the `width` floats of the bounds-checked
+        // slice `s`; AVX-512F is enabled for this function.
+        unsafe { _mm512_maskz_loadu_ps(((1u32 << width) - 1) as u16, s.as_ptr()) }
+    };
+    let store = |o: &mut [f32; BC], c: usize, width: usize, v: __m512| {
+        let s = &mut o[c..c + width];
+        // SAFETY: the masked store writes exactly the `width` floats of the bounds-checked
+        // slice `s`.
+        unsafe { _mm512_mask_storeu_ps(s.as_mut_ptr(), ((1u32 << width) - 1) as u16, v) }
+    };
+    let mut c = 0;
+    while c + 2 * W <= w8 {
+        let mut acc = [[_mm512_setzero_ps(); 2]; N];
+        for dd in 0..d {
+            let (k0, k1) = (load(dd, c, W), load(dd, c + W, W));
+            for r in 0..N {
+                let x = _mm512_set1_ps(a[r][dd]);
+                acc[r][0] = _mm512_fmadd_ps(x, k0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(x, k1, acc[r][1]);
+            }
+        }
+        for r in 0..N {
+            store(&mut out[r], c, W, acc[r][0]);
+            store(&mut out[r], c + W, W, acc[r][1]);
+        }
+        c += 2 * W;
+    }
+    while c < w8 {
+        let width = (w8 - c).min(W); // 16, or the last 8
+        let mut acc = [_mm512_setzero_ps(); N];
+        for dd in 0..d {
+            let k0 = load(dd, c, width);
+            for r in 0..N {
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r][dd]), k0, acc[r]);
+            }
+        }
+        for r in 0..N {
+            store(&mut out[r], c, width, acc[r]);
+        }
+        c += width;
+    }
+}
+
+/// `accumulate` with 16-lane registers, for D a multiple of 16. Each output element gets the
+/// same multiply-adds in the same order of `j` as in `accumulate`: the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn accumulate16<const N: usize>(
+    out: &mut [f32],
+    os: usize,
+    w: [&[f32]; N],
+    m: &[f32],
+    ms: usize,
+    j_end: usize,
+    d: usize,
+) {
+    const W: usize = 16;
+    let ld16 = |s: &[f32], i: usize| -> __m512 {
+        let s = &s[i..i + W];
+        // SAFETY: `s` holds exactly the 16 floats read (bounds-checked slice above).
+        unsafe { _mm512_loadu_ps(s.as_ptr()) }
+    };
+    let st16 = |s: &mut [f32], i: usize, v: __m512| {
+        let s = &mut s[i..i + W];
+        // SAFETY: `s` holds exactly the 16 floats written (bounds-checked slice above).
+        unsafe { _mm512_storeu_ps(s.as_mut_ptr(), v) }
+    };
+    let mut c = 0;
+    while c + 2 * W <= d {
+        let mut acc = [[_mm512_setzero_ps(); 2]; N];
+        for r in 0..N {
+            acc[r] = [ld16(out, r * os + c), ld16(out, r * os + c + W)];
+        }
+        for j in 0..j_end {
+            let (m0, m1) = (ld16(m, j * ms + c), ld16(m, j * ms + c + W));
+            for r in 0..N {
+                let x = _mm512_set1_ps(w[r][j]);
+                acc[r][0] = _mm512_fmadd_ps(x, m0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(x, m1, acc[r][1]);
+            }
+        }
+        for r in 0..N {
+            st16(out, r * os + c, acc[r][0]);
+            st16(out, r * os + c + W, acc[r][1]);
+        }
+        c += 2 * W;
+    }
+    if c < d {
+        let mut acc = [_mm512_setzero_ps(); N];
+        for r in 0..N {
+            acc[r] = ld16(out, r * os + c);
+        }
+        for j in 0..j_end {
+            let m0 = ld16(m, j * ms + c);
+            for r in 0..N {
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(w[r][j]), m0, acc[r]);
+            }
+        }
+        for r in 0..N {
+            st16(out, r * os + c, acc[r]);
+        }
+    }
+}
+
 /// `scores` over `n <= BR` rows (`row(i)` is row i), 4 at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -340,14 +471,25 @@ fn scores_rows<'a>(
     w8: usize,
     out: &mut [[f32; BC]; BR],
 ) {
+    let wide = avx512();
     let mut i = 0;
     while i + 4 <= n {
         let rows = [row(i), row(i + 1), row(i + 2), row(i + 3)];
-        scores::<4>(rows, kt, stride, c0, w8, &mut out[i..i + 4]);
+        if wide {
+            // SAFETY: `avx512()` found AVX-512F on this CPU.
+            unsafe { scores16::<4>(rows, kt, stride, c0, w8, &mut out[i..i + 4]) };
+        } else {
+            scores::<4>(rows, kt, stride, c0, w8, &mut out[i..i + 4]);
+        }
         i += 4;
     }
     while i < n {
-        scores::<1>([row(i)], kt, stride, c0, w8, &mut out[i..i + 1]);
+        if wide {
+            // SAFETY: as above.
+            unsafe { scores16::<1>([row(i)], kt, stride, c0, w8, &mut out[i..i + 1]) };
+        } else {
+            scores::<1>([row(i)], kt, stride, c0, w8, &mut out[i..i + 1]);
+        }
         i += 1;
     }
 }
@@ -366,14 +508,25 @@ fn accumulate_rows<'a>(
     j_end: usize,
     d: usize,
 ) {
+    let wide = d % 16 == 0 && avx512();
     let mut i = 0;
     while i + 4 <= n {
         let ws = [w(i), w(i + 1), w(i + 2), w(i + 3)];
-        accumulate::<4>(&mut out[i * os..], os, ws, m, ms, j_end, d);
+        if wide {
+            // SAFETY: `avx512()` found AVX-512F on this CPU.
+            unsafe { accumulate16::<4>(&mut out[i * os..], os, ws, m, ms, j_end, d) };
+        } else {
+            accumulate::<4>(&mut out[i * os..], os, ws, m, ms, j_end, d);
+        }
         i += 4;
     }
     while i < n {
-        accumulate::<1>(&mut out[i * os..], os, [w(i)], m, ms, j_end, d);
+        if wide {
+            // SAFETY: as above.
+            unsafe { accumulate16::<1>(&mut out[i * os..], os, [w(i)], m, ms, j_end, d) };
+        } else {
+            accumulate::<1>(&mut out[i * os..], os, [w(i)], m, ms, j_end, d);
+        }
         i += 1;
     }
 }
@@ -979,6 +1132,50 @@ mod tests {
                 let diff = max_abs_diff(a, &e);
                 assert!(diff < 2e-5, "case {case}: gradient {i} max diff {diff}");
             }
+        }
+    }
+
+    /// The 16-lane products give the 8-lane ones' bits: scores over block widths with a
+    /// tail of 8 columns, and accumulations over head dims 16, 32 and 48.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sixteen_lane_products_are_the_eight_lane_ones_to_the_bit() {
+        if !(super::super::skinny::simd() && avx512()) {
+            return; // nothing to compare on this CPU
+        }
+        let data = |n: usize, seed: u64| -> Vec<f32> {
+            randn(&[n], seed, 1.0).to_vec1::<f32>().expect("vec")
+        };
+        for d in [16usize, 32, 48] {
+            let stride = 2 * BC + LANES;
+            let kt = data(d * stride, d as u64);
+            let q = data(4 * d, 1 + d as u64);
+            let a = [&q[..d], &q[d..2 * d], &q[2 * d..3 * d], &q[3 * d..]];
+            for w8 in [8usize, 16, 24, 40, 64] {
+                let (mut x, mut y) = ([[0f32; BC]; 4], [[0f32; BC]; 4]);
+                // SAFETY: AVX2, FMA and AVX-512F were found above.
+                unsafe {
+                    scores::<4>(a, &kt, stride, 5, w8, &mut x);
+                    scores16::<4>(a, &kt, stride, 5, w8, &mut y);
+                }
+                assert_eq!(x, y, "scores, d {d}, width {w8}");
+            }
+            let j_end = 37;
+            let m = data(j_end * d, 7);
+            let wts = data(4 * j_end, 8);
+            let ws = [
+                &wts[..j_end],
+                &wts[j_end..2 * j_end],
+                &wts[2 * j_end..3 * j_end],
+                &wts[3 * j_end..],
+            ];
+            let (mut x, mut y) = (data(4 * d, 9), data(4 * d, 9));
+            // SAFETY: as above.
+            unsafe {
+                accumulate::<4>(&mut x, d, ws, &m, d, j_end, d);
+                accumulate16::<4>(&mut y, d, ws, &m, d, j_end, d);
+            }
+            assert_eq!(x, y, "accumulate, d {d}");
         }
     }
 

@@ -26,6 +26,8 @@ pub(crate) enum Kind {
     Skinny,
     /// The one-pass causal attention of `flash` (training and prefill).
     Flash,
+    /// `flash`'s 16-lane (AVX-512F) products, where the CPU has them.
+    Avx512,
 }
 
 pub(crate) fn enabled(kind: Kind) -> bool {
@@ -48,6 +50,7 @@ pub(crate) fn enabled(kind: Kind) -> bool {
         Kind::Linear => "linear",
         Kind::Skinny => "skinny",
         Kind::Flash => "flash",
+        Kind::Avx512 => "avx512",
     };
     !off.iter().any(|o| o == "all" || o == name)
 }
