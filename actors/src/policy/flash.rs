@@ -508,7 +508,7 @@ fn accumulate_rows<'a>(
     j_end: usize,
     d: usize,
 ) {
-    let wide = d % 16 == 0 && avx512();
+    let wide = d.is_multiple_of(16) && avx512();
     let mut i = 0;
     while i + 4 <= n {
         let ws = [w(i), w(i + 1), w(i + 2), w(i + 3)];
