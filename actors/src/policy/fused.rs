@@ -157,7 +157,37 @@ macro_rules! dispatch {
 /// was ~15% of the time (`__memset` and `binary_map_vec_par` in a profile). Here the backward
 /// computes the two products candle's matmul backward computes, with the same operands and
 /// layouts, so the gradients are the same numbers.
-pub(crate) struct Linear;
+///
+/// With `heads`, x is `[B, T, K]` and the output is split into attention heads in the same
+/// node: `[B, T, H, N/H]`, or `[B, H, T, N/H]` with `heads_first` (a copy, as the composed
+/// transpose-and-contiguous makes).
+pub(crate) struct Linear {
+    pub heads: Option<(usize, bool)>,
+}
+
+/// `[B, T, H, D]` (as `[B·T, H·D]` rows) -> `[B, H, T, D]`, or back with `inverse`.
+fn permute_heads<T: Copy + Default>(
+    y: &[T],
+    (b, t, h, d): (usize, usize, usize, usize),
+    inverse: bool,
+) -> Vec<T> {
+    let mut out = vec![T::default(); y.len()];
+    for bi in 0..b {
+        for ti in 0..t {
+            for hi in 0..h {
+                let rows = ((bi * t + ti) * h + hi) * d;
+                let heads = ((bi * h + hi) * t + ti) * d;
+                let (src, dst) = if inverse {
+                    (heads, rows)
+                } else {
+                    (rows, heads)
+                };
+                out[dst..dst + d].copy_from_slice(&y[src..src + d]);
+            }
+        }
+    }
+    out
+}
 
 impl Linear {
     /// `(M, K, N)` and the layouts of x as `[M, K]` and of `wᵀ` as `[K, N]`.
@@ -199,11 +229,28 @@ impl CustomOp2 for Linear {
         let ((m, k, n), lx2, lwt) = Self::operands(lx, lw)?;
         // The storage-level product `Tensor::matmul` runs for `x2.matmul(&w.t())`.
         let y = x.matmul(w, (1, m, n, k), &lx2, &lwt)?;
-        let mut dims = lx.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
+        let Some((h, first)) = self.heads else {
+            let mut dims = lx.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = n;
+            }
+            return Ok((y, Shape::from(dims)));
+        };
+        let (b, t, _) = lx.shape().dims3()?;
+        if h == 0 || n % h != 0 {
+            candle_core::bail!("klong-linear: {n} outputs do not split into {h} heads");
         }
-        Ok((y, Shape::from(dims)))
+        let d = n / h;
+        if !first {
+            return Ok((y, Shape::from((b, t, h, d))));
+        }
+        let dims = (b, t, h, d);
+        let y = match y {
+            CpuStorage::F32(v) => CpuStorage::F32(permute_heads(&v, dims, false)),
+            CpuStorage::F64(v) => CpuStorage::F64(permute_heads(&v, dims, false)),
+            _ => candle_core::bail!("klong-linear: f32/f64 only"),
+        };
+        Ok((y, Shape::from((b, h, t, d))))
     }
 
     fn bwd(
@@ -218,7 +265,11 @@ impl CustomOp2 for Linear {
         let (n, k) = w.dims2()?;
         let m = x.elem_count() / k;
         let x2 = x.reshape((m, k))?;
-        let g2 = g.reshape((m, n))?;
+        let g2 = match self.heads {
+            // [B, H, T, D] back to rows (a copy, as the composed transpose's gradient).
+            Some((_, true)) => g.transpose(1, 2)?.contiguous()?.reshape((m, n))?,
+            _ => g.reshape((m, n))?,
+        };
         let wt = w.t()?;
         let dx = g2.matmul(&wt.t()?)?.reshape(x.shape())?;
         let dw = x2.t()?.matmul(&g2)?.t()?;
@@ -228,7 +279,23 @@ impl CustomOp2 for Linear {
 
 /// `x · wᵀ` over the rows of `x` `[.., K]`, w `[N, K]` -> `[.., N]` (one graph node).
 pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(w, Linear)
+    x.contiguous()?.apply_op2(w, Linear { heads: None })
+}
+
+/// `x · wᵀ` for x `[B, T, K]` split into `heads`: `[B, T, H, D]`, or `[B, H, T, D]` with
+/// `heads_first` (one graph node).
+pub(crate) fn linear_heads(
+    x: &Tensor,
+    w: &Tensor,
+    heads: usize,
+    heads_first: bool,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(
+        w,
+        Linear {
+            heads: Some((heads, heads_first)),
+        },
+    )
 }
 
 // ---------------------------------------------------------------- RMSNorm
@@ -839,5 +906,52 @@ mod tests {
         assert_eq!(fused.0, composed.0, "output");
         assert_eq!(fused.1, composed.1, "dx");
         assert_eq!(fused.2, composed.2, "dw");
+
+        // Split into 4 heads of 10, heads after or before the positions.
+        let (h, d) = (4, n / 4);
+        for first in [false, true] {
+            let g = if first {
+                Tensor::from_vec(values(b * t * n, 4), (b, h, t, d), &dev)
+            } else {
+                Tensor::from_vec(values(b * t * n, 4), (b, t, h, d), &dev)
+            }
+            .expect("g");
+            let run = |fused: bool| {
+                let y = if fused {
+                    super::linear_heads(x.as_tensor(), w.as_tensor(), h, first).expect("fused")
+                } else {
+                    let y = x
+                        .as_tensor()
+                        .reshape((b * t, k))
+                        .and_then(|x2| x2.matmul(&w.as_tensor().t()?))
+                        .and_then(|y| y.reshape((b, t, h, d)))
+                        .expect("composed");
+                    if first {
+                        y.transpose(1, 2)
+                            .and_then(|y| y.contiguous())
+                            .expect("heads")
+                    } else {
+                        y
+                    }
+                };
+                assert_eq!(y.dims(), g.dims());
+                let grads = (&y * &g)
+                    .and_then(|p| p.sum_all())
+                    .expect("loss")
+                    .backward();
+                let grads = grads.expect("backward");
+                let flat = |t: &Tensor| {
+                    t.flatten_all()
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .expect("vec")
+                };
+                (
+                    flat(&y),
+                    flat(grads.get(x.as_tensor()).expect("dx")),
+                    flat(grads.get(w.as_tensor()).expect("dw")),
+                )
+            };
+            assert_eq!(run(true), run(false), "heads first: {first}");
+        }
     }
 }

@@ -519,13 +519,29 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         let (h, hkv) = (self.n_heads, self.n_kv_heads);
-        // [B, T, n, D]: the projection's own layout, no copy.
-        let mut q = linear_rows(&self.q_proj, x)?.reshape((b, t, h, hd))?;
-        let mut k = linear_rows(&self.k_proj, x)?.reshape((b, t, hkv, hd))?;
-        let v = linear_rows(&self.v_proj, x)?
-            .reshape((b, t, hkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        // q, k [B, T, n, D]: the projection's own layout, no copy; v [B, n, T, D].
+        let heads_node = self.q_proj.bias().is_none()
+            && b * t > skinny::MAX_ROWS
+            && fused::supported(x, fused::Kind::Linear)
+            && fused::enabled(fused::Kind::LinearRows)
+            && self.q_proj.weight().dtype() == x.dtype();
+        let (mut q, mut k, v) = if heads_node {
+            // Each projection and its split into heads as one graph node.
+            (
+                fused::linear_heads(x, self.q_proj.weight(), h, false)?,
+                fused::linear_heads(x, self.k_proj.weight(), hkv, false)?,
+                fused::linear_heads(x, self.v_proj.weight(), hkv, true)?,
+            )
+        } else {
+            (
+                linear_rows(&self.q_proj, x)?.reshape((b, t, h, hd))?,
+                linear_rows(&self.k_proj, x)?.reshape((b, t, hkv, hd))?,
+                linear_rows(&self.v_proj, x)?
+                    .reshape((b, t, hkv, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?,
+            )
+        };
         if let Some(n) = &self.q_norm {
             q = n.forward(&q)?;
         }
