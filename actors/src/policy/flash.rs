@@ -20,7 +20,9 @@
 //! (another summation order, and a polynomial `exp` within 2 ulp of libm's).
 //!
 //! Served: f32 on x86_64 CPUs with AVX2 and FMA, head dimensions a multiple of 8. Anything
-//! else returns `None` and the caller takes the general path.
+//! else returns `None` and the caller takes the general path. Where the CPU has AVX-512F, the
+//! score and accumulate products run 16 lanes wide with the same multiply-adds per element,
+//! so the results are the same bits either way.
 
 // The kernels index several register tiles by one row or lane index; iterators would hide that.
 #![allow(clippy::needless_range_loop)]

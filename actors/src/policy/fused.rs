@@ -165,23 +165,14 @@ pub(crate) struct Linear {
     pub heads: Option<(usize, bool)>,
 }
 
-/// `[B, T, H, D]` (as `[B·T, H·D]` rows) -> `[B, H, T, D]`, or back with `inverse`.
-fn permute_heads<T: Copy + Default>(
-    y: &[T],
-    (b, t, h, d): (usize, usize, usize, usize),
-    inverse: bool,
-) -> Vec<T> {
+/// `[B, T, H, D]` (as `[B·T, H·D]` rows) -> `[B, H, T, D]`.
+fn heads_first<T: Copy + Default>(y: &[T], (b, t, h, d): (usize, usize, usize, usize)) -> Vec<T> {
     let mut out = vec![T::default(); y.len()];
     for bi in 0..b {
         for ti in 0..t {
             for hi in 0..h {
-                let rows = ((bi * t + ti) * h + hi) * d;
-                let heads = ((bi * h + hi) * t + ti) * d;
-                let (src, dst) = if inverse {
-                    (heads, rows)
-                } else {
-                    (rows, heads)
-                };
+                let src = ((bi * t + ti) * h + hi) * d;
+                let dst = ((bi * h + hi) * t + ti) * d;
                 out[dst..dst + d].copy_from_slice(&y[src..src + d]);
             }
         }
@@ -246,8 +237,8 @@ impl CustomOp2 for Linear {
         }
         let dims = (b, t, h, d);
         let y = match y {
-            CpuStorage::F32(v) => CpuStorage::F32(permute_heads(&v, dims, false)),
-            CpuStorage::F64(v) => CpuStorage::F64(permute_heads(&v, dims, false)),
+            CpuStorage::F32(v) => CpuStorage::F32(heads_first(&v, dims)),
+            CpuStorage::F64(v) => CpuStorage::F64(heads_first(&v, dims)),
             _ => candle_core::bail!("klong-linear: f32/f64 only"),
         };
         Ok((y, Shape::from((b, h, t, d))))
