@@ -858,91 +858,64 @@ mod tests {
             .collect()
     }
 
-    /// The one-node projection gives the composed one's output and gradients, bit for bit:
-    /// the same storage-level products with the same operands.
+    /// The output of `y`, and the gradients of `Σ y ⊙ g` with respect to x and w.
+    fn output_and_grads(y: &Tensor, g: &Tensor, x: &Var, w: &Var) -> [Vec<f32>; 3] {
+        let grads = (y * g)
+            .and_then(|p| p.sum_all())
+            .and_then(|l| l.backward())
+            .expect("backward");
+        let flat = |t: &Tensor| {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("vec")
+        };
+        [
+            flat(y),
+            flat(grads.get(x.as_tensor()).expect("dx")),
+            flat(grads.get(w.as_tensor()).expect("dw")),
+        ]
+    }
+
+    /// The one-node projection gives the composed one's output and gradients, bit for bit
+    /// (the same storage-level products with the same operands), with the rows as they are
+    /// or split into 4 heads of 10, heads after or before the positions.
     #[test]
     fn linear_is_the_composed_projection_to_the_bit() {
         let dev = Device::Cpu;
-        let (b, t, k, n) = (3, 37, 24, 40);
+        let (b, t, k, n, h) = (3, 37, 24, 40, 4);
         let x = Var::from_vec(values(b * t * k, 1), (b, t, k), &dev).expect("x");
         let w = Var::from_vec(values(n * k, 2), (n, k), &dev).expect("w");
-        let g = Tensor::from_vec(values(b * t * n, 3), (b, t, n), &dev).expect("g");
-        let run = |fused: bool| {
-            let y = if fused {
-                super::linear(x.as_tensor(), w.as_tensor()).expect("fused")
-            } else {
-                x.as_tensor()
-                    .reshape((b * t, k))
-                    .and_then(|x2| x2.matmul(&w.as_tensor().t()?))
-                    .and_then(|y| y.reshape((b, t, n)))
-                    .expect("composed")
-            };
-            let grads = (&y * &g)
-                .and_then(|p| p.sum_all())
-                .expect("loss")
-                .backward();
-            let grads = grads.expect("backward");
-            let flat = |t: &Tensor| {
-                t.flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .expect("vec")
-            };
+        let composed = x
+            .as_tensor()
+            .reshape((b * t, k))
+            .and_then(|x2| x2.matmul(&w.as_tensor().t()?))
+            .expect("composed");
+        let cases = [
             (
-                flat(&y),
-                flat(grads.get(x.as_tensor()).expect("dx")),
-                flat(grads.get(w.as_tensor()).expect("dw")),
-            )
-        };
-        let (fused, composed) = (run(true), run(false));
-        assert_eq!(fused.0, composed.0, "output");
-        assert_eq!(fused.1, composed.1, "dx");
-        assert_eq!(fused.2, composed.2, "dw");
-
-        // Split into 4 heads of 10, heads after or before the positions.
-        let (h, d) = (4, n / 4);
-        for first in [false, true] {
-            let g = if first {
-                Tensor::from_vec(values(b * t * n, 4), (b, h, t, d), &dev)
-            } else {
-                Tensor::from_vec(values(b * t * n, 4), (b, t, h, d), &dev)
-            }
-            .expect("g");
-            let run = |fused: bool| {
-                let y = if fused {
-                    super::linear_heads(x.as_tensor(), w.as_tensor(), h, first).expect("fused")
-                } else {
-                    let y = x
-                        .as_tensor()
-                        .reshape((b * t, k))
-                        .and_then(|x2| x2.matmul(&w.as_tensor().t()?))
-                        .and_then(|y| y.reshape((b, t, h, d)))
-                        .expect("composed");
-                    if first {
-                        y.transpose(1, 2)
-                            .and_then(|y| y.contiguous())
-                            .expect("heads")
-                    } else {
-                        y
-                    }
-                };
-                assert_eq!(y.dims(), g.dims());
-                let grads = (&y * &g)
-                    .and_then(|p| p.sum_all())
-                    .expect("loss")
-                    .backward();
-                let grads = grads.expect("backward");
-                let flat = |t: &Tensor| {
-                    t.flatten_all()
-                        .and_then(|t| t.to_vec1::<f32>())
-                        .expect("vec")
-                };
-                (
-                    flat(&y),
-                    flat(grads.get(x.as_tensor()).expect("dx")),
-                    flat(grads.get(w.as_tensor()).expect("dw")),
-                )
-            };
-            assert_eq!(run(true), run(false), "heads first: {first}");
+                super::linear(x.as_tensor(), w.as_tensor()),
+                composed.reshape((b, t, n)),
+            ),
+            (
+                super::linear_heads(x.as_tensor(), w.as_tensor(), h, false),
+                composed.reshape((b, t, h, n / h)),
+            ),
+            (
+                super::linear_heads(x.as_tensor(), w.as_tensor(), h, true),
+                composed
+                    .reshape((b, t, h, n / h))
+                    .and_then(|y| y.transpose(1, 2))
+                    .and_then(|y| y.contiguous()),
+            ),
+        ];
+        for (i, (fused, composed)) in cases.into_iter().enumerate() {
+            let (fused, composed) = (fused.expect("fused"), composed.expect("composed"));
+            assert_eq!(fused.dims(), composed.dims(), "case {i}");
+            let g = Tensor::from_vec(values(b * t * n, 3), composed.shape(), &dev).expect("g");
+            let [y, dx, dw] = output_and_grads(&fused, &g, &x, &w);
+            let [y0, dx0, dw0] = output_and_grads(&composed, &g, &x, &w);
+            assert_eq!(y, y0, "case {i}: output");
+            assert_eq!(dx, dx0, "case {i}: dx");
+            assert_eq!(dw, dw0, "case {i}: dw");
         }
     }
 }
