@@ -16,14 +16,14 @@
 //!   recall warm-up first (short, then with filler text before the records) and recall mixed
 //!   into the task's SFT. Asserted is issue 5's "clearly higher than untrained": the untrained
 //!   model scores 0 and the trained one at least 0.5, with at least 16 of 32 held-out tasks
-//!   above 0. About 55 minutes.
+//!   above 0. About 40-55 minutes.
 //!
 //! Run them after any change to the model, the learner, splitting, the episode loop or the
 //! family:
 //!
 //!   tests/fetch-models.sh && cargo test --release --test learning -- --ignored
 //!
-//! (add `--skip sft_after_a_recall` to leave out the 55-minute recall run).
+//! (add `--skip sft_after_a_recall` to leave out the 40-55-minute recall run).
 //!
 //! `KLONGD_LEARNING_RUN=runs/sft-compact cargo test --test learning -- --ignored check_an`
 //! checks a run directory made by `klongd run examples/sft_compact.ron` instead, and
@@ -227,7 +227,7 @@ fn sft_teaches_the_tiny_model_tool_calls_and_the_experts_opening_moves() {
 }
 
 #[test]
-#[ignore = "about 55 minutes (release); run after changes to training, acting or recall data"]
+#[ignore = "about 40-55 minutes (release); run after changes to training, acting or recall data"]
 fn sft_after_a_recall_warm_up_makes_the_tiny_model_score() {
     let (_tmp, run_dir) = run_example("examples/sft_recall.ron", "runs/sft-recall");
     check_recall(&run_dir);

@@ -251,7 +251,8 @@ impl CustomOp2 for Linear {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // candle's matmul backward for `x2.matmul(&wt)`: dx2 = g·wtᵀ, dwt = x2ᵀ·g; dw = dwtᵀ.
+        // candle's matmul backward for `x2.matmul(&wt)`: dx2 = g·wtᵀ (wtᵀ is w as stored),
+        // dwt = x2ᵀ·g; dw = dwtᵀ.
         let (x, w) = (x.detach(), w.detach());
         let (n, k) = w.dims2()?;
         let m = x.elem_count() / k;
@@ -261,8 +262,7 @@ impl CustomOp2 for Linear {
             Some((_, true)) => g.transpose(1, 2)?.contiguous()?.reshape((m, n))?,
             _ => g.reshape((m, n))?,
         };
-        let wt = w.t()?;
-        let dx = g2.matmul(&wt.t()?)?.reshape(x.shape())?;
+        let dx = g2.matmul(&w)?.reshape(x.shape())?;
         let dw = x2.t()?.matmul(&g2)?.t()?;
         Ok((Some(dx), Some(dw)))
     }
