@@ -24,6 +24,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use klong_actors::learner::loss::masked_cross_entropy;
 use klong_actors::learner::optim::{AdamW, AdamWParams};
+use klong_actors::policy::decode::Decoder;
 use klong_actors::policy::model::{KvCache, Llama, LlamaConfig};
 use serde::{Deserialize, Serialize};
 
@@ -393,16 +394,45 @@ fn greedy_decode(model: &Llama, prompt: &Tensor, new_tokens: usize) -> Result<Ve
 fn greedy_decode_here(model: &Llama, prompt: &Tensor, new_tokens: usize) -> Result<Vec<u32>> {
     let (b, _) = prompt.dims2()?;
     let mut cache = KvCache::inference();
-    let mut input = prompt.clone();
     let mut out = Vec::with_capacity(b * new_tokens);
-    for _ in 0..new_tokens {
-        let logits = model.forward(&input, None, Some(&mut cache))?;
-        let t = logits.dim(1)?;
-        let next = logits.i((.., t - 1, ..))?.argmax(D::Minus1)?; // [B] u32
-        out.extend(next.to_vec1::<u32>()?);
-        input = next.unsqueeze(1)?;
+    // The prefill through the graph, then the steps through the decode engine, as `generate`
+    // runs them (the graph again where the engine does not serve the model).
+    let logits = model.forward(prompt, None, Some(&mut cache))?;
+    let t = logits.dim(1)?;
+    let mut next = logits
+        .i((.., t - 1, ..))?
+        .argmax(D::Minus1)?
+        .to_vec1::<u32>()?;
+    let mut decoder = Decoder::after_prefill(model, &cache)?;
+    let live = vec![true; b];
+    for _ in 1..new_tokens {
+        out.extend(&next);
+        next = match decoder.as_mut() {
+            Some(d) => d
+                .step(model, &next, &live)?
+                .iter()
+                .map(|row| argmax(row))
+                .collect(),
+            None => {
+                let input = Tensor::from_vec(next.clone(), (b, 1), model.device())?;
+                let logits = model.forward(&input, None, Some(&mut cache))?;
+                logits.i((.., 0, ..))?.argmax(D::Minus1)?.to_vec1::<u32>()?
+            }
+        };
     }
+    out.extend(&next);
     Ok(out)
+}
+
+/// The index of the largest logit, the first of equals (as candle's `argmax`).
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 fn decode(

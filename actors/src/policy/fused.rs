@@ -28,6 +28,8 @@ pub(crate) enum Kind {
     Flash,
     /// `flash`'s 16-lane (AVX-512F) products, where the CPU has them.
     Avx512,
+    /// The decode engine of `decode` (generation's steps after the prefill).
+    Decode,
 }
 
 pub(crate) fn enabled(kind: Kind) -> bool {
@@ -51,6 +53,7 @@ pub(crate) fn enabled(kind: Kind) -> bool {
         Kind::Skinny => "skinny",
         Kind::Flash => "flash",
         Kind::Avx512 => "avx512",
+        Kind::Decode => "decode",
     };
     !off.iter().any(|o| o == "all" || o == name)
 }
@@ -424,7 +427,7 @@ pub(crate) struct Rope {
 
 /// One head vector: out = scale · (x·cos + rot(x)·sin), rot(x) = (-x2, x1).
 #[inline]
-fn rope_vec<T: Real>(x: &[T], c: &[T], s: &[T], scale: T, out: &mut [T]) {
+pub(crate) fn rope_vec<T: Real>(x: &[T], c: &[T], s: &[T], scale: T, out: &mut [T]) {
     let h = x.len() / 2;
     for i in 0..h {
         out[i] = (x[i] * c[i] - x[i + h] * s[i]) * scale;

@@ -13,6 +13,7 @@
 use candle_core::{Device, Tensor};
 use thiserror::Error;
 
+use super::decode::Decoder;
 use super::model::{KvCache, Llama};
 use super::sampling::{Sampler, SamplingError, SamplingParams, StopChecker, StopReason};
 use super::tokenizer::{Tokenizer, TokenizerError};
@@ -126,6 +127,12 @@ fn generate_on_this_thread(
     // Generation never backpropagates: the in-place cache, even over trainable weights.
     let mut cache = KvCache::inference();
     let mut logits = last_logits(model, &device, ids, mask, b, longest, &mut cache)?;
+    // The steps after the prefill go through the decode engine where it serves the model,
+    // with the cache moved into its own layout.
+    let mut decoder = Decoder::after_prefill(model, &cache)?;
+    if decoder.is_some() {
+        cache = KvCache::inference();
+    }
 
     let mut rows: Vec<Row> = prompts
         .iter()
@@ -192,7 +199,13 @@ fn generate_on_this_thread(
         if rows.iter().all(|r| r.done.is_some()) {
             break;
         }
-        logits = last_logits(model, &device, next, next_mask, b, 1, &mut cache)?;
+        logits = match decoder.as_mut() {
+            Some(d) => {
+                let live: Vec<bool> = next_mask.iter().map(|m| *m != 0).collect();
+                d.step(model, &next, &live)?
+            }
+            None => last_logits(model, &device, next, next_mask, b, 1, &mut cache)?,
+        };
     }
 
     Ok(rows

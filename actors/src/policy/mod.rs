@@ -2,6 +2,7 @@
 
 pub mod actor;
 pub mod chat;
+pub mod decode;
 pub(crate) mod flash;
 pub(crate) mod fused;
 pub mod generate;

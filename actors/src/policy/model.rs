@@ -261,6 +261,10 @@ impl RmsNorm {
         let weight = vb.get_with_hints(size, "weight", Init::Const(1.0))?;
         Ok(RmsNorm { weight, eps })
     }
+
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
 }
 
 impl Module for RmsNorm {
@@ -441,6 +445,12 @@ impl KvCache {
         self.key_mask
             .get(b)
             .map_or(0, |r| r.iter().filter(|m| **m).count())
+    }
+
+    /// Per layer the cached (keys, values) `[B, Hkv, S, D]`, and per row which of the `S`
+    /// positions are real tokens: what the decode engine starts from after a prefill.
+    pub(crate) fn contents(&self) -> (&[Option<(Tensor, Tensor)>], &[Vec<bool>]) {
+        (&self.layers, &self.key_mask)
     }
 }
 
@@ -661,6 +671,34 @@ impl Mlp {
     }
 }
 
+/// One decoder layer's weights (HF layouts: a projection's weight is `[out, in]`).
+pub(crate) struct LayerWeights<'a> {
+    pub input_norm: &'a Tensor,
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub q_bias: Option<&'a Tensor>,
+    pub k_bias: Option<&'a Tensor>,
+    pub v_bias: Option<&'a Tensor>,
+    pub q_norm: Option<&'a Tensor>,
+    pub k_norm: Option<&'a Tensor>,
+    pub o: &'a Tensor,
+    pub post_norm: &'a Tensor,
+    pub gate: &'a Tensor,
+    pub up: &'a Tensor,
+    pub down: &'a Tensor,
+}
+
+/// A model's weights by role (see [`Llama::weights`]).
+pub(crate) struct ModelWeights<'a> {
+    pub embed: &'a Tensor,
+    pub layers: Vec<LayerWeights<'a>>,
+    pub norm: &'a Tensor,
+    pub lm_head: &'a Tensor,
+    pub inv_freq: &'a [f64],
+    pub dtype: DType,
+}
+
 #[derive(Clone)]
 struct Block {
     input_layernorm: RmsNorm,
@@ -763,6 +801,40 @@ impl Llama {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// Every weight the forward pass reads, by role: what the decode engine runs on.
+    pub(crate) fn weights(&self) -> ModelWeights<'_> {
+        ModelWeights {
+            embed: self.embed_tokens.embeddings(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    let a = &l.self_attn;
+                    LayerWeights {
+                        input_norm: l.input_layernorm.weight(),
+                        q: a.q_proj.weight(),
+                        k: a.k_proj.weight(),
+                        v: a.v_proj.weight(),
+                        q_bias: a.q_proj.bias(),
+                        k_bias: a.k_proj.bias(),
+                        v_bias: a.v_proj.bias(),
+                        q_norm: a.q_norm.as_ref().map(RmsNorm::weight),
+                        k_norm: a.k_norm.as_ref().map(RmsNorm::weight),
+                        o: a.o_proj.weight(),
+                        post_norm: l.post_attention_layernorm.weight(),
+                        gate: l.mlp.gate_proj.weight(),
+                        up: l.mlp.up_proj.weight(),
+                        down: l.mlp.down_proj.weight(),
+                    }
+                })
+                .collect(),
+            norm: self.norm.weight(),
+            lm_head: &self.lm_head,
+            inv_freq: &self.inv_freq,
+            dtype: self.dtype,
+        }
     }
 
     pub fn device(&self) -> &Device {

@@ -151,7 +151,7 @@ fn store<const R: usize, const C: usize>(
 /// accumulators, 7 loads per 12 multiply-adds, each weight row read m/3 times), then 2 x 4 and
 /// 1 x 4 for the rows left, or 1 x 8 for a single row.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-fn columns(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f32]) {
+pub(crate) fn columns(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f32]) {
     let cols = out_t.len() / m;
     let xr = |r: usize| &x[r * k..(r + 1) * k];
     let wr = |c: usize| &w[(n0 + c) * k..(n0 + c + 1) * k];
@@ -338,7 +338,7 @@ fn weigh_values<'a>(
 /// One (batch entry, kv head) pair: its query rows (`out.len() / d` of them) against `s` keys
 /// and values, two rows at a time (GQA's query heads of one kv head read the same keys).
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-fn attend_pair(
+pub(crate) fn attend_pair(
     q: &[f32],
     k: &[f32],
     v: &[f32],

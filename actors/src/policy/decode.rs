@@ -1,0 +1,971 @@
+//! The decode step on the CPU: one new token per row through every layer, as plain loops over
+//! the weights' memory, with all compute threads inside one step at once.
+//!
+//! Why not the graph: a decode step of a small model is ~60 candle ops of a few microseconds
+//! each. Each allocates its output, and each product above a few thousand multiply-adds wakes
+//! the thread pool and waits for it. In `klongd bench model`'s batch-1 decode (model R), a
+//! fifth of the time was the kernel waking and parking threads, against ~37% in the products
+//! themselves. Here a step is one `rayon::broadcast`: every pool thread runs the whole step,
+//! each on its share of every product (a range of output columns, or of (row, kv head) pairs
+//! for attention), and the threads meet at a spinning barrier between phases (five per layer).
+//!
+//! Results: every number is computed by the kernels, in the order, that the graph path
+//! ([`Llama::forward`] with a [`KvCache`], whose decode steps take `skinny`'s kernels) uses: the
+//! same projections (`skinny::columns`), RMSNorm, RoPE, attention (`skinny::attend_pair`) and
+//! SwiGLU arithmetic. So the logits are the same bits as that path's (tested), and each output
+//! element is computed by one thread in a fixed order, so they do not depend on the thread
+//! count.
+//!
+//! Served: a CPU f32 model on x86_64 with AVX2 and FMA, at most [`MAX_ROWS`] rows. Anything
+//! else gets `None` from [`Decoder::after_prefill`], and the caller steps through the graph.
+//! `KLONGD_FUSED_OFF=decode` switches it off.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::time::Duration;
+
+use candle_core::{CpuStorage, DType, Layout, Result, Storage};
+
+use super::fused;
+use super::model::{KvCache, Llama, MASKED};
+use super::skinny;
+
+/// The most rows (sequences) a step may have: past this, gemm's blocked products beat the
+/// few-row kernels, and the graph path takes them.
+pub const MAX_ROWS: usize = skinny::MAX_ROWS;
+
+/// A step with fewer weight multiply-adds than this runs on the calling thread alone: waking
+/// the pool would cost more than it saves.
+const PAR_MIN_FMAS: usize = 1 << 16;
+
+/// Spins at a barrier before yielding the core, and yields before sleeping: a phase takes
+/// microseconds when the other threads are running, but a pool thread may be busy with another
+/// job (a training step on the same pool) for much longer.
+const SPINS: u32 = 1 << 14;
+const YIELDS: u32 = 64;
+const NAP: Duration = Duration::from_micros(50);
+
+/// A model's sizes, as the decode step reads them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Dims {
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    inter: usize,
+    vocab: usize,
+    eps: f32,
+}
+
+impl Dims {
+    fn of(model: &Llama) -> Dims {
+        let c = model.config();
+        Dims {
+            layers: c.num_hidden_layers,
+            hidden: c.hidden_size,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_kv_heads(),
+            head_dim: c.head_dim(),
+            inter: c.intermediate_size,
+            vocab: c.vocab_size,
+            // As the graph's RMSNorm converts it.
+            eps: c.rms_norm_eps as f32,
+        }
+    }
+
+    /// Columns of the q, k and v projections side by side.
+    fn qkv(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// Weight multiply-adds per row and step.
+    fn fmas(&self) -> usize {
+        let h = self.hidden;
+        self.layers * (h * self.qkv() + self.heads * self.head_dim * h + 3 * h * self.inter)
+            + h * self.vocab
+    }
+}
+
+/// One (row, kv head) pair's keys and values, `[positions, head_dim]` each, row-major.
+#[derive(Debug, Default, Clone)]
+struct PairCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// Generation state after a prefill: the KV cache in the engine's own layout, and which
+/// positions are real tokens.
+pub struct Decoder {
+    dims: Dims,
+    rows: usize,
+    /// `key_mask[b][s]`: position `s` of row `b` is a real token (pads stay, masked, so that
+    /// all rows keep one length).
+    key_mask: Vec<Vec<bool>>,
+    /// Real tokens per row: the position of its next token.
+    seen: Vec<usize>,
+    /// `[layer][row][kv head]`, each behind its own lock: a step's threads write disjoint
+    /// pairs, so the locks are never contended.
+    cache: Vec<Mutex<PairCache>>,
+    inv_freq: Vec<f32>,
+    /// The most positions a row may reach: the model's context.
+    context: usize,
+    /// The threads' phase outputs, kept from step to step (sized for the pool the last step
+    /// ran on): allocating them per step had the threads free each other's memory, and
+    /// glibc's allocator then serialized them on its arena locks.
+    parts: Option<Parts>,
+}
+
+impl Decoder {
+    /// Whether the engine serves `model` with `rows` rows.
+    pub fn serves(model: &Llama, rows: usize) -> bool {
+        let w = model.weights();
+        model.device().is_cpu()
+            && w.dtype == DType::F32
+            && (1..=MAX_ROWS).contains(&rows)
+            && skinny::simd()
+            && fused::enabled(fused::Kind::Decode)
+    }
+
+    /// The engine's state after `cache` holds a prefill of `model`, or `None` when the engine
+    /// does not serve this model or batch (the caller keeps stepping through the graph).
+    pub fn after_prefill(model: &Llama, cache: &KvCache) -> Result<Option<Decoder>> {
+        let (layers, key_mask) = cache.contents();
+        let rows = key_mask.len();
+        if !Decoder::serves(model, rows) {
+            return Ok(None);
+        }
+        let dims = Dims::of(model);
+        let positions = key_mask.first().map_or(0, Vec::len);
+        if layers.len() != dims.layers || key_mask.iter().any(|r| r.len() != positions) {
+            candle_core::bail!(
+                "decoder: the cache has {} layers and rows of {:?} positions; the model has {} \
+                 layers",
+                layers.len(),
+                key_mask.iter().map(Vec::len).collect::<Vec<_>>(),
+                dims.layers
+            );
+        }
+        let (hkv, d) = (dims.kv_heads, dims.head_dim);
+        let mut cache = Vec::with_capacity(dims.layers * rows * hkv);
+        for (i, layer) in layers.iter().enumerate() {
+            let Some((k, v)) = layer else {
+                candle_core::bail!("decoder: layer {i} of the cache is empty");
+            };
+            let shape = [rows, hkv, positions, d];
+            if k.dims() != shape || v.dims() != shape {
+                candle_core::bail!(
+                    "decoder: layer {i} caches keys {:?} and values {:?}, expected {shape:?}",
+                    k.dims(),
+                    v.dims()
+                );
+            }
+            let k = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let v = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let pair = positions * d;
+            // Room for a few hundred new tokens up front; a longer generation doubles.
+            let room = (positions + 256).min(model.config().max_position_embeddings) * d;
+            for (kp, vp) in k.chunks_exact(pair.max(1)).zip(v.chunks_exact(pair.max(1))) {
+                let mut pc = PairCache {
+                    k: Vec::with_capacity(room),
+                    v: Vec::with_capacity(room),
+                };
+                pc.k.extend_from_slice(&kp[..pair]);
+                pc.v.extend_from_slice(&vp[..pair]);
+                cache.push(Mutex::new(pc));
+            }
+            // A cache of zero positions has no chunks: fill the pairs empty.
+            cache.resize_with((i + 1) * rows * hkv, || Mutex::new(PairCache::default()));
+        }
+        Ok(Some(Decoder {
+            dims,
+            rows,
+            seen: key_mask
+                .iter()
+                .map(|r| r.iter().filter(|m| **m).count())
+                .collect(),
+            key_mask: key_mask.to_vec(),
+            cache,
+            inv_freq: model.weights().inv_freq.iter().map(|f| *f as f32).collect(),
+            context: model.config().max_position_embeddings,
+            parts: None,
+        }))
+    }
+
+    /// Positions cached per row (pads included).
+    pub fn len(&self) -> usize {
+        self.key_mask.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Feeds one token per row (`live[b]` false: a pad, masked, for a row that has finished)
+    /// and returns each row's logits for the next token.
+    pub fn step(&mut self, model: &Llama, ids: &[u32], live: &[bool]) -> Result<Vec<Vec<f32>>> {
+        let d = self.dims;
+        if Dims::of(model) != d {
+            candle_core::bail!("decoder: stepped with another model than it was filled by");
+        }
+        if ids.len() != self.rows || live.len() != self.rows {
+            candle_core::bail!(
+                "decoder: {} ids and {} live flags for {} rows",
+                ids.len(),
+                live.len(),
+                self.rows
+            );
+        }
+        if let Some(id) = ids.iter().find(|id| **id as usize >= d.vocab) {
+            candle_core::bail!(
+                "decoder: token id {id} is outside the vocabulary ({})",
+                d.vocab
+            );
+        }
+        if self.len() >= self.context {
+            candle_core::bail!("decoder: the cache is full ({} positions)", self.context);
+        }
+        // Positions, RoPE angles (as the graph computes them: f32 position times f32
+        // frequency, the halves repeated) and the additive key mask of this step.
+        let (b, hd) = (self.rows, d.head_dim);
+        let mut cos = vec![0f32; b * hd];
+        let mut sin = vec![0f32; b * hd];
+        for r in 0..b {
+            let pos = self.seen[r] as f32;
+            for i in 0..hd {
+                let a = pos * self.inv_freq[i % (hd / 2)];
+                cos[r * hd + i] = a.cos();
+                sin[r * hd + i] = a.sin();
+            }
+            self.key_mask[r].push(live[r]);
+            if live[r] {
+                self.seen[r] += 1;
+            }
+        }
+        let masks: Vec<Vec<f32>> = self
+            .key_mask
+            .iter()
+            .map(|row| row.iter().map(|m| if *m { 0.0 } else { MASKED }).collect())
+            .collect();
+
+        let weights = model.weights();
+        // A tied head is the embedding itself: one read guard for both, since a second read
+        // of one lock can wait forever behind a writer queued between the two.
+        let tied = weights.lm_head.id() == weights.embed.id();
+        let mut tensors = vec![weights.embed, weights.norm];
+        if !tied {
+            tensors.push(weights.lm_head);
+        }
+        for l in &weights.layers {
+            tensors.extend([
+                l.input_norm,
+                l.q,
+                l.k,
+                l.v,
+                l.o,
+                l.post_norm,
+                l.gate,
+                l.up,
+                l.down,
+            ]);
+            tensors.extend(
+                [l.q_bias, l.k_bias, l.v_bias, l.q_norm, l.k_norm]
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        // Read guards on the weights for the step: an optimizer writing them waits for it.
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let mut data = guards.iter().map(|(st, l)| cpu_f32(st, l));
+        let mut next = |len: usize, what: &str| -> Result<&[f32]> {
+            let s = data
+                .next()
+                .ok_or_else(|| candle_core::Error::msg("decoder: a weight is missing"))??;
+            if s.len() != len {
+                candle_core::bail!("decoder: {what} has {} numbers, expected {len}", s.len());
+            }
+            Ok(s)
+        };
+        let (h, q_cols, kv_cols) = (d.hidden, d.heads * hd, d.kv_heads * hd);
+        let embed = next(d.vocab * h, "the embedding")?;
+        let norm = next(h, "the final norm")?;
+        let lm_head = if tied {
+            embed
+        } else {
+            next(d.vocab * h, "the LM head")?
+        };
+        let mut layers = Vec::with_capacity(d.layers);
+        for l in &weights.layers {
+            let mut lw = LayerData {
+                input_norm: next(h, "input_layernorm")?,
+                q: next(q_cols * h, "q_proj")?,
+                k: next(kv_cols * h, "k_proj")?,
+                v: next(kv_cols * h, "v_proj")?,
+                o: next(h * q_cols, "o_proj")?,
+                post_norm: next(h, "post_attention_layernorm")?,
+                gate: next(d.inter * h, "gate_proj")?,
+                up: next(d.inter * h, "up_proj")?,
+                down: next(h * d.inter, "down_proj")?,
+                q_bias: None,
+                k_bias: None,
+                v_bias: None,
+                q_norm: None,
+                k_norm: None,
+            };
+            if l.q_bias.is_some() {
+                lw.q_bias = Some(next(q_cols, "q_proj.bias")?);
+            }
+            if l.k_bias.is_some() {
+                lw.k_bias = Some(next(kv_cols, "k_proj.bias")?);
+            }
+            if l.v_bias.is_some() {
+                lw.v_bias = Some(next(kv_cols, "v_proj.bias")?);
+            }
+            if l.q_norm.is_some() {
+                lw.q_norm = Some(next(hd, "q_norm")?);
+            }
+            if l.k_norm.is_some() {
+                lw.k_norm = Some(next(hd, "k_norm")?);
+            }
+            layers.push(lw);
+        }
+
+        let mut x0 = Vec::with_capacity(b * h);
+        for id in ids {
+            let id = *id as usize;
+            x0.extend_from_slice(&embed[id * h..(id + 1) * h]);
+        }
+        let threads = if b * d.fmas() < PAR_MIN_FMAS {
+            1
+        } else {
+            rayon::current_num_threads().max(1)
+        };
+        let parts = match self.parts.take() {
+            Some(p) if p.qkv.len() == threads => p,
+            _ => Parts::new(threads),
+        };
+        let step = Step {
+            d,
+            b,
+            past: self.len() - 1,
+            x0: &x0,
+            cos: &cos,
+            sin: &sin,
+            masks: &masks,
+            layers: &layers,
+            norm,
+            lm_head,
+            cache: &self.cache,
+            parts,
+            barrier: Barrier::new(threads),
+        };
+        if threads == 1 {
+            step.run(0, 1);
+        } else {
+            rayon::broadcast(|ctx| step.run(ctx.index(), ctx.num_threads()));
+        }
+        if step.barrier.poisoned.load(Ordering::Acquire) {
+            candle_core::bail!("decoder: a step's thread failed");
+        }
+        let mut logits = vec![0f32; b * d.vocab];
+        gather(&step.parts.logits, d.vocab, b, threads, &mut logits);
+        self.parts = Some(step.parts);
+        Ok(logits.chunks_exact(d.vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// A CPU f32 tensor's contiguous data.
+fn cpu_f32<'a>(st: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
+    match st {
+        Storage::Cpu(c @ CpuStorage::F32(_)) => fused::slice::<f32>(c, l),
+        _ => candle_core::bail!("decoder: a weight is not a CPU f32 tensor"),
+    }
+}
+
+/// One layer's weights as slices (HF layouts, `[out, in]`).
+struct LayerData<'a> {
+    input_norm: &'a [f32],
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    o: &'a [f32],
+    post_norm: &'a [f32],
+    gate: &'a [f32],
+    up: &'a [f32],
+    down: &'a [f32],
+    q_bias: Option<&'a [f32]>,
+    k_bias: Option<&'a [f32]>,
+    v_bias: Option<&'a [f32]>,
+    q_norm: Option<&'a [f32]>,
+    k_norm: Option<&'a [f32]>,
+}
+
+/// Each thread's outputs of a phase, `[columns, rows]` (transposed: a thread's column range is
+/// one contiguous block), read by every thread after the barrier that ends the phase.
+struct Parts {
+    /// Each thread's working buffers (only its own thread locks it).
+    scratch: Vec<Mutex<Scratch>>,
+    qkv: Vec<RwLock<Vec<f32>>>,
+    att: Vec<RwLock<Vec<f32>>>,
+    resid: Vec<RwLock<Vec<f32>>>,
+    act: Vec<RwLock<Vec<f32>>>,
+    logits: Vec<RwLock<Vec<f32>>>,
+}
+
+impl Parts {
+    fn new(threads: usize) -> Parts {
+        let v = || (0..threads).map(|_| RwLock::new(Vec::new())).collect();
+        Parts {
+            scratch: (0..threads)
+                .map(|_| Mutex::new(Scratch::default()))
+                .collect(),
+            qkv: v(),
+            att: v(),
+            resid: v(),
+            act: v(),
+            logits: v(),
+        }
+    }
+}
+
+/// One thread's working buffers in a step.
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    y: Vec<f32>,
+    act: Vec<f32>,
+    up: Vec<f32>,
+    qbuf: Vec<f32>,
+    kbuf: Vec<f32>,
+    tmp: Vec<f32>,
+}
+
+/// `v` resized to `n` numbers (its old contents are overwritten by every user).
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.resize(n, 0.0);
+    &mut v[..n]
+}
+
+/// Thread `i` of `t`'s share of `n` columns: blocks of a multiple of 8, the last one short.
+fn share(n: usize, t: usize, i: usize) -> (usize, usize) {
+    let per = n.div_ceil(t.max(1)).div_ceil(8) * 8;
+    let a = (i * per).min(n);
+    (a, (a + per).min(n))
+}
+
+/// Thread `i` of `t`'s share of `n` items, as even as it goes.
+fn share_even(n: usize, t: usize, i: usize) -> (usize, usize) {
+    (n * i / t.max(1), n * (i + 1) / t.max(1))
+}
+
+fn read(l: &RwLock<Vec<f32>>) -> RwLockReadGuard<'_, Vec<f32>> {
+    // A poisoned lock means a thread panicked; the barrier reports that step as failed.
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Writes the threads' transposed column blocks of an `[rows, n]` matrix into `out`
+/// (row-major).
+fn gather(parts: &[RwLock<Vec<f32>>], n: usize, rows: usize, t: usize, out: &mut [f32]) {
+    for (i, part) in parts.iter().enumerate().take(t) {
+        let (c0, c1) = share(n, t, i);
+        let p = read(part);
+        for c in c0..c1 {
+            for r in 0..rows {
+                out[r * n + c] = p[(c - c0) * rows + r];
+            }
+        }
+    }
+}
+
+/// `x · wᵀ` for columns `n0 .. n0 + out_t.len() / rows` of w (`[n, k]`), written transposed.
+fn project(x: &[f32], w: &[f32], rows: usize, k: usize, n0: usize, out_t: &mut [f32]) {
+    // SAFETY: `columns` needs AVX2 and FMA on x86_64; the decoder runs only where
+    // `skinny::simd()` found both (`Decoder::serves`).
+    #[allow(unused_unsafe)]
+    unsafe {
+        skinny::columns(x, w, rows, k, n0, out_t)
+    }
+}
+
+/// RMSNorm of each `w.len()`-long row of `x` into `out`, in the graph kernel's order.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    let nn = n as f32;
+    for (o, xr) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+        let mut ss = 0f32;
+        for &v in xr {
+            ss += v * v;
+        }
+        let s = (ss / nn + eps).sqrt();
+        for ((o, &v), &wv) in o.iter_mut().zip(xr).zip(w) {
+            *o = v / s * wv;
+        }
+    }
+}
+
+/// A reusable barrier for a fixed number of threads that spins, then yields, then naps. It is
+/// poisoned when a thread panics, and a thread waiting at it then gives up.
+struct Barrier {
+    threads: usize,
+    arrived: AtomicUsize,
+    generation: AtomicUsize,
+    poisoned: AtomicBool,
+}
+
+impl Barrier {
+    fn new(threads: usize) -> Barrier {
+        Barrier {
+            threads,
+            arrived: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+            poisoned: AtomicBool::new(false),
+        }
+    }
+
+    /// Waits for every thread; `false` when the barrier was poisoned.
+    #[must_use]
+    fn wait(&self) -> bool {
+        let gen = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
+            // The reset happens before the release of the waiters, so none of them can arrive
+            // at the next barrier before it.
+            self.arrived.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::Release);
+            return !self.poisoned.load(Ordering::Acquire);
+        }
+        let mut tries = 0u32;
+        while self.generation.load(Ordering::Acquire) == gen {
+            if self.poisoned.load(Ordering::Acquire) {
+                return false;
+            }
+            tries = tries.saturating_add(1);
+            if tries < SPINS {
+                std::hint::spin_loop();
+            } else if tries < SPINS + YIELDS {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(NAP);
+            }
+        }
+        !self.poisoned.load(Ordering::Acquire)
+    }
+}
+
+/// Poisons the barrier if its thread unwinds, so that the others stop waiting for it.
+struct PoisonOnPanic<'a>(&'a Barrier);
+
+impl Drop for PoisonOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.poisoned.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Everything one step's threads share.
+struct Step<'a> {
+    d: Dims,
+    b: usize,
+    /// Positions cached before this step: the new token's position in the cache.
+    past: usize,
+    /// The new tokens' embeddings, `[rows, hidden]`.
+    x0: &'a [f32],
+    /// RoPE tables per row, `[rows, head_dim]`.
+    cos: &'a [f32],
+    sin: &'a [f32],
+    /// Per row, the additive mask over the `past + 1` keys.
+    masks: &'a [Vec<f32>],
+    layers: &'a [LayerData<'a>],
+    norm: &'a [f32],
+    lm_head: &'a [f32],
+    cache: &'a [Mutex<PairCache>],
+    parts: Parts,
+    barrier: Barrier,
+}
+
+impl Step<'_> {
+    /// Thread `i` of `t`'s part of the step.
+    fn run(&self, i: usize, t: usize) {
+        let _poison = PoisonOnPanic(&self.barrier);
+        if t != self.barrier.threads {
+            // rayon ran the broadcast on another pool size than the one asked: every thread
+            // leaves, and the step reports the failure.
+            self.barrier.poisoned.store(true, Ordering::Release);
+            return;
+        }
+        let (d, b) = (self.d, self.b);
+        let (h, hd, g) = (d.hidden, d.head_dim, d.group());
+        let nqkv = d.qkv();
+        let (q_cols, kv_cols) = (d.heads * hd, d.kv_heads * hd);
+        let mut guard = self.parts.scratch[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let sc = &mut *guard;
+        let x = sized(&mut sc.x, b * h);
+        x.copy_from_slice(self.x0);
+        let normed = sized(&mut sc.normed, b * h);
+        let qkv = sized(&mut sc.qkv, b * nqkv);
+        let y = sized(&mut sc.y, b * q_cols);
+        let act = sized(&mut sc.act, b * d.inter);
+        let up = &mut sc.up;
+        let qbuf = sized(&mut sc.qbuf, g * hd);
+        let kbuf = sized(&mut sc.kbuf, hd);
+        let tmp = sized(&mut sc.tmp, hd);
+        let pairs = b * d.kv_heads;
+        let (p0, p1) = share_even(pairs, t, i);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        for (li, lw) in self.layers.iter().enumerate() {
+            if li > 0 {
+                gather(&self.parts.resid, h, b, t, x);
+            }
+            // Phase 1: q, k and v side by side, this thread's columns.
+            rms_norm(x, lw.input_norm, d.eps, normed);
+            {
+                let (c0, c1) = share(nqkv, t, i);
+                let mut part = self.parts.qkv[i]
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                part.clear();
+                part.resize((c1 - c0) * b, 0.0);
+                let segments = [
+                    (0, q_cols, lw.q, lw.q_bias),
+                    (q_cols, kv_cols, lw.k, lw.k_bias),
+                    (q_cols + kv_cols, kv_cols, lw.v, lw.v_bias),
+                ];
+                for (start, len, w, bias) in segments {
+                    let (lo, hi) = (c0.max(start), c1.min(start + len));
+                    if lo >= hi {
+                        continue;
+                    }
+                    let out = &mut part[(lo - c0) * b..(hi - c0) * b];
+                    project(normed, w, b, h, lo - start, out);
+                    if let Some(bias) = bias {
+                        for (c, col) in out.chunks_exact_mut(b).enumerate() {
+                            let bv = bias[lo - start + c];
+                            for v in col {
+                                *v += bv;
+                            }
+                        }
+                    }
+                }
+            }
+            if !self.barrier.wait() {
+                return;
+            }
+            // Phase 2: attention for this thread's (row, kv head) pairs.
+            gather(&self.parts.qkv, nqkv, b, t, qkv);
+            {
+                let mut part = self.parts.att[i]
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                part.clear();
+                part.resize((p1 - p0) * g * hd, 0.0);
+                for p in p0..p1 {
+                    let (r, j) = (p / d.kv_heads, p % d.kv_heads);
+                    let row = &qkv[r * nqkv..(r + 1) * nqkv];
+                    let (c, s) = (
+                        &self.cos[r * hd..(r + 1) * hd],
+                        &self.sin[r * hd..(r + 1) * hd],
+                    );
+                    for e in 0..g {
+                        let head = &row[(j * g + e) * hd..(j * g + e + 1) * hd];
+                        let src = match lw.q_norm {
+                            Some(w) => {
+                                rms_norm(head, w, d.eps, tmp);
+                                &tmp[..]
+                            }
+                            None => head,
+                        };
+                        fused::rope_vec(src, c, s, scale, &mut qbuf[e * hd..(e + 1) * hd]);
+                    }
+                    let key = &row[q_cols + j * hd..q_cols + (j + 1) * hd];
+                    let src = match lw.k_norm {
+                        Some(w) => {
+                            rms_norm(key, w, d.eps, tmp);
+                            &tmp[..]
+                        }
+                        None => key,
+                    };
+                    fused::rope_vec(src, c, s, 1.0, kbuf);
+                    let value = &row[q_cols + kv_cols + j * hd..q_cols + kv_cols + (j + 1) * hd];
+                    let slot = (li * b + r) * d.kv_heads + j;
+                    let mut pc = self.cache[slot]
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    pc.k.truncate(self.past * hd);
+                    pc.v.truncate(self.past * hd);
+                    pc.k.extend_from_slice(kbuf);
+                    pc.v.extend_from_slice(value);
+                    let keys = self.past + 1;
+                    let out = &mut part[(p - p0) * g * hd..(p - p0 + 1) * g * hd];
+                    // SAFETY: `attend_pair` needs AVX2 and FMA on x86_64, which
+                    // `Decoder::serves` found on this CPU.
+                    #[allow(unused_unsafe)]
+                    unsafe {
+                        skinny::attend_pair(
+                            qbuf,
+                            &pc.k,
+                            &pc.v,
+                            &self.masks[r],
+                            (0, 0, hd, hd),
+                            (1, keys, hd),
+                            out,
+                        )
+                    };
+                }
+            }
+            if !self.barrier.wait() {
+                return;
+            }
+            // Phase 3: the output projection plus the residual, this thread's columns.
+            for (ti, part) in self.parts.att.iter().enumerate().take(t) {
+                let (a0, a1) = share_even(pairs, t, ti);
+                let part = read(part);
+                for p in a0..a1 {
+                    let (r, j) = (p / d.kv_heads, p % d.kv_heads);
+                    y[r * q_cols + j * g * hd..r * q_cols + (j + 1) * g * hd]
+                        .copy_from_slice(&part[(p - a0) * g * hd..(p - a0 + 1) * g * hd]);
+                }
+            }
+            self.residual(i, t, y, lw.o, q_cols, x);
+            if !self.barrier.wait() {
+                return;
+            }
+            // Phase 4: the MLP's gate and up projections and SwiGLU, this thread's columns.
+            gather(&self.parts.resid, h, b, t, x);
+            rms_norm(x, lw.post_norm, d.eps, normed);
+            {
+                let (c0, c1) = share(d.inter, t, i);
+                let mut part = self.parts.act[i]
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                part.clear();
+                part.resize((c1 - c0) * b, 0.0);
+                let up = sized(up, (c1 - c0) * b);
+                project(normed, lw.gate, b, h, c0, &mut part);
+                project(normed, lw.up, b, h, c0, up);
+                for (a, u) in part.iter_mut().zip(up.iter()) {
+                    *a = *a / (1.0 + (-*a).exp()) * u;
+                }
+            }
+            if !self.barrier.wait() {
+                return;
+            }
+            // Phase 5: the down projection plus the residual, this thread's columns.
+            gather(&self.parts.act, d.inter, b, t, act);
+            self.residual(i, t, act, lw.down, d.inter, x);
+            if !self.barrier.wait() {
+                return;
+            }
+        }
+        // The final norm and this thread's columns of the logits.
+        if !self.layers.is_empty() {
+            gather(&self.parts.resid, h, b, t, x);
+        }
+        rms_norm(x, self.norm, d.eps, normed);
+        let (c0, c1) = share(d.vocab, t, i);
+        let mut part = self.parts.logits[i]
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        part.clear();
+        part.resize((c1 - c0) * b, 0.0);
+        project(normed, self.lm_head, b, h, c0, &mut part);
+    }
+
+    /// This thread's columns of `x + input · wᵀ` (w `[hidden, k]`) into its residual part.
+    fn residual(&self, i: usize, t: usize, input: &[f32], w: &[f32], k: usize, x: &[f32]) {
+        let (b, h) = (self.b, self.d.hidden);
+        let (c0, c1) = share(h, t, i);
+        let mut part = self.parts.resid[i]
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        part.clear();
+        part.resize((c1 - c0) * b, 0.0);
+        project(input, w, b, k, c0, &mut part);
+        for (c, col) in part.chunks_exact_mut(b).enumerate() {
+            for (r, v) in col.iter_mut().enumerate() {
+                *v += x[r * h + c0 + c];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::model::LlamaConfig;
+    use candle_core::{Device, IndexOp, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+
+    /// A model of `cfg` whose every weight (norms and biases too) is drawn at random, frozen
+    /// as generation's policies hold it.
+    fn model(cfg: &LlamaConfig, seed: u64) -> Llama {
+        let vm = VarMap::new();
+        Llama::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).expect("model");
+        let mut tensors = std::collections::HashMap::new();
+        let data = vm.data().lock().expect("varmap");
+        let mut names: Vec<_> = data.keys().cloned().collect();
+        names.sort();
+        for (i, name) in names.iter().enumerate() {
+            let shape = data[name].as_tensor().shape().clone();
+            let n = shape.elem_count();
+            // A small LCG: the test's weights depend on its seed only.
+            let mut s = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(i as u64 + 1);
+            let vals: Vec<f32> = (0..n)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let u = ((s >> 40) as f32) / ((1u64 << 24) as f32) - 0.5;
+                    if name.ends_with("norm.weight") {
+                        1.0 + u
+                    } else {
+                        0.2 * u
+                    }
+                })
+                .collect();
+            let t = Tensor::from_vec(vals, shape, &Device::Cpu).expect("tensor");
+            tensors.insert(name.clone(), t);
+        }
+        Llama::from_tensors(cfg, tensors, &Device::Cpu).expect("frozen model")
+    }
+
+    fn wide() -> LlamaConfig {
+        let mut cfg = LlamaConfig::tiny(100);
+        cfg.hidden_size = 64;
+        cfg.intermediate_size = 160;
+        cfg.num_attention_heads = 4;
+        cfg.num_key_value_heads = Some(2);
+        cfg
+    }
+
+    /// Prefills left-padded prompts, then steps the graph (`Llama::forward` with the cache)
+    /// and the decoder side by side with the same tokens, a row finishing midway; the live
+    /// rows' logits must be the same bits.
+    fn same_bits_as_the_graph(cfg: &LlamaConfig, seed: u64) {
+        let m = model(cfg, seed);
+        let vocab = cfg.vocab_size as u32;
+        let lens = [5usize, 9, 2];
+        let longest = 9;
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        for (r, len) in lens.iter().enumerate() {
+            for p in 0..longest {
+                let real = p >= longest - len;
+                ids.push(if real {
+                    (r as u32 * 31 + p as u32 * 7) % vocab
+                } else {
+                    0
+                });
+                mask.push(u8::from(real));
+            }
+        }
+        let b = lens.len();
+        let ids = Tensor::from_vec(ids, (b, longest), &Device::Cpu).expect("ids");
+        let mask = Tensor::from_vec(mask, (b, longest), &Device::Cpu).expect("mask");
+        let mut cache = KvCache::inference();
+        m.forward(&ids, Some(&mask), Some(&mut cache))
+            .expect("prefill");
+        let mut dec = Decoder::after_prefill(&m, &cache)
+            .expect("decoder")
+            .expect("served");
+        for step in 0..40u32 {
+            let live: Vec<bool> = (0..b).map(|r| !(r == 1 && step >= 10)).collect();
+            let next: Vec<u32> = (0..b as u32)
+                .map(|r| {
+                    if live[r as usize] {
+                        (step * 13 + r * 5 + 1) % vocab
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            let t_ids = Tensor::from_vec(next.clone(), (b, 1), &Device::Cpu).expect("ids");
+            let t_mask: Vec<u8> = live.iter().map(|l| u8::from(*l)).collect();
+            let t_mask = Tensor::from_vec(t_mask, (b, 1), &Device::Cpu).expect("mask");
+            let graph = m
+                .forward(&t_ids, Some(&t_mask), Some(&mut cache))
+                .expect("graph step");
+            let ours = dec.step(&m, &next, &live).expect("decoder step");
+            for r in 0..b {
+                if !live[r] {
+                    continue;
+                }
+                let g = graph.i((r, 0)).expect("row").to_vec1::<f32>().expect("vec");
+                assert_eq!(g.len(), ours[r].len());
+                let same = g
+                    .iter()
+                    .zip(&ours[r])
+                    .all(|(a, o)| a.to_bits() == o.to_bits());
+                assert!(
+                    same,
+                    "step {step}, row {r}: {:?} vs {:?}",
+                    &g[..4],
+                    &ours[r][..4]
+                );
+            }
+        }
+        assert_eq!(dec.len(), longest + 40);
+    }
+
+    #[test]
+    fn steps_are_the_graph_paths_to_the_bit() {
+        if !skinny::simd() {
+            return;
+        }
+        // One thread (a step below `PAR_MIN_FMAS`), then all of them.
+        let small = LlamaConfig::tiny(32);
+        assert!(3 * Dims::of(&model(&small, 1)).fmas() < PAR_MIN_FMAS);
+        same_bits_as_the_graph(&small, 1);
+        let wide = wide();
+        assert!(Dims::of(&model(&wide, 2)).fmas() >= PAR_MIN_FMAS);
+        same_bits_as_the_graph(&wide, 2);
+        // Qwen2's attention biases, Qwen3's q/k norms, tied embeddings, one kv head.
+        let mut qwen = wide;
+        qwen.attention_bias = true;
+        qwen.use_qk_norm = true;
+        qwen.tie_word_embeddings = true;
+        qwen.num_key_value_heads = Some(1);
+        same_bits_as_the_graph(&qwen, 3);
+    }
+
+    #[test]
+    fn bad_steps_are_refused_with_the_reason() {
+        if !skinny::simd() {
+            return;
+        }
+        let mut cfg = LlamaConfig::tiny(32);
+        cfg.max_position_embeddings = 6;
+        let m = model(&cfg, 4);
+        let mut cache = KvCache::inference();
+        let ids = Tensor::from_vec(vec![1u32, 2, 3, 4], (2, 2), &Device::Cpu).expect("ids");
+        m.forward(&ids, None, Some(&mut cache)).expect("prefill");
+        let mut dec = Decoder::after_prefill(&m, &cache)
+            .expect("decoder")
+            .expect("served");
+        let err = |r: Result<Vec<Vec<f32>>>| r.expect_err("refused").to_string();
+        assert!(err(dec.step(&m, &[1], &[true])).contains("1 ids and 1 live flags for 2 rows"));
+        assert!(err(dec.step(&m, &[1, 32], &[true, true])).contains("token id 32"));
+        let other = model(&wide(), 5);
+        assert!(err(dec.step(&other, &[1, 2], &[true, true])).contains("another model"));
+        for _ in 0..4 {
+            dec.step(&m, &[1, 2], &[true, true]).expect("step");
+        }
+        assert!(err(dec.step(&m, &[1, 2], &[true, true])).contains("the cache is full (6"));
+        // More rows than the engine serves: the caller keeps the graph.
+        let rows = MAX_ROWS + 1;
+        let ids = Tensor::from_vec(vec![1u32; rows], (rows, 1), &Device::Cpu).expect("ids");
+        let mut cache = KvCache::inference();
+        m.forward(&ids, None, Some(&mut cache)).expect("prefill");
+        assert!(Decoder::after_prefill(&m, &cache)
+            .expect("decoder")
+            .is_none());
+    }
+}
