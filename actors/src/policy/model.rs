@@ -340,6 +340,9 @@ fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<L
 /// into buffers with room to grow (doubling), so a decode step copies only its new position
 /// instead of the whole cache. Otherwise each step concatenates, and gradients flow through
 /// the cache.
+/// One layer's cached keys and values, `[B, Hkv, S, D]` each.
+pub(crate) type KeysValues = (Tensor, Tensor);
+
 #[derive(Debug, Default)]
 pub struct KvCache {
     /// Per layer: (keys, values) `[B, Hkv, S, D]` of the positions seen so far (views into
@@ -449,7 +452,7 @@ impl KvCache {
 
     /// Per layer the cached (keys, values) `[B, Hkv, S, D]`, and per row which of the `S`
     /// positions are real tokens: what the decode engine starts from after a prefill.
-    pub(crate) fn contents(&self) -> (&[Option<(Tensor, Tensor)>], &[Vec<bool>]) {
+    pub(crate) fn contents(&self) -> (&[Option<KeysValues>], &[Vec<bool>]) {
         (&self.layers, &self.key_mask)
     }
 }
