@@ -444,6 +444,7 @@ struct Scratch {
     qbuf: Vec<f32>,
     kbuf: Vec<f32>,
     tmp: Vec<f32>,
+    scores: [Vec<f32>; 2],
 }
 
 /// `v` resized to `n` numbers (its old contents are overwritten by every user).
@@ -485,12 +486,7 @@ fn gather(parts: &[RwLock<Vec<f32>>], n: usize, rows: usize, t: usize, out: &mut
 
 /// `x · wᵀ` for columns `n0 .. n0 + out_t.len() / rows` of w (`[n, k]`), written transposed.
 fn project(x: &[f32], w: &[f32], rows: usize, k: usize, n0: usize, out_t: &mut [f32]) {
-    // SAFETY: `columns` needs AVX2 and FMA on x86_64; the decoder runs only where
-    // `skinny::simd()` found both (`Decoder::serves`).
-    #[allow(unused_unsafe)]
-    unsafe {
-        skinny::columns(x, w, rows, k, n0, out_t)
-    }
+    skinny::columns(x, w, rows, k, n0, out_t)
 }
 
 /// RMSNorm of each `w.len()`-long row of `x` into `out`, in the graph kernel's order.
@@ -617,6 +613,7 @@ impl Step<'_> {
         let qbuf = sized(&mut sc.qbuf, g * hd);
         let kbuf = sized(&mut sc.kbuf, hd);
         let tmp = sized(&mut sc.tmp, hd);
+        let scores = &mut sc.scores;
         let pairs = b * d.kv_heads;
         let (p0, p1) = share_even(pairs, t, i);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
@@ -715,6 +712,7 @@ impl Step<'_> {
                             &self.masks[r],
                             (0, 0, hd, hd),
                             (1, keys, hd),
+                            scores,
                             out,
                         )
                     };

@@ -332,7 +332,7 @@ fn accumulate<const N: usize>(
 
 /// Whether the CPU has AVX-512F, for [`scores16`] and [`accumulate16`] (checked once).
 #[cfg(target_arch = "x86_64")]
-fn avx512() -> bool {
+pub(crate) fn avx512() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| {
         std::arch::is_x86_feature_detected!("avx512f")

@@ -26,7 +26,7 @@ pub(crate) enum Kind {
     Skinny,
     /// The one-pass causal attention of `flash` (training and prefill).
     Flash,
-    /// `flash`'s 16-lane (AVX-512F) products, where the CPU has them.
+    /// The 16-lane (AVX-512F) products of `flash` and `skinny`, where the CPU has them.
     Avx512,
     /// The decode engine of `decode` (generation's steps after the prefill).
     Decode,

@@ -151,7 +151,7 @@ fn store<const R: usize, const C: usize>(
 /// accumulators, 7 loads per 12 multiply-adds, each weight row read m/3 times), then 2 x 4 and
 /// 1 x 4 for the rows left, or 1 x 8 for a single row.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-pub(crate) fn columns(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f32]) {
+fn columns8(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f32]) {
     let cols = out_t.len() / m;
     let xr = |r: usize| &x[r * k..(r + 1) * k];
     let wr = |c: usize| &w[(n0 + c) * k..(n0 + c + 1) * k];
@@ -206,17 +206,151 @@ pub(crate) fn columns(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t
     }
 }
 
+/// `tile` with 16-lane (AVX-512F) registers: the same dot products, each summed as 16
+/// partial sums (lanes i and i+8, then as `tile` does), so the results differ from `tile`'s
+/// in the last bits. At batch 8 the decode step's products are bound by the multiply-adds,
+/// and these do twice as many per instruction.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn tile16<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) -> [[f32; C]; R] {
+    use std::arch::x86_64::*;
+    const LANES: usize = 16;
+    let k = x.first().map_or(0, |r| r.len());
+    assert!(x.iter().all(|r| r.len() == k) && w.iter().all(|r| r.len() == k));
+    let whole = k - k % LANES;
+    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    let mut i = 0;
+    while i < whole {
+        let mut xv = [_mm512_setzero_ps(); R];
+        for (v, xr) in xv.iter_mut().zip(&x) {
+            // SAFETY: i + 16 <= whole <= k = xr.len(): the 16 floats read are in the row.
+            *v = unsafe { _mm512_loadu_ps(xr.as_ptr().add(i)) };
+        }
+        for (c, wc) in w.iter().enumerate() {
+            // SAFETY: as above; every row of w has length k too.
+            let wv = unsafe { _mm512_loadu_ps(wc.as_ptr().add(i)) };
+            for r in 0..R {
+                acc[r][c] = _mm512_fmadd_ps(xv[r], wv, acc[r][c]);
+            }
+        }
+        i += LANES;
+    }
+    let mut out = [[0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            let a = acc[r][c];
+            // The upper half through a 64-bit view: AVX-512F alone has no 32x8 extract.
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+            let s8 = _mm256_add_ps(_mm512_castps512_ps256(a), hi);
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2));
+            let mut s = _mm_cvtss_f32(s1);
+            for j in whole..k {
+                s = x[r][j].mul_add(w[c][j], s);
+            }
+            out[r][c] = s;
+        }
+    }
+    out
+}
+
+/// `columns8` with 16-lane tiles: 8 columns at a time for one row, else blocks of 4 columns
+/// against tiles of up to 4 rows (16 accumulators, 8 loads per 16 multiply-adds).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn columns16(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f32]) {
+    let cols = out_t.len() / m;
+    let xr = |r: usize| &x[r * k..(r + 1) * k];
+    let wr = |c: usize| &w[(n0 + c) * k..(n0 + c + 1) * k];
+    let wide = if m == 1 { 8 } else { 4 };
+    let mut c = 0;
+    while c < cols {
+        let take = (cols - c).min(wide);
+        if c + take < cols {
+            let next = n0 + c + take;
+            let end = (next + wide).min(n0 + cols);
+            prefetch(&w[next * k..end * k]);
+        }
+        match take {
+            8 => {
+                let ws = [0, 1, 2, 3, 4, 5, 6, 7].map(|j| wr(c + j));
+                for r in 0..m {
+                    store(out_t, m, r, c, tile16::<1, 8>([xr(r)], ws));
+                }
+            }
+            4 => {
+                let ws = [wr(c), wr(c + 1), wr(c + 2), wr(c + 3)];
+                let mut r = 0;
+                while r < m {
+                    r += match m - r {
+                        1 => {
+                            store(out_t, m, r, c, tile16::<1, 4>([xr(r)], ws));
+                            1
+                        }
+                        2 => {
+                            store(out_t, m, r, c, tile16::<2, 4>([xr(r), xr(r + 1)], ws));
+                            2
+                        }
+                        3 => {
+                            let rows = [xr(r), xr(r + 1), xr(r + 2)];
+                            store(out_t, m, r, c, tile16::<3, 4>(rows, ws));
+                            3
+                        }
+                        _ => {
+                            let rows = [xr(r), xr(r + 1), xr(r + 2), xr(r + 3)];
+                            store(out_t, m, r, c, tile16::<4, 4>(rows, ws));
+                            4
+                        }
+                    };
+                }
+            }
+            _ => {
+                for r in 0..m {
+                    for col in c..c + take {
+                        store(out_t, m, r, col, tile16::<1, 1>([xr(r)], [wr(col)]));
+                    }
+                }
+            }
+        }
+        c += take;
+    }
+}
+
+/// Columns `n0 ..` of `x · wᵀ`, written transposed: `out_t` holds `out_t.len() / m` rows of
+/// `m` (one per output column). x: `[m, k]`, w: `[n, k]`. The 16-lane kernels where the CPU
+/// has AVX-512F (and `KLONGD_FUSED_OFF` does not name `avx512`), else the 8-lane ones; plain
+/// loops on a CPU with neither (never reached through `serves`).
+pub(crate) fn columns(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd() && super::flash::avx512() {
+            // SAFETY: `avx512()` found AVX-512F and `simd()` AVX2 and FMA on this CPU.
+            unsafe { columns16(x, w, m, k, n0, out_t) };
+            return;
+        }
+        if simd() {
+            // SAFETY: `simd()` found AVX2 and FMA on this CPU.
+            unsafe { columns8(x, w, m, k, n0, out_t) };
+            return;
+        }
+    }
+    for (c, out) in out_t.chunks_exact_mut(m.max(1)).enumerate() {
+        let wc = &w[(n0 + c) * k..(n0 + c + 1) * k];
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = x[r * k..(r + 1) * k]
+                .iter()
+                .zip(wc)
+                .fold(0f32, |s, (a, b)| a.mul_add(*b, s));
+        }
+    }
+}
+
 /// `x · wᵀ` for x `[m, k]`, w `[n, k]`, both contiguous; returns `[m, n]`.
 fn linear_f32(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut out_t = vec![0f32; n * m];
-    let run = |n0: usize, chunk: &mut [f32]| {
-        // SAFETY: `columns` needs AVX2 and FMA on x86_64, and this is only reached when
-        // `simd()` found both on this CPU (`serves` is checked before the op is applied).
-        #[allow(unused_unsafe)]
-        unsafe {
-            columns(x, w, m, k, n0, chunk)
-        }
-    };
+    let run = |n0: usize, chunk: &mut [f32]| columns(x, w, m, k, n0, chunk);
     let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
     if threads == 1 || m * n * k < PAR_MIN_FMAS {
         run(0, &mut out_t);
@@ -337,6 +471,7 @@ fn weigh_values<'a>(
 
 /// One (batch entry, kv head) pair: its query rows (`out.len() / d` of them) against `s` keys
 /// and values, two rows at a time (GQA's query heads of one kv head read the same keys).
+/// `scores` is working space (the caller's, so that a decode step allocates nothing).
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 pub(crate) fn attend_pair(
     q: &[f32],
@@ -345,13 +480,17 @@ pub(crate) fn attend_pair(
     mask: &[f32],
     (k_off, v_off, k_row, v_row): (usize, usize, usize, usize),
     (t, s, d): (usize, usize, usize),
+    scores: &mut [Vec<f32>; 2],
     out: &mut [f32],
 ) {
     let half_masked = super::model::MASKED / 2.0;
     let key = |j: usize| &k[k_off + j * k_row..k_off + j * k_row + d];
     let value = |j: usize| &v[v_off + j * v_row..v_off + j * v_row + d];
     let rows = out.len() / d;
-    let mut scores = [vec![0f32; s], vec![0f32; s]];
+    for sc in scores.iter_mut() {
+        sc.clear();
+        sc.resize(s, 0.0);
+    }
     let mut r = 0;
     while r < rows {
         let n = if r + 1 < rows { 2 } else { 1 };
@@ -447,7 +586,8 @@ pub(crate) fn attention(
                         // (checked above) found both on this CPU.
                         #[allow(unused_unsafe)]
                         unsafe {
-                            attend_pair(qp, kdat, vd, mp, offsets, (t, s, d), o)
+                            let mut scores = [Vec::new(), Vec::new()];
+                            attend_pair(qp, kdat, vd, mp, offsets, (t, s, d), &mut scores, o)
                         }
                     };
                     let threads = candle_core::utils::get_num_threads().clamp(1, b * g);
