@@ -440,7 +440,9 @@ struct Scratch {
     qkv: Vec<f32>,
     y: Vec<f32>,
     act: Vec<f32>,
+    gate: Vec<f32>,
     up: Vec<f32>,
+    e: Vec<f32>,
     qbuf: Vec<f32>,
     kbuf: Vec<f32>,
     tmp: Vec<f32>,
@@ -609,7 +611,7 @@ impl Step<'_> {
         let qkv = sized(&mut sc.qkv, b * nqkv);
         let y = sized(&mut sc.y, b * q_cols);
         let act = sized(&mut sc.act, b * d.inter);
-        let up = &mut sc.up;
+        let (gate, up, e) = (&mut sc.gate, &mut sc.up, &mut sc.e);
         let qbuf = sized(&mut sc.qbuf, g * hd);
         let kbuf = sized(&mut sc.kbuf, hd);
         let tmp = sized(&mut sc.tmp, hd);
@@ -745,12 +747,11 @@ impl Step<'_> {
                     .unwrap_or_else(PoisonError::into_inner);
                 part.clear();
                 part.resize((c1 - c0) * b, 0.0);
+                let gate = sized(gate, (c1 - c0) * b);
                 let up = sized(up, (c1 - c0) * b);
-                project(normed, lw.gate, b, h, c0, &mut part);
+                project(normed, lw.gate, b, h, c0, gate);
                 project(normed, lw.up, b, h, c0, up);
-                for (a, u) in part.iter_mut().zip(up.iter()) {
-                    *a = *a / (1.0 + (-*a).exp()) * u;
-                }
+                fused::silu_mul_into(gate, up, e, &mut part);
             }
             if !self.barrier.wait() {
                 return;

@@ -65,6 +65,12 @@ pub(crate) fn supported(t: &Tensor, kind: Kind) -> bool {
 
 pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> {
     fn exp(self) -> Self;
+    /// `exp` of every element, in place (vectorized for f32: see `vexp`).
+    fn exp_all(xs: &mut [Self]) {
+        for x in xs {
+            *x = x.exp();
+        }
+    }
     fn sqrt(self) -> Self;
     fn ln(self) -> Self;
     fn lowest() -> Self;
@@ -72,6 +78,9 @@ pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> {
 impl Real for f32 {
     fn exp(self) -> Self {
         f32::exp(self)
+    }
+    fn exp_all(xs: &mut [Self]) {
+        super::vexp::exp_in_place(xs)
     }
     fn sqrt(self) -> Self {
         f32::sqrt(self)
@@ -695,13 +704,30 @@ fn silu_mul_fwd<T: Real>(
     let mut out = vec![T::zero(); a.len()];
     let row = 1024.min(a.len().max(1));
     par_rows(&mut out, row, |r0, out| {
-        let o0 = r0 * row;
-        for (k, o) in out.iter_mut().enumerate() {
-            let x = a[o0 + k];
-            *o = x / (T::one() + (-x).exp()) * u[o0 + k];
-        }
+        let (o0, n) = (r0 * row, out.len());
+        let mut e = Vec::new();
+        silu_mul_into(&a[o0..o0 + n], &u[o0..o0 + n], &mut e, out);
     });
     Ok((T::to_cpu_storage_owned(out), la.shape().clone()))
+}
+
+/// `out = gate / (1 + exp(-gate)) * up`, elementwise (`e` is working space): the one
+/// formula of SwiGLU, shared by the graph's op and the decode engine so that both give the
+/// same bits.
+pub(crate) fn silu_mul_into<T: Real>(gate: &[T], up: &[T], e: &mut Vec<T>, out: &mut [T]) {
+    e.clear();
+    e.extend(gate.iter().map(|x| -*x));
+    T::exp_all(e);
+    for (((o, &x), &u), &ex) in out.iter_mut().zip(gate).zip(up).zip(e.iter()) {
+        *o = x / (T::one() + ex) * u;
+    }
+}
+
+/// `e = exp(-x)` for a chunk of x.
+fn exp_neg<T: Real>(x: &[T]) -> Vec<T> {
+    let mut e: Vec<T> = x.iter().map(|v| -*v).collect();
+    T::exp_all(&mut e);
+    e
 }
 
 /// (d gate, d up): σ = sigmoid(a); d silu = σ(1 + a(1 − σ)).
@@ -715,17 +741,19 @@ fn silu_mul_bwd<T: Real>(a: &Tensor, u: &Tensor, g: &Tensor) -> Result<(Tensor, 
                 let row = 1024.min(n).max(1);
                 par_rows(&mut da, row, |r0, out| {
                     let e0 = r0 * row;
+                    let e = exp_neg(&a[e0..e0 + out.len()]);
                     for (k, o) in out.iter_mut().enumerate() {
                         let (x, i) = (a[e0 + k], e0 + k);
-                        let sg = T::one() / (T::one() + (-x).exp());
+                        let sg = T::one() / (T::one() + e[k]);
                         *o = g[i] * u[i] * sg * (T::one() + x * (T::one() - sg));
                     }
                 });
                 par_rows(&mut du, row, |r0, out| {
                     let e0 = r0 * row;
+                    let e = exp_neg(&a[e0..e0 + out.len()]);
                     for (k, o) in out.iter_mut().enumerate() {
                         let x = a[e0 + k];
-                        *o = g[e0 + k] * (x / (T::one() + (-x).exp()));
+                        *o = g[e0 + k] * (x / (T::one() + e[k]));
                     }
                 });
                 Ok((da, du))

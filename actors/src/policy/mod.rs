@@ -14,6 +14,7 @@ pub mod sampling;
 pub(crate) mod skinny;
 pub mod tokenizer;
 pub mod toolcall;
+pub(crate) mod vexp;
 
 /// Runs `f` on a thread of the compute pool (rayon's global pool, where candle's and the
 /// fused kernels' parallel loops run). A parallel loop started from outside the pool blocks

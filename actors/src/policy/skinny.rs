@@ -451,9 +451,15 @@ fn weigh_values<'a>(
         .filter(|j| live(*j))
         .map(|j| scores[j])
         .fold(f32::MIN, f32::max);
+    for sc in scores.iter_mut() {
+        *sc -= mx;
+    }
+    super::vexp::exp_in_place(scores);
     let mut sum = 0f32;
     for (j, sc) in scores.iter_mut().enumerate() {
-        *sc = if live(j) { (*sc - mx).exp() } else { 0.0 };
+        if !live(j) {
+            *sc = 0.0;
+        }
         sum += *sc;
     }
     let inv = 1.0 / sum;
