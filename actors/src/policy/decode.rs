@@ -709,8 +709,7 @@ impl Step<'_> {
                     unsafe {
                         skinny::attend_pair(
                             qbuf,
-                            &pc.k,
-                            &pc.v,
+                            (&pc.k, &pc.v),
                             &self.masks[r],
                             (0, 0, hd, hd),
                             (1, keys, hd),

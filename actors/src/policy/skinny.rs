@@ -481,8 +481,7 @@ fn weigh_values<'a>(
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 pub(crate) fn attend_pair(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (k, v): (&[f32], &[f32]),
     mask: &[f32],
     (k_off, v_off, k_row, v_row): (usize, usize, usize, usize),
     (t, s, d): (usize, usize, usize),
@@ -593,7 +592,7 @@ pub(crate) fn attention(
                         #[allow(unused_unsafe)]
                         unsafe {
                             let mut scores = [Vec::new(), Vec::new()];
-                            attend_pair(qp, kdat, vd, mp, offsets, (t, s, d), &mut scores, o)
+                            attend_pair(qp, (kdat, vd), mp, offsets, (t, s, d), &mut scores, o)
                         }
                     };
                     let threads = candle_core::utils::get_num_threads().clamp(1, b * g);
