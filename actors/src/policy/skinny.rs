@@ -447,10 +447,22 @@ fn weigh_values<'a>(
     value: impl Fn(usize) -> &'a [f32],
     y: &mut [f32],
 ) {
-    let mx = (0..scores.len())
-        .filter(|j| live(*j))
-        .map(|j| scores[j])
-        .fold(f32::MIN, f32::max);
+    // The max over every key: a masked key's score carries MASKED (-1e9), so it never holds
+    // the maximum while some key is live, and when none is, every key counts. Eight running
+    // maxima, so that the loop compiles to vector max instructions.
+    let mut lanes = [f32::MIN; 8];
+    let whole = scores.len() - scores.len() % 8;
+    for c in scores[..whole].chunks_exact(8) {
+        for (m, s) in lanes.iter_mut().zip(c) {
+            if *s > *m {
+                *m = *s;
+            }
+        }
+    }
+    let mx = lanes
+        .iter()
+        .chain(&scores[whole..])
+        .fold(f32::MIN, |m, s| if *s > m { *s } else { m });
     for sc in scores.iter_mut() {
         *sc -= mx;
     }
