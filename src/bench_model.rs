@@ -24,7 +24,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use klong_actors::learner::loss::masked_cross_entropy;
 use klong_actors::learner::optim::{AdamW, AdamWParams};
-use klong_actors::policy::decode::Decoder;
+use klong_actors::policy::decode::{with_team, Decoder};
 use klong_actors::policy::model::{KvCache, Llama, LlamaConfig};
 use serde::{Deserialize, Serialize};
 
@@ -403,22 +403,25 @@ fn greedy_decode_here(model: &Llama, prompt: &Tensor, new_tokens: usize) -> Resu
         .i((.., t - 1, ..))?
         .argmax(D::Minus1)?
         .to_vec1::<u32>()?;
-    let mut decoder = Decoder::after_prefill(model, &cache)?;
     let live = vec![true; b];
-    for _ in 1..new_tokens {
-        out.extend(&next);
-        next = match decoder.as_mut() {
-            Some(d) => d
-                .step(model, &next, &live)?
-                .iter()
-                .map(|row| argmax(row))
-                .collect(),
-            None => {
+    match Decoder::after_prefill(model, &cache)? {
+        // The steps on a team holding the pool's threads, as `generate` runs them.
+        Some(mut decoder) => with_team(|team| -> Result<()> {
+            for _ in 1..new_tokens {
+                out.extend(&next);
+                let logits = decoder.step(model, &next, &live, Some(team))?;
+                next = logits.iter().map(|row| argmax(row)).collect();
+            }
+            Ok(())
+        })??,
+        None => {
+            for _ in 1..new_tokens {
+                out.extend(&next);
                 let input = Tensor::from_vec(next.clone(), (b, 1), model.device())?;
                 let logits = model.forward(&input, None, Some(&mut cache))?;
-                logits.i((.., 0, ..))?.argmax(D::Minus1)?.to_vec1::<u32>()?
+                next = logits.i((.., 0, ..))?.argmax(D::Minus1)?.to_vec1::<u32>()?;
             }
-        };
+        }
     }
     out.extend(&next);
     Ok(out)

@@ -206,8 +206,15 @@ impl Decoder {
     }
 
     /// Feeds one token per row (`live[b]` false: a pad, masked, for a row that has finished)
-    /// and returns each row's logits for the next token.
-    pub fn step(&mut self, model: &Llama, ids: &[u32], live: &[bool]) -> Result<Vec<Vec<f32>>> {
+    /// and returns each row's logits for the next token. With a `team` (see [`with_team`]) the
+    /// step runs on its threads; without, on the compute pool's threads, woken for the step.
+    pub fn step(
+        &mut self,
+        model: &Llama,
+        ids: &[u32],
+        live: &[bool],
+        team: Option<&Team>,
+    ) -> Result<Vec<Vec<f32>>> {
         let d = self.dims;
         if Dims::of(model) != d {
             candle_core::bail!("decoder: stepped with another model than it was filled by");
@@ -342,7 +349,8 @@ impl Decoder {
         let threads = if b * d.fmas() < PAR_MIN_FMAS {
             1
         } else {
-            rayon::current_num_threads().max(1)
+            team.map_or_else(rayon::current_num_threads, |t| t.threads)
+                .max(1)
         };
         let parts = match self.parts.take() {
             Some(p) if p.qkv.len() == threads => p,
@@ -363,10 +371,12 @@ impl Decoder {
             parts,
             barrier: Barrier::new(threads),
         };
-        if threads == 1 {
-            step.run(0, 1);
-        } else {
-            rayon::broadcast(|ctx| step.run(ctx.index(), ctx.num_threads()));
+        match team {
+            _ if threads == 1 => step.run(0, 1),
+            Some(team) => team.run(&|i, t| step.run(i, t))?,
+            None => {
+                rayon::broadcast(|ctx| step.run(ctx.index(), ctx.num_threads()));
+            }
         }
         if step.barrier.poisoned.load(Ordering::Acquire) {
             candle_core::bail!("decoder: a step's thread failed");
@@ -375,6 +385,191 @@ impl Decoder {
         gather(&step.parts.logits, d.vocab, b, threads, &mut logits);
         self.parts = Some(step.parts);
         Ok(logits.chunks_exact(d.vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// The compute pool's threads, held for a whole generation: between steps they wait for the
+/// next one (spinning, then yielding, then napping) instead of going back to the pool, where
+/// they fall asleep and each step would wait ~10-50 µs for the kernel to wake them again.
+///
+/// Hold a team only around the decode steps: while it is held, the pool runs nothing else, so
+/// a prefill (whose products use the pool) belongs before it.
+pub struct Team {
+    threads: usize,
+    /// Bumped by the leader to start a round; a worker runs the round's job once per bump.
+    round: AtomicUsize,
+    /// Workers done with the current round.
+    finished: AtomicUsize,
+    job: Mutex<Option<JobPtr>>,
+    /// The leader has returned: workers leave.
+    done: AtomicBool,
+    /// Workers that unwound out of a job: the leader stops waiting for them.
+    unwound: AtomicUsize,
+}
+
+/// A round's job, with its borrow's lifetime erased (see the SAFETY note of [`Team::run`]).
+struct JobPtr(*const (dyn Fn(usize, usize) + Sync + 'static));
+
+// SAFETY: the pointer is only dereferenced while the job it points to is alive and borrowed by
+// `Team::run`, and the job is `Sync`, so calling it from several threads at once is allowed.
+unsafe impl Send for JobPtr {}
+// SAFETY: as above.
+unsafe impl Sync for JobPtr {}
+
+/// Runs `f` with a [`Team`] of every thread of the current compute pool (the calling thread
+/// leads, the others wait for rounds) and returns its result. With one thread, `f` gets a team
+/// of one and nothing is held.
+pub fn with_team<R: Send>(f: impl FnOnce(&Team) -> R + Send) -> Result<R> {
+    let threads = rayon::current_num_threads().max(1);
+    let team = Team {
+        threads,
+        round: AtomicUsize::new(0),
+        finished: AtomicUsize::new(0),
+        job: Mutex::new(None),
+        done: AtomicBool::new(false),
+        unwound: AtomicUsize::new(0),
+    };
+    if threads == 1 {
+        return Ok(f(&team));
+    }
+    let leader = rayon::current_thread_index().unwrap_or(0);
+    let f = Mutex::new(Some(f));
+    let out = Mutex::new(None);
+    rayon::broadcast(|ctx| {
+        if ctx.num_threads() != threads {
+            // Not the pool the team was sized for: nobody leads, and `f` runs below, alone.
+            return;
+        }
+        if ctx.index() == leader {
+            let _leave = Leave(&team.done);
+            let f = f.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(f) = f {
+                *out.lock().unwrap_or_else(PoisonError::into_inner) = Some(f(&team));
+            }
+        } else {
+            let i = if ctx.index() < leader {
+                ctx.index() + 1
+            } else {
+                ctx.index()
+            };
+            team.serve(i);
+        }
+    });
+    if let Some(r) = out.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        return Ok(r);
+    }
+    // The broadcast ran no leader (the pool is not the one the team was sized for): `f` runs
+    // here, with a team of one.
+    let solo = Team { threads: 1, ..team };
+    match f.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        Some(f) => Ok(f(&solo)),
+        None => candle_core::bail!("decoder team: the leader returned no result"),
+    }
+}
+
+/// Tells the workers to leave when the leader returns or unwinds.
+struct Leave<'a>(&'a AtomicBool);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Counts a worker that unwinds, so that the leader stops waiting for it.
+struct CountUnwind<'a>(&'a Team);
+
+impl Drop for CountUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.unwound.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Spins, then yields, then naps: one more wait of a loop that waits for another thread.
+fn pause(tries: &mut u32) {
+    *tries = tries.saturating_add(1);
+    if *tries < SPINS {
+        std::hint::spin_loop();
+    } else if *tries < SPINS + YIELDS {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(NAP);
+    }
+}
+
+impl Team {
+    /// Threads in the team, the leader included.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// A worker's loop: run each round's job as thread `i`, until the leader leaves.
+    fn serve(&self, i: usize) {
+        let _unwind = CountUnwind(self);
+        let mut seen = 0;
+        loop {
+            let mut tries = 0;
+            let round = loop {
+                let r = self.round.load(Ordering::Acquire);
+                if r != seen {
+                    break r;
+                }
+                if self.done.load(Ordering::Acquire) {
+                    return;
+                }
+                pause(&mut tries);
+            };
+            seen = round;
+            let job = self
+                .job
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .map(|j| j.0);
+            if let Some(job) = job {
+                // SAFETY: `run` published this pointer before bumping `round`, and clears it
+                // only after every worker has counted itself in `finished` below; until then
+                // the job it points to is alive (borrowed by `run`).
+                unsafe { (*job)(i, self.threads) };
+            }
+            self.finished.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Runs `job(i, threads)` on every thread of the team (the leader as 0) and returns when
+    /// all are done. Only the leader (the thread inside `with_team`'s `f`) may call it.
+    pub fn run(&self, job: &(dyn Fn(usize, usize) + Sync)) -> Result<()> {
+        if self.threads == 1 {
+            job(0, 1);
+            return Ok(());
+        }
+        let ptr: *const (dyn Fn(usize, usize) + Sync + '_) = job;
+        // SAFETY: only the lifetime changes. A worker dereferences the pointer between the
+        // bump of `round` below and its increment of `finished` (or of `unwound`, once a panic
+        // has left the job's frame), and this function returns only once every worker has done
+        // one of the two, so `job` outlives every use.
+        let ptr: *const (dyn Fn(usize, usize) + Sync + 'static) =
+            unsafe { std::mem::transmute(ptr) };
+        *self.job.lock().unwrap_or_else(PoisonError::into_inner) = Some(JobPtr(ptr));
+        self.round.fetch_add(1, Ordering::AcqRel);
+        job(0, self.threads);
+        // Every worker either counts itself done or unwound (a panic inside the job, which the
+        // broadcast carries out of `with_team` once the leader has returned).
+        let mut tries = 0;
+        while self.finished.load(Ordering::Acquire) + self.unwound.load(Ordering::Acquire)
+            < self.threads - 1
+        {
+            pause(&mut tries);
+        }
+        let failed = self.unwound.load(Ordering::Acquire) > 0;
+        self.finished.store(0, Ordering::Release);
+        *self.job.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        if failed {
+            candle_core::bail!("decoder team: a worker thread failed");
+        }
+        Ok(())
     }
 }
 
@@ -891,7 +1086,14 @@ mod tests {
             let graph = m
                 .forward(&t_ids, Some(&t_mask), Some(&mut cache))
                 .expect("graph step");
-            let ours = dec.step(&m, &next, &live).expect("decoder step");
+            let ours = if step % 2 == 0 {
+                dec.step(&m, &next, &live, None).expect("decoder step")
+            } else {
+                // Every other step on a team of the pool's threads.
+                with_team(|team| dec.step(&m, &next, &live, Some(team)))
+                    .expect("team")
+                    .expect("decoder step on a team")
+            };
             for r in 0..b {
                 if !live[r] {
                     continue;
@@ -949,14 +1151,16 @@ mod tests {
             .expect("decoder")
             .expect("served");
         let err = |r: Result<Vec<Vec<f32>>>| r.expect_err("refused").to_string();
-        assert!(err(dec.step(&m, &[1], &[true])).contains("1 ids and 1 live flags for 2 rows"));
-        assert!(err(dec.step(&m, &[1, 32], &[true, true])).contains("token id 32"));
+        assert!(
+            err(dec.step(&m, &[1], &[true], None)).contains("1 ids and 1 live flags for 2 rows")
+        );
+        assert!(err(dec.step(&m, &[1, 32], &[true, true], None)).contains("token id 32"));
         let other = model(&wide(), 5);
-        assert!(err(dec.step(&other, &[1, 2], &[true, true])).contains("another model"));
+        assert!(err(dec.step(&other, &[1, 2], &[true, true], None)).contains("another model"));
         for _ in 0..4 {
-            dec.step(&m, &[1, 2], &[true, true]).expect("step");
+            dec.step(&m, &[1, 2], &[true, true], None).expect("step");
         }
-        assert!(err(dec.step(&m, &[1, 2], &[true, true])).contains("the cache is full (6"));
+        assert!(err(dec.step(&m, &[1, 2], &[true, true], None)).contains("the cache is full (6"));
         // More rows than the engine serves: the caller keeps the graph.
         let rows = MAX_ROWS + 1;
         let ids = Tensor::from_vec(vec![1u32; rows], (rows, 1), &Device::Cpu).expect("ids");

@@ -13,7 +13,7 @@
 use candle_core::{Device, Tensor};
 use thiserror::Error;
 
-use super::decode::Decoder;
+use super::decode::{with_team, Decoder, Team};
 use super::model::{KvCache, Llama};
 use super::sampling::{Sampler, SamplingError, SamplingParams, StopChecker, StopReason};
 use super::tokenizer::{Tokenizer, TokenizerError};
@@ -150,62 +150,73 @@ fn generate_on_this_thread(
         })
         .collect();
 
-    loop {
-        let mut next = Vec::with_capacity(b);
-        let mut next_mask = Vec::with_capacity(b);
-        for (index, (row, row_logits)) in rows.iter_mut().zip(&logits).enumerate() {
-            if row.done.is_some() {
-                next.push(0);
-                next_mask.push(0u8);
-                continue;
-            }
-            let (token, lp) = row
-                .sampler
-                .sample(row_logits, &row.params)
-                .map_err(|source| GenerateError::Sampling { index, source })?;
-            row.tokens.push(token);
-            row.logprobs.push(lp);
-            row.model_logprobs.push(plain_logprob(row_logits, token));
-            row.len += 1;
-            // Stop strings need the text after every token; without them it is decoded once,
-            // at the end (decoding every step would cost O(n²) over a long turn).
-            let watch = !row.params.stop_strings.is_empty();
-            if watch && !eos_ids.contains(&token) {
-                row.text = tokenizer.decode(&row.tokens)?;
-            }
-            let mut stop = row.stop.check(token, &row.text);
-            if stop.is_none() && row.len >= context {
-                stop = Some(StopReason::ContextFull);
-            }
-            match stop {
-                Some(reason) => {
-                    if let StopReason::StopString { at, .. } = &reason {
-                        row.text.truncate(*at);
-                    } else if !watch {
-                        let end =
-                            row.tokens.len() - usize::from(matches!(reason, StopReason::Eos(_)));
-                        row.text = tokenizer.decode(&row.tokens[..end])?;
-                    }
-                    row.done = Some(reason);
+    // Sampling and the steps; with the decode engine, on a team that holds the compute pool's
+    // threads from one step to the next (the prefill above had the pool to itself).
+    let engine = decoder.is_some();
+    let mut decode_all = |team: Option<&Team>| -> Result<(), GenerateError> {
+        loop {
+            let mut next = Vec::with_capacity(b);
+            let mut next_mask = Vec::with_capacity(b);
+            for (index, (row, row_logits)) in rows.iter_mut().zip(&logits).enumerate() {
+                if row.done.is_some() {
                     next.push(0);
                     next_mask.push(0u8);
+                    continue;
                 }
-                None => {
-                    next.push(token);
-                    next_mask.push(1u8);
+                let (token, lp) = row
+                    .sampler
+                    .sample(row_logits, &row.params)
+                    .map_err(|source| GenerateError::Sampling { index, source })?;
+                row.tokens.push(token);
+                row.logprobs.push(lp);
+                row.model_logprobs.push(plain_logprob(row_logits, token));
+                row.len += 1;
+                // Stop strings need the text after every token; without them it is decoded once,
+                // at the end (decoding every step would cost O(n²) over a long turn).
+                let watch = !row.params.stop_strings.is_empty();
+                if watch && !eos_ids.contains(&token) {
+                    row.text = tokenizer.decode(&row.tokens)?;
+                }
+                let mut stop = row.stop.check(token, &row.text);
+                if stop.is_none() && row.len >= context {
+                    stop = Some(StopReason::ContextFull);
+                }
+                match stop {
+                    Some(reason) => {
+                        if let StopReason::StopString { at, .. } = &reason {
+                            row.text.truncate(*at);
+                        } else if !watch {
+                            let end = row.tokens.len()
+                                - usize::from(matches!(reason, StopReason::Eos(_)));
+                            row.text = tokenizer.decode(&row.tokens[..end])?;
+                        }
+                        row.done = Some(reason);
+                        next.push(0);
+                        next_mask.push(0u8);
+                    }
+                    None => {
+                        next.push(token);
+                        next_mask.push(1u8);
+                    }
                 }
             }
-        }
-        if rows.iter().all(|r| r.done.is_some()) {
-            break;
-        }
-        logits = match decoder.as_mut() {
-            Some(d) => {
-                let live: Vec<bool> = next_mask.iter().map(|m| *m != 0).collect();
-                d.step(model, &next, &live)?
+            if rows.iter().all(|r| r.done.is_some()) {
+                break;
             }
-            None => last_logits(model, &device, next, next_mask, b, 1, &mut cache)?,
-        };
+            logits = match decoder.as_mut() {
+                Some(d) => {
+                    let live: Vec<bool> = next_mask.iter().map(|m| *m != 0).collect();
+                    d.step(model, &next, &live, team)?
+                }
+                None => last_logits(model, &device, next, next_mask, b, 1, &mut cache)?,
+            };
+        }
+        Ok(())
+    };
+    if engine {
+        with_team(|team| decode_all(Some(team)))??;
+    } else {
+        decode_all(None)?;
     }
 
     Ok(rows
