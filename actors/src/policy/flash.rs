@@ -150,6 +150,8 @@ impl KeyMask {
 // ---------------------------------------------------------------- kernels
 
 #[cfg(target_arch = "x86_64")]
+use super::vexp::exp8;
+#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 /// 8 floats of `s` from `i`.
@@ -170,44 +172,6 @@ fn st(s: &mut [f32], i: usize, v: __m256) {
     let s = &mut s[i..i + LANES];
     // SAFETY: `s` holds exactly the 8 floats written (bounds-checked slice above).
     unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) }
-}
-
-/// e^x per lane (Cephes' `expf`: the argument reduced by ln 2, a degree-5 polynomial, the
-/// exponent put back in the float's bits); within 2 ulp of libm. Lanes below -87.3 (e^x
-/// under the smallest normal float), -inf included, give exactly 0, as masked scores must.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn exp8(x: __m256) -> __m256 {
-    let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.33654));
-    let x = _mm256_min_ps(x, _mm256_set1_ps(88.37626));
-    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654));
-    let n = _mm256_floor_ps(_mm256_fmadd_ps(
-        x,
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-        _mm256_set1_ps(0.5),
-    ));
-    // ln 2 in two parts, so that n·ln2 is subtracted without rounding the high part.
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-    }
-    let r2 = _mm256_mul_ps(r, r);
-    let p = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
-    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(n),
-        _mm256_set1_epi32(127),
-    ));
-    let y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    _mm256_andnot_ps(tiny, y)
 }
 
 /// `out[r][c] = a[r] · kt[·, c0 + c]` for `c < w8` (a multiple of 8): kt is `[D, stride]`
@@ -1216,43 +1180,6 @@ mod tests {
         let q = randn(&[1, 1, 6, 12], 1, 1.0);
         let k = randn(&[1, 1, 6, 12], 2, 1.0);
         assert!(attention(&q, &k, &k, &mask).expect("op").is_none());
-    }
-
-    /// The vector exp against libm over the whole range where e^x is a normal float; below
-    /// it, exactly 0 (masked scores), -inf included.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn vector_exp_is_within_2_ulp_of_libm() {
-        if !super::super::skinny::simd() {
-            return;
-        }
-        let xs: Vec<f32> = (0..=70_000).map(|i| -87.0 + i as f32 * 0.0025).collect();
-        let mut worst = 0f32;
-        for chunk in xs.chunks_exact(LANES) {
-            let mut got = [0f32; LANES];
-            // SAFETY: `simd()` found AVX2 and FMA on this CPU.
-            unsafe { st(&mut got, 0, exp8(ld(chunk, 0))) };
-            for (g, x) in got.iter().zip(chunk) {
-                let want = x.exp();
-                let ulp = f32::from_bits(want.to_bits() + 1) - want;
-                worst = worst.max((g - want).abs() / ulp);
-            }
-        }
-        assert!(worst <= 2.0, "worst error {worst} ulp");
-        let mut got = [1f32; LANES];
-        let low = [
-            f32::NEG_INFINITY,
-            -1e9,
-            -88.0,
-            -100.0,
-            -87.4,
-            -200.0,
-            -1e30,
-            -90.0,
-        ];
-        // SAFETY: as above.
-        unsafe { st(&mut got, 0, exp8(ld(&low, 0))) };
-        assert_eq!(got, [0.0; LANES]);
     }
 
     #[test]

@@ -817,9 +817,14 @@ fn log_softmax_fwd<T: Real>(x: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, 
                     mx = z;
                 }
             }
+            // The exponentials go through `o` (overwritten below), in one vector pass.
+            for (o, &z) in o.iter_mut().zip(xr) {
+                *o = z - mx;
+            }
+            T::exp_all(o);
             let mut sum = T::zero();
-            for &z in xr {
-                sum += (z - mx).exp();
+            for &e in o.iter() {
+                sum += e;
             }
             let lse = sum.ln();
             for (o, &z) in o.iter_mut().zip(xr) {
@@ -844,8 +849,11 @@ fn log_softmax_bwd<T: Real>(y: &Tensor, g: &Tensor) -> Result<Tensor> {
                     for &gv in gr {
                         sg += gv;
                     }
-                    for ((d, &yv), &gv) in d.iter_mut().zip(yr).zip(gr) {
-                        *d = gv - yv.exp() * sg;
+                    // softmax = exp(y), in one vector pass through `d`.
+                    d.copy_from_slice(yr);
+                    T::exp_all(d);
+                    for (d, &gv) in d.iter_mut().zip(gr) {
+                        *d = gv - *d * sg;
                     }
                 }
             });
