@@ -599,8 +599,8 @@ struct LayerData<'a> {
     k_norm: Option<&'a [f32]>,
 }
 
-/// Each thread's outputs of a phase, `[columns, rows]` (transposed: a thread's column range is
-/// one contiguous block), read by every thread after the barrier that ends the phase.
+/// Each thread's outputs of a phase, `[rows, its columns]` (row-major, so that gathering a
+/// row is one copy per thread), read by every thread after the barrier that ends the phase.
 struct Parts {
     /// Each thread's working buffers (only its own thread locks it).
     scratch: Vec<Mutex<Scratch>>,
@@ -667,23 +667,29 @@ fn read(l: &RwLock<Vec<f32>>) -> RwLockReadGuard<'_, Vec<f32>> {
     l.read().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Writes the threads' transposed column blocks of an `[rows, n]` matrix into `out`
-/// (row-major).
+/// Writes the threads' column blocks (each `[rows, its columns]`) of an `[rows, n]` matrix
+/// into `out`, row by row.
 fn gather(parts: &[RwLock<Vec<f32>>], n: usize, rows: usize, t: usize, out: &mut [f32]) {
     for (i, part) in parts.iter().enumerate().take(t) {
         let (c0, c1) = share(n, t, i);
         let p = read(part);
-        for c in c0..c1 {
-            for r in 0..rows {
-                out[r * n + c] = p[(c - c0) * rows + r];
-            }
+        let w = c1 - c0;
+        for r in 0..rows {
+            out[r * n + c0..r * n + c1].copy_from_slice(&p[r * w..(r + 1) * w]);
         }
     }
 }
 
-/// `x · wᵀ` for columns `n0 .. n0 + out_t.len() / rows` of w (`[n, k]`), written transposed.
-fn project(x: &[f32], w: &[f32], rows: usize, k: usize, n0: usize, out_t: &mut [f32]) {
-    skinny::columns(x, w, rows, k, n0, out_t)
+/// Columns `n0 .. n0 + cols` of `x · wᵀ` (x `[rows, k]`, w `[n, k]`) into `out`, row-major
+/// with `ld` numbers per row.
+fn project(
+    x: &[f32],
+    w: &[f32],
+    (rows, k, n0, cols): (usize, usize, usize, usize),
+    out: &mut [f32],
+    ld: usize,
+) {
+    skinny::columns_into(x, w, (rows, k, n0, cols), out, skinny::Dest::Rows { ld })
 }
 
 /// RMSNorm of each `w.len()`-long row of `x` into `out`, in the graph kernel's order.
@@ -837,12 +843,13 @@ impl Step<'_> {
                     if lo >= hi {
                         continue;
                     }
-                    let out = &mut part[(lo - c0) * b..(hi - c0) * b];
-                    project(normed, w, b, h, lo - start, out);
+                    let ld = c1 - c0;
+                    let out = &mut part[lo - c0..];
+                    project(normed, w, (b, h, lo - start, hi - lo), out, ld);
                     if let Some(bias) = bias {
-                        for (c, col) in out.chunks_exact_mut(b).enumerate() {
-                            let bv = bias[lo - start + c];
-                            for v in col {
+                        for r in 0..b {
+                            let row = &mut out[r * ld..r * ld + (hi - lo)];
+                            for (v, bv) in row.iter_mut().zip(&bias[lo - start..hi - start]) {
                                 *v += bv;
                             }
                         }
@@ -943,8 +950,9 @@ impl Step<'_> {
                 part.resize((c1 - c0) * b, 0.0);
                 let gate = sized(gate, (c1 - c0) * b);
                 let up = sized(up, (c1 - c0) * b);
-                project(normed, lw.gate, b, h, c0, gate);
-                project(normed, lw.up, b, h, c0, up);
+                let ld = c1 - c0;
+                project(normed, lw.gate, (b, h, c0, ld), gate, ld);
+                project(normed, lw.up, (b, h, c0, ld), up, ld);
                 fused::silu_mul_into(gate, up, e, &mut part);
             }
             if !self.barrier.wait() {
@@ -968,7 +976,13 @@ impl Step<'_> {
             .unwrap_or_else(PoisonError::into_inner);
         part.clear();
         part.resize((c1 - c0) * b, 0.0);
-        project(normed, self.lm_head, b, h, c0, &mut part);
+        project(
+            normed,
+            self.lm_head,
+            (b, h, c0, c1 - c0),
+            &mut part,
+            c1 - c0,
+        );
     }
 
     /// This thread's columns of `x + input · wᵀ` (w `[hidden, k]`) into its residual part.
@@ -980,10 +994,12 @@ impl Step<'_> {
             .unwrap_or_else(PoisonError::into_inner);
         part.clear();
         part.resize((c1 - c0) * b, 0.0);
-        project(input, w, b, k, c0, &mut part);
-        for (c, col) in part.chunks_exact_mut(b).enumerate() {
-            for (r, v) in col.iter_mut().enumerate() {
-                *v += x[r * h + c0 + c];
+        let ld = c1 - c0;
+        project(input, w, (b, k, c0, ld), &mut part, ld);
+        for r in 0..b {
+            let xr = &x[r * h + c0..r * h + c1];
+            for (v, xv) in part[r * ld..(r + 1) * ld].iter_mut().zip(xr) {
+                *v += xv;
             }
         }
     }

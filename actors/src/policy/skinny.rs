@@ -112,10 +112,30 @@ fn tile<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) -> [[f32
 
 // ---------------------------------------------------------------- x · wᵀ
 
-/// Writes a tile of outputs (rows `r0..`, columns `c0..`) into the transposed output.
+/// Where a block of `x · wᵀ` goes: output (row r, column c) of the block at `index(m, r, c)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dest {
+    /// `[columns, m]`: one row of `m` per output column.
+    Transposed,
+    /// `[m, ld]` row-major, the block's columns from index 0 of each row.
+    Rows { ld: usize },
+}
+
+impl Dest {
+    #[inline(always)]
+    fn index(self, m: usize, r: usize, c: usize) -> usize {
+        match self {
+            Dest::Transposed => c * m + r,
+            Dest::Rows { ld } => r * ld + c,
+        }
+    }
+}
+
+/// Writes a tile of outputs (rows `r0..`, columns `c0..`).
 #[inline(always)]
 fn store<const R: usize, const C: usize>(
-    out_t: &mut [f32],
+    out: &mut [f32],
+    dest: Dest,
     m: usize,
     r0: usize,
     c0: usize,
@@ -123,18 +143,23 @@ fn store<const R: usize, const C: usize>(
 ) {
     for (r, row) in o.iter().enumerate() {
         for (c, v) in row.iter().enumerate() {
-            out_t[(c0 + c) * m + r0 + r] = *v;
+            out[dest.index(m, r0 + r, c0 + c)] = *v;
         }
     }
 }
 
-/// Columns `n0 ..` of `x · wᵀ`, written transposed: `out_t` holds `out_t.len() / m` rows of
-/// `m` (one per output column). x: `[m, k]`, w: `[n, k]`. Tiles of 3 rows x 4 columns (12
+/// Columns `n0 .. n0 + cols` of `x · wᵀ` into `out` as `dest` says. x: `[m, k]`, w: `[n, k]`.
+/// Tiles of 3 rows x 4 columns (12
 /// accumulators, 7 loads per 12 multiply-adds, each weight row read m/3 times), then 2 x 4 and
 /// 1 x 4 for the rows left, or 1 x 8 for a single row.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-fn columns8(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f32]) {
-    let cols = out_t.len() / m;
+fn columns8(
+    x: &[f32],
+    w: &[f32],
+    (m, k, n0, cols): (usize, usize, usize, usize),
+    out: &mut [f32],
+    dest: Dest,
+) {
     let xr = |r: usize| &x[r * k..(r + 1) * k];
     let wr = |c: usize| &w[(n0 + c) * k..(n0 + c + 1) * k];
     let wide = if m == 1 { 8 } else { 4 };
@@ -148,7 +173,7 @@ fn columns8(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f3
             8 => {
                 let ws = [0, 1, 2, 3, 4, 5, 6, 7].map(|j| wr(c + j));
                 for r in 0..m {
-                    store(out_t, m, r, c, tile::<1, 8>([xr(r)], ws));
+                    store(out, dest, m, r, c, tile::<1, 8>([xr(r)], ws));
                 }
             }
             4 => {
@@ -157,16 +182,16 @@ fn columns8(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f3
                 while r < m {
                     r += match m - r {
                         1 => {
-                            store(out_t, m, r, c, tile::<1, 4>([xr(r)], ws));
+                            store(out, dest, m, r, c, tile::<1, 4>([xr(r)], ws));
                             1
                         }
                         2 => {
-                            store(out_t, m, r, c, tile::<2, 4>([xr(r), xr(r + 1)], ws));
+                            store(out, dest, m, r, c, tile::<2, 4>([xr(r), xr(r + 1)], ws));
                             2
                         }
                         _ => {
                             let rows = [xr(r), xr(r + 1), xr(r + 2)];
-                            store(out_t, m, r, c, tile::<3, 4>(rows, ws));
+                            store(out, dest, m, r, c, tile::<3, 4>(rows, ws));
                             3
                         }
                     };
@@ -175,7 +200,7 @@ fn columns8(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f3
             _ => {
                 for r in 0..m {
                     for col in c..c + take {
-                        store(out_t, m, r, col, tile::<1, 1>([xr(r)], [wr(col)]));
+                        store(out, dest, m, r, col, tile::<1, 1>([xr(r)], [wr(col)]));
                     }
                 }
             }
@@ -238,8 +263,13 @@ fn tile16<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) -> [[f
 /// against tiles of up to 4 rows (16 accumulators, 8 loads per 16 multiply-adds).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn columns16(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f32]) {
-    let cols = out_t.len() / m;
+fn columns16(
+    x: &[f32],
+    w: &[f32],
+    (m, k, n0, cols): (usize, usize, usize, usize),
+    out: &mut [f32],
+    dest: Dest,
+) {
     let xr = |r: usize| &x[r * k..(r + 1) * k];
     let wr = |c: usize| &w[(n0 + c) * k..(n0 + c + 1) * k];
     let wide = if m == 1 { 8 } else { 4 };
@@ -250,7 +280,7 @@ fn columns16(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f
             8 => {
                 let ws = [0, 1, 2, 3, 4, 5, 6, 7].map(|j| wr(c + j));
                 for r in 0..m {
-                    store(out_t, m, r, c, tile16::<1, 8>([xr(r)], ws));
+                    store(out, dest, m, r, c, tile16::<1, 8>([xr(r)], ws));
                 }
             }
             4 => {
@@ -259,21 +289,21 @@ fn columns16(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f
                 while r < m {
                     r += match m - r {
                         1 => {
-                            store(out_t, m, r, c, tile16::<1, 4>([xr(r)], ws));
+                            store(out, dest, m, r, c, tile16::<1, 4>([xr(r)], ws));
                             1
                         }
                         2 => {
-                            store(out_t, m, r, c, tile16::<2, 4>([xr(r), xr(r + 1)], ws));
+                            store(out, dest, m, r, c, tile16::<2, 4>([xr(r), xr(r + 1)], ws));
                             2
                         }
                         3 => {
                             let rows = [xr(r), xr(r + 1), xr(r + 2)];
-                            store(out_t, m, r, c, tile16::<3, 4>(rows, ws));
+                            store(out, dest, m, r, c, tile16::<3, 4>(rows, ws));
                             3
                         }
                         _ => {
                             let rows = [xr(r), xr(r + 1), xr(r + 2), xr(r + 3)];
-                            store(out_t, m, r, c, tile16::<4, 4>(rows, ws));
+                            store(out, dest, m, r, c, tile16::<4, 4>(rows, ws));
                             4
                         }
                     };
@@ -282,7 +312,7 @@ fn columns16(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f
             _ => {
                 for r in 0..m {
                     for col in c..c + take {
-                        store(out_t, m, r, col, tile16::<1, 1>([xr(r)], [wr(col)]));
+                        store(out, dest, m, r, col, tile16::<1, 1>([xr(r)], [wr(col)]));
                     }
                 }
             }
@@ -292,27 +322,41 @@ fn columns16(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f
 }
 
 /// Columns `n0 ..` of `x · wᵀ`, written transposed: `out_t` holds `out_t.len() / m` rows of
-/// `m` (one per output column). x: `[m, k]`, w: `[n, k]`. The 16-lane kernels where the CPU
-/// has AVX-512F (and `KLONGD_FUSED_OFF` does not name `avx512`), else the 8-lane ones; plain
-/// loops on a CPU with neither (never reached through `serves`).
+/// `m` (one per output column). x: `[m, k]`, w: `[n, k]`.
 pub(crate) fn columns(x: &[f32], w: &[f32], m: usize, k: usize, n0: usize, out_t: &mut [f32]) {
+    let cols = out_t.len() / m.max(1);
+    columns_into(x, w, (m, k, n0, cols), out_t, Dest::Transposed);
+}
+
+/// Columns `n0 .. n0 + cols` of `x · wᵀ` (x `[m, k]`, w `[n, k]`) into `out` as `dest` says.
+/// The 16-lane kernels where the CPU has AVX-512F (and `KLONGD_FUSED_OFF` does not name
+/// `avx512`), else the 8-lane ones; plain loops on a CPU with neither (never reached through
+/// `serves`). Each output is the same dot product, in the same order, whichever tile computes
+/// it, so a block's results do not depend on how the columns are split.
+pub(crate) fn columns_into(
+    x: &[f32],
+    w: &[f32],
+    (m, k, n0, cols): (usize, usize, usize, usize),
+    out: &mut [f32],
+    dest: Dest,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if simd() && super::flash::avx512() {
             // SAFETY: `avx512()` found AVX-512F and `simd()` AVX2 and FMA on this CPU.
-            unsafe { columns16(x, w, m, k, n0, out_t) };
+            unsafe { columns16(x, w, (m, k, n0, cols), out, dest) };
             return;
         }
         if simd() {
             // SAFETY: `simd()` found AVX2 and FMA on this CPU.
-            unsafe { columns8(x, w, m, k, n0, out_t) };
+            unsafe { columns8(x, w, (m, k, n0, cols), out, dest) };
             return;
         }
     }
-    for (c, out) in out_t.chunks_exact_mut(m.max(1)).enumerate() {
+    for c in 0..cols {
         let wc = &w[(n0 + c) * k..(n0 + c + 1) * k];
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = x[r * k..(r + 1) * k]
+        for r in 0..m {
+            out[dest.index(m, r, c)] = x[r * k..(r + 1) * k]
                 .iter()
                 .zip(wc)
                 .fold(0f32, |s, (a, b)| a.mul_add(*b, s));
