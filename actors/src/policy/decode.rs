@@ -112,7 +112,7 @@ pub struct Decoder {
     /// pairs, so the locks are never contended.
     cache: Vec<Mutex<PairCache>>,
     inv_freq: Vec<f32>,
-    /// The most positions a row may reach: the model's context.
+    /// The model's context: the most positions a row may reach.
     context: usize,
     /// The threads' phase outputs, kept from step to step (sized for the pool the last step
     /// ran on): allocating them per step had the threads free each other's memory, and
@@ -233,8 +233,20 @@ impl Decoder {
                 d.vocab
             );
         }
-        if self.len() >= self.context {
-            candle_core::bail!("decoder: the cache is full ({} positions)", self.context);
+        // Positions are per row (pads take none), so a row is full at the model's context;
+        // the cache (pads included) holds at most a prompt and a generation, each shorter.
+        if let Some(r) = (0..self.rows).find(|r| live[*r] && self.seen[*r] >= self.context) {
+            candle_core::bail!(
+                "decoder: row {r} is at position {}, past the model's context ({})",
+                self.seen[r],
+                self.context
+            );
+        }
+        if self.len() >= 2 * self.context {
+            candle_core::bail!(
+                "decoder: the cache holds {} positions, twice the model's context",
+                self.len()
+            );
         }
         // Positions, RoPE angles (as the graph computes them: f32 position times f32
         // frequency, the halves repeated) and the additive key mask of this step.
@@ -248,15 +260,19 @@ impl Decoder {
                 cos[r * hd + i] = a.cos();
                 sin[r * hd + i] = a.sin();
             }
-            self.key_mask[r].push(live[r]);
-            if live[r] {
-                self.seen[r] += 1;
-            }
         }
+        // The keys so far and this step's own: the state itself changes only once the step has
+        // succeeded, so a failed step leaves the decoder as it was.
         let masks: Vec<Vec<f32>> = self
             .key_mask
             .iter()
-            .map(|row| row.iter().map(|m| if *m { 0.0 } else { MASKED }).collect())
+            .zip(live)
+            .map(|(row, new)| {
+                row.iter()
+                    .chain(std::iter::once(new))
+                    .map(|m| if *m { 0.0 } else { MASKED })
+                    .collect()
+            })
             .collect();
 
         let weights = model.weights();
@@ -359,7 +375,7 @@ impl Decoder {
         let step = Step {
             d,
             b,
-            past: self.len() - 1,
+            past: self.len(),
             x0: &x0,
             cos: &cos,
             sin: &sin,
@@ -384,6 +400,10 @@ impl Decoder {
         let mut logits = vec![0f32; b * d.vocab];
         gather(&step.parts.logits, d.vocab, b, threads, &mut logits);
         self.parts = Some(step.parts);
+        for ((keys, seen), new) in self.key_mask.iter_mut().zip(&mut self.seen).zip(live) {
+            keys.push(*new);
+            *seen += usize::from(*new);
+        }
         Ok(logits.chunks_exact(d.vocab).map(<[f32]>::to_vec).collect())
     }
 }
@@ -1176,7 +1196,10 @@ mod tests {
         for _ in 0..4 {
             dec.step(&m, &[1, 2], &[true, true], None).expect("step");
         }
-        assert!(err(dec.step(&m, &[1, 2], &[true, true], None)).contains("the cache is full (6"));
+        assert!(err(dec.step(&m, &[1, 2], &[true, true], None))
+            .contains("row 0 is at position 6, past the model's context (6)"));
+        // A finished row (fed pads) takes no position: the other row is the one that is full.
+        assert!(err(dec.step(&m, &[0, 2], &[false, true], None)).contains("row 1 is at position 6"));
         // More rows than the engine serves: the caller keeps the graph.
         let rows = MAX_ROWS + 1;
         let ids = Tensor::from_vec(vec![1u32; rows], (rows, 1), &Device::Cpu).expect("ids");
