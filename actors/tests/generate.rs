@@ -12,8 +12,12 @@ use klong_actors::policy::tokenizer::{ByteTokenizer, Tokenizer};
 fn model(seed: u64) -> Llama {
     let mut cfg = LlamaConfig::tiny(ByteTokenizer::VOCAB_SIZE);
     cfg.max_position_embeddings = 64;
+    model_of(&cfg, seed)
+}
+
+fn model_of(cfg: &LlamaConfig, seed: u64) -> Llama {
     let vm = VarMap::new();
-    let m = Llama::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let m = Llama::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     // Deterministic, peaked enough that sampling is not uniform noise.
     let mut s = seed;
     let mut vars = vm
@@ -89,6 +93,44 @@ fn batched_requests_equal_each_request_alone() {
     assert_eq!(batch, again);
     let other = generate(&m, &TOK, &prompts[..1], &[sampled(12, 20)], &[]).unwrap();
     assert_ne!(other[0].tokens, batch[0].tokens);
+}
+
+/// Generations started from several threads at once all finish, each with what it gives
+/// alone. The model is big enough that every decode step runs on all the pool's threads, and
+/// each generation holds them for its steps (a decode team), so this is the test that teams
+/// queue behind each other instead of waiting on each other.
+#[test]
+fn concurrent_generations_finish_and_equal_each_alone() {
+    let mut cfg = LlamaConfig::tiny(ByteTokenizer::VOCAB_SIZE);
+    cfg.hidden_size = 64;
+    cfg.intermediate_size = 160;
+    cfg.max_position_embeddings = 128;
+    let m = model_of(&cfg, 7);
+    let prompts: Vec<Vec<u32>> = (0..4u32)
+        .map(|i| (0..3 + 4 * i).map(|j| (j * 7 + i) % 256).collect())
+        .collect();
+    let params: Vec<SamplingParams> = (0..4).map(|i| sampled(100 + i, 40)).collect();
+    let alone: Vec<_> = (0..4)
+        .map(|i| generate(&m, &TOK, &prompts[i..=i], &params[i..=i], &[]).unwrap())
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (m2, p2, s2) = (m.clone(), prompts.clone(), params.clone());
+    std::thread::spawn(move || {
+        let out: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|i| {
+                    let (m, p, s) = (&m2, &p2, &s2);
+                    scope.spawn(move || generate(m, &TOK, &p[i..=i], &s[i..=i], &[]).unwrap())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let _ = tx.send(out);
+    });
+    let together = rx
+        .recv_timeout(std::time::Duration::from_secs(300))
+        .expect("four concurrent generations finish within 5 minutes");
+    assert_eq!(together, alone);
 }
 
 #[test]
