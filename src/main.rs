@@ -262,6 +262,13 @@ enum BenchCommand {
         /// fraction of a second on klongd's side) and runs vary: take several.
         #[arg(long, default_value_t = 7)]
         decode_runs: usize,
+        /// Decode: the prompt's length in tokens (the benchmark: 16). Longer prompts
+        /// measure decode at the context lengths of long episodes, where attention dominates.
+        #[arg(long, default_value_t = 16)]
+        prompt: usize,
+        /// Decode: new tokens per row (the benchmark: 256).
+        #[arg(long, default_value_t = 256)]
+        new_tokens: usize,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -604,6 +611,8 @@ fn main() -> ExitCode {
             peer_timeout,
             threads,
             decode_runs,
+            prompt,
+            new_tokens,
             json,
         }) => {
             let opts = bench_model::ModelBenchOptions {
@@ -614,6 +623,8 @@ fn main() -> ExitCode {
                 peer_script,
                 peer_timeout: std::time::Duration::from_secs(peer_timeout),
                 decode_runs,
+                prompt,
+                new_tokens,
                 ..Default::default()
             };
             let result = bench_model::model(&opts);
