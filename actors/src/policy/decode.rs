@@ -91,11 +91,30 @@ impl Dims {
     }
 }
 
-/// One (row, kv head) pair's keys and values, `[positions, head_dim]` each, row-major.
+/// One (row, kv head) pair's keys and values. The keys are transposed in blocks of
+/// `skinny::KEY_BLOCK` positions (`[head_dim, KEY_BLOCK]` per block), so that the scores of a
+/// block are vector products without horizontal sums; the values are `[positions, head_dim]`.
 #[derive(Debug, Default, Clone)]
 struct PairCache {
-    k: Vec<f32>,
+    kt: Vec<f32>,
     v: Vec<f32>,
+}
+
+impl PairCache {
+    /// Puts `key` at position `s` (the blocks grow as needed; a position written again, after
+    /// a failed step, is overwritten).
+    fn put_key(&mut self, s: usize, key: &[f32]) {
+        let d = key.len();
+        let (blk, lane) = (s / skinny::KEY_BLOCK, s % skinny::KEY_BLOCK);
+        let need = (blk + 1) * skinny::KEY_BLOCK * d;
+        if self.kt.len() < need {
+            self.kt.resize(need, 0.0);
+        }
+        let base = blk * skinny::KEY_BLOCK * d;
+        for (dd, k) in key.iter().enumerate() {
+            self.kt[base + dd * skinny::KEY_BLOCK + lane] = *k;
+        }
+    }
 }
 
 /// Generation state after a prefill: the KV cache in the engine's own layout, and which
@@ -171,10 +190,14 @@ impl Decoder {
             let room = (positions + 256).min(model.config().max_position_embeddings) * d;
             for (kp, vp) in k.chunks_exact(pair.max(1)).zip(v.chunks_exact(pair.max(1))) {
                 let mut pc = PairCache {
-                    k: Vec::with_capacity(room),
+                    kt: Vec::with_capacity(
+                        room.div_ceil(skinny::KEY_BLOCK * d) * skinny::KEY_BLOCK * d,
+                    ),
                     v: Vec::with_capacity(room),
                 };
-                pc.k.extend_from_slice(&kp[..pair]);
+                for (s, key) in kp[..pair].chunks_exact(d).enumerate() {
+                    pc.put_key(s, key);
+                }
                 pc.v.extend_from_slice(&vp[..pair]);
                 cache.push(Mutex::new(pc));
             }
@@ -919,23 +942,21 @@ impl Step<'_> {
                     let mut pc = self.cache[slot]
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner);
-                    pc.k.truncate(self.past * hd);
+                    pc.put_key(self.past, kbuf);
                     pc.v.truncate(self.past * hd);
-                    pc.k.extend_from_slice(kbuf);
                     pc.v.extend_from_slice(value);
                     let keys = self.past + 1;
                     let out = &mut part[(p - p0) * g * hd..(p - p0 + 1) * g * hd];
-                    // SAFETY: `attend_pair` needs AVX2 and FMA on x86_64, which
+                    // SAFETY: `attend_blocked` needs AVX2 and FMA on x86_64, which
                     // `Decoder::serves` found on this CPU.
                     #[allow(unused_unsafe)]
                     unsafe {
-                        skinny::attend_pair(
+                        skinny::attend_blocked(
                             qbuf,
-                            (&pc.k, &pc.v),
+                            (&pc.kt, &pc.v),
                             &self.masks[r],
-                            (0, 0, hd, hd),
-                            (1, keys, hd),
-                            scores,
+                            (keys, hd),
+                            &mut scores[0],
                             out,
                         )
                     };

@@ -492,15 +492,65 @@ fn weigh_values<'a>(
         sum += *sc;
     }
     let inv = 1.0 / sum;
+    // y[e] = Σ_j p_j·v_j[e] as two sums, over the even keys and over the odd ones, each one
+    // multiply-add per key in key order, added at the end: two chains of multiply-adds per
+    // element instead of one as long as the context. On x86_64 in blocks of 32 numbers kept
+    // in eight registers over all the keys; the plain loop below does the same per element
+    // for the rest.
+    let d = y.len();
+    let mut e0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        while e0 + 32 <= d {
+            // Key j's multiply-adds into `acc` (skipped when its weight is exactly 0).
+            let add = |acc: &mut [__m256; 4], j: usize| {
+                let p = scores[j];
+                if p == 0.0 {
+                    return;
+                }
+                let pv = _mm256_set1_ps(p * inv);
+                let v = &value(j)[e0..e0 + 32];
+                for (h, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: `v` holds 32 floats; 8·h + 8 <= 32.
+                    let vv = unsafe { _mm256_loadu_ps(v.as_ptr().add(8 * h)) };
+                    *a = _mm256_fmadd_ps(pv, vv, *a);
+                }
+            };
+            // Two named sets (not an array indexed by j % 2), so that both stay in registers.
+            let (mut even, mut odd) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+            let mut j = 0;
+            while j + 1 < scores.len() {
+                add(&mut even, j);
+                add(&mut odd, j + 1);
+                j += 2;
+            }
+            if j < scores.len() {
+                add(&mut even, j);
+            }
+            for h in 0..4 {
+                let sum = _mm256_add_ps(even[h], odd[h]);
+                // SAFETY: e0 + 32 <= d = y.len().
+                unsafe { _mm256_storeu_ps(y.as_mut_ptr().add(e0 + 8 * h), sum) };
+            }
+            e0 += 32;
+        }
+    }
+    let y = &mut y[e0..];
+    let mut odd = vec![0f32; y.len()];
     y.fill(0.0);
     for (j, p) in scores.iter().enumerate() {
         if *p == 0.0 {
             continue;
         }
         let p = p * inv;
-        for (yv, vv) in y.iter_mut().zip(value(j)) {
+        let acc = if j % 2 == 0 { &mut *y } else { &mut odd[..] };
+        for (yv, vv) in acc.iter_mut().zip(&value(j)[e0..]) {
             *yv = p.mul_add(*vv, *yv);
         }
+    }
+    for (yv, o) in y.iter_mut().zip(&odd) {
+        *yv += o;
     }
 }
 
@@ -564,6 +614,166 @@ pub(crate) fn attend_pair(
             );
         }
         r += n;
+    }
+}
+
+/// Positions per block of a decode engine's keys (see [`attend_blocked`]).
+pub(crate) const KEY_BLOCK: usize = 16;
+
+/// The scores `q · k_s` of keys `0 .. out.len()` stored in transposed blocks (`kt`: per block
+/// of [`KEY_BLOCK`] positions, `[d, KEY_BLOCK]`), so that one vector holds one dimension of a
+/// block's keys and no score needs a horizontal sum. Each score is summed exactly as `tile`
+/// sums a dot product (eight partial sums over d, each a chain of multiply-adds, combined in
+/// `tile`'s order, then the tail), so the scores are the same bits as `attend_pair`'s.
+#[cfg(any(test, not(target_arch = "x86_64")))]
+#[inline(always)]
+fn scores_blocked_body(q: &[f32], kt: &[f32], out: &mut [f32]) {
+    let d = q.len();
+    let whole = d - d % 8;
+    for (blk, o) in out.chunks_mut(KEY_BLOCK).enumerate() {
+        let base = blk * KEY_BLOCK * d;
+        let key = |dd: usize| &kt[base + dd * KEY_BLOCK..base + (dd + 1) * KEY_BLOCK];
+        let mut acc = [[0f32; KEY_BLOCK]; 8];
+        for c in 0..whole / 8 {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let dd = 8 * c + j;
+                let (qv, row) = (q[dd], key(dd));
+                for (a, k) in a.iter_mut().zip(row) {
+                    *a = qv.mul_add(*k, *a);
+                }
+            }
+        }
+        for (l, o) in o.iter_mut().enumerate() {
+            let s4 = [
+                acc[0][l] + acc[4][l],
+                acc[1][l] + acc[5][l],
+                acc[2][l] + acc[6][l],
+                acc[3][l] + acc[7][l],
+            ];
+            let mut s = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+            for dd in whole..d {
+                s = q[dd].mul_add(key(dd)[l], s);
+            }
+            *o = s;
+        }
+    }
+}
+
+/// `scores_blocked_body` in AVX-512F registers: one register per block and dimension.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn scores_blocked16(q: &[f32], kt: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    let whole = d - d % 8;
+    for (blk, o) in out.chunks_mut(KEY_BLOCK).enumerate() {
+        let block = &kt[blk * KEY_BLOCK * d..(blk + 1) * KEY_BLOCK * d];
+        // SAFETY: `block` holds d rows of 16 floats; every load below reads row dd < d.
+        let key = |dd: usize| unsafe { _mm512_loadu_ps(block.as_ptr().add(dd * KEY_BLOCK)) };
+        let mut acc = [_mm512_setzero_ps(); 8];
+        for c in 0..whole / 8 {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let dd = 8 * c + j;
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(q[dd]), key(dd), *a);
+            }
+        }
+        let s4 = [0, 1, 2, 3].map(|j| _mm512_add_ps(acc[j], acc[j + 4]));
+        let mut s = _mm512_add_ps(_mm512_add_ps(s4[0], s4[2]), _mm512_add_ps(s4[1], s4[3]));
+        for dd in whole..d {
+            s = _mm512_fmadd_ps(_mm512_set1_ps(q[dd]), key(dd), s);
+        }
+        let mut lanes = [0f32; KEY_BLOCK];
+        // SAFETY: `lanes` holds 16 floats.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), s) };
+        o.copy_from_slice(&lanes[..o.len()]);
+    }
+}
+
+/// `scores_blocked_body` in AVX2 registers: two per block and dimension.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn scores_blocked8(q: &[f32], kt: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    let whole = d - d % 8;
+    for (blk, o) in out.chunks_mut(KEY_BLOCK).enumerate() {
+        let block = &kt[blk * KEY_BLOCK * d..(blk + 1) * KEY_BLOCK * d];
+        // SAFETY: `block` holds d rows of 16 floats; every load reads 8 of row dd < d.
+        let key = |dd: usize, h: usize| unsafe {
+            _mm256_loadu_ps(block.as_ptr().add(dd * KEY_BLOCK + 8 * h))
+        };
+        let mut acc = [[_mm256_setzero_ps(); 2]; 8];
+        for c in 0..whole / 8 {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let dd = 8 * c + j;
+                let qv = _mm256_set1_ps(q[dd]);
+                for (h, ah) in a.iter_mut().enumerate() {
+                    *ah = _mm256_fmadd_ps(qv, key(dd, h), *ah);
+                }
+            }
+        }
+        let mut lanes = [0f32; KEY_BLOCK];
+        for h in 0..2 {
+            let s4 = [0, 1, 2, 3].map(|j| _mm256_add_ps(acc[j][h], acc[j + 4][h]));
+            let mut s = _mm256_add_ps(_mm256_add_ps(s4[0], s4[2]), _mm256_add_ps(s4[1], s4[3]));
+            for dd in whole..d {
+                s = _mm256_fmadd_ps(_mm256_set1_ps(q[dd]), key(dd, h), s);
+            }
+            // SAFETY: `lanes` holds 16 floats; 8·h + 8 <= 16.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * h), s) };
+        }
+        o.copy_from_slice(&lanes[..o.len()]);
+    }
+}
+
+/// The portable form, so that the module builds everywhere (`simd()` keeps other targets off
+/// the decode engine).
+#[cfg(not(target_arch = "x86_64"))]
+fn scores_blocked8(q: &[f32], kt: &[f32], out: &mut [f32]) {
+    scores_blocked_body(q, kt, out)
+}
+
+/// `attend_pair` for the decode engine's cache: the query rows `q` (`out.len() / d` of them,
+/// one new position each) against `keys` keys held transposed in blocks (`kt`, see
+/// [`scores_blocked_body`]) and values `v` (`[keys, d]`), with the additive `mask` over the
+/// keys. The same scores, softmax and weighted sum as `attend_pair`, so the same bits.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+pub(crate) fn attend_blocked(
+    q: &[f32],
+    (kt, v): (&[f32], &[f32]),
+    mask: &[f32],
+    (keys, d): (usize, usize),
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let half_masked = super::model::MASKED / 2.0;
+    let mask = &mask[..keys];
+    // Masked keys drop out unless every key is masked (then all count, as in `attend_pair`).
+    let any_visible = mask.iter().any(|m| *m > half_masked);
+    for (qr, y) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        scores.clear();
+        scores.resize(keys, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::flash::avx512() {
+                // SAFETY: `avx512()` found AVX-512F on this CPU (and AVX2 + FMA were needed to
+                // get here).
+                unsafe { scores_blocked16(qr, kt, scores) };
+            } else {
+                scores_blocked8(qr, kt, scores);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        scores_blocked8(qr, kt, scores);
+        for (sc, m) in scores.iter_mut().zip(mask) {
+            *sc += m;
+        }
+        weigh_values(
+            scores,
+            |j| !any_visible || mask[j] > half_masked,
+            |j| &v[j * d..(j + 1) * d],
+            y,
+        );
     }
 }
 
@@ -794,5 +1004,46 @@ mod tests {
         let q = randn(&[b, g, rows, d], 4);
         let mask = additive_mask(b, rows, s, |_, _, _| true);
         assert!(attention(&q, &k, &v, &mask).expect("op").is_none());
+    }
+
+    /// The blocked score kernels are `scores_blocked_body` to the bit (whose order is
+    /// `tile`'s), over head sizes with and without a tail and key counts around a block.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn blocked_scores_are_the_reference_order_to_the_bit() {
+        if !simd() {
+            return;
+        }
+        for d in [4usize, 16, 32, 36] {
+            for keys in [1usize, 15, 16, 17, 50] {
+                let q = randn(&[d], 7).to_vec1::<f32>().expect("q");
+                let blocks = keys.div_ceil(KEY_BLOCK);
+                let kt = randn(&[blocks * KEY_BLOCK * d], 8)
+                    .to_vec1::<f32>()
+                    .expect("kt");
+                let mut want = vec![0f32; keys];
+                scores_blocked_body(&q, &kt, &mut want);
+                // The reference is `tile`'s dot product of q with each key.
+                for (s, w) in want.iter().enumerate() {
+                    let key: Vec<f32> = (0..d)
+                        .map(|dd| {
+                            kt[(s / KEY_BLOCK) * KEY_BLOCK * d + dd * KEY_BLOCK + s % KEY_BLOCK]
+                        })
+                        .collect();
+                    // SAFETY: `simd()` found AVX2 and FMA.
+                    let t = unsafe { tile::<1, 1>([&q], [&key]) }[0][0];
+                    assert_eq!(t.to_bits(), w.to_bits(), "d {d}, key {s}");
+                }
+                let mut got = vec![0f32; keys];
+                // SAFETY: as above.
+                unsafe { scores_blocked8(&q, &kt, &mut got) };
+                assert_eq!(got, want, "8 lanes, d {d}, {keys} keys");
+                if super::super::flash::avx512() {
+                    // SAFETY: `avx512()` found AVX-512F.
+                    unsafe { scores_blocked16(&q, &kt, &mut got) };
+                    assert_eq!(got, want, "16 lanes, d {d}, {keys} keys");
+                }
+            }
+        }
     }
 }
