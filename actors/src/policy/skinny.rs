@@ -651,8 +651,8 @@ fn scores_blocked_body(q: &[f32], kt: &[f32], out: &mut [f32]) {
                 acc[3][l] + acc[7][l],
             ];
             let mut s = (s4[0] + s4[2]) + (s4[1] + s4[3]);
-            for dd in whole..d {
-                s = q[dd].mul_add(key(dd)[l], s);
+            for (dd, qv) in q.iter().enumerate().skip(whole) {
+                s = qv.mul_add(key(dd)[l], s);
             }
             *o = s;
         }
@@ -679,8 +679,8 @@ fn scores_blocked16(q: &[f32], kt: &[f32], out: &mut [f32]) {
         }
         let s4 = [0, 1, 2, 3].map(|j| _mm512_add_ps(acc[j], acc[j + 4]));
         let mut s = _mm512_add_ps(_mm512_add_ps(s4[0], s4[2]), _mm512_add_ps(s4[1], s4[3]));
-        for dd in whole..d {
-            s = _mm512_fmadd_ps(_mm512_set1_ps(q[dd]), key(dd), s);
+        for (dd, qv) in q.iter().enumerate().skip(whole) {
+            s = _mm512_fmadd_ps(_mm512_set1_ps(*qv), key(dd), s);
         }
         let mut lanes = [0f32; KEY_BLOCK];
         // SAFETY: `lanes` holds 16 floats.
@@ -713,14 +713,14 @@ fn scores_blocked8(q: &[f32], kt: &[f32], out: &mut [f32]) {
             }
         }
         let mut lanes = [0f32; KEY_BLOCK];
-        for h in 0..2 {
+        for (h, half) in lanes.chunks_exact_mut(8).enumerate() {
             let s4 = [0, 1, 2, 3].map(|j| _mm256_add_ps(acc[j][h], acc[j + 4][h]));
             let mut s = _mm256_add_ps(_mm256_add_ps(s4[0], s4[2]), _mm256_add_ps(s4[1], s4[3]));
-            for dd in whole..d {
-                s = _mm256_fmadd_ps(_mm256_set1_ps(q[dd]), key(dd, h), s);
+            for (dd, qv) in q.iter().enumerate().skip(whole) {
+                s = _mm256_fmadd_ps(_mm256_set1_ps(*qv), key(dd, h), s);
             }
-            // SAFETY: `lanes` holds 16 floats; 8·h + 8 <= 16.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * h), s) };
+            // SAFETY: `half` holds 8 floats.
+            unsafe { _mm256_storeu_ps(half.as_mut_ptr(), s) };
         }
         o.copy_from_slice(&lanes[..o.len()]);
     }
