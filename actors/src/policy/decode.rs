@@ -5,16 +5,17 @@
 //! each. Each allocates its output, and each product above a few thousand multiply-adds wakes
 //! the thread pool and waits for it. In `klongd bench model`'s batch-1 decode (model R), a
 //! fifth of the time was the kernel waking and parking threads, against ~37% in the products
-//! themselves. Here a step is one `rayon::broadcast`: every pool thread runs the whole step,
-//! each on its share of every product (a range of output columns, or of (row, kv head) pairs
-//! for attention), and the threads meet at a spinning barrier between phases (five per layer).
+//! themselves. Here every pool thread runs the whole step, each on its share of every product
+//! (a range of output columns, or of (row, kv head) pairs for attention), and the threads meet
+//! at a spinning barrier between phases (five per layer). A step is one `rayon::broadcast`,
+//! or, on a [`Team`] (see [`with_team`]), one round of threads that stay between steps.
 //!
 //! Results: every number is computed by the kernels, in the order, that the graph path
 //! ([`Llama::forward`] with a [`KvCache`], whose decode steps take `skinny`'s kernels) uses: the
-//! same projections (`skinny::columns`), RMSNorm, RoPE, attention (`skinny::attend_pair`) and
-//! SwiGLU arithmetic. So the logits are the same bits as that path's (tested), and each output
-//! element is computed by one thread in a fixed order, so they do not depend on the thread
-//! count.
+//! same projections (`skinny::columns_into`), RMSNorm, RoPE, attention (`skinny::attend_blocked`
+//! sums each score in the order of `attend_pair`'s) and SwiGLU arithmetic. So the logits are
+//! the same bits as that path's (tested), and each output element is computed by one thread in
+//! a fixed order, so they do not depend on the thread count.
 //!
 //! Served: a CPU f32 model on x86_64 with AVX2 and FMA, at most [`MAX_ROWS`] rows. Anything
 //! else gets `None` from [`Decoder::after_prefill`], and the caller steps through the graph.

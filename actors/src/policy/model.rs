@@ -332,6 +332,9 @@ fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<L
     Ok(Linear::new(w, b))
 }
 
+/// One layer's cached keys and values, `[B, Hkv, S, D]` each.
+pub(crate) type KeysValues = (Tensor, Tensor);
+
 /// Per-layer keys and values of the tokens seen so far, plus which of them are real tokens
 /// (pads stay in the cache, masked, so that all rows keep one length).
 ///
@@ -340,9 +343,6 @@ fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<L
 /// into buffers with room to grow (doubling), so a decode step copies only its new position
 /// instead of the whole cache. Otherwise each step concatenates, and gradients flow through
 /// the cache.
-/// One layer's cached keys and values, `[B, Hkv, S, D]` each.
-pub(crate) type KeysValues = (Tensor, Tensor);
-
 #[derive(Debug, Default)]
 pub struct KvCache {
     /// Per layer: (keys, values) `[B, Hkv, S, D]` of the positions seen so far (views into
