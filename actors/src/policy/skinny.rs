@@ -149,9 +149,8 @@ fn store<const R: usize, const C: usize>(
 }
 
 /// Columns `n0 .. n0 + cols` of `x · wᵀ` into `out` as `dest` says. x: `[m, k]`, w: `[n, k]`.
-/// Tiles of 3 rows x 4 columns (12
-/// accumulators, 7 loads per 12 multiply-adds, each weight row read m/3 times), then 2 x 4 and
-/// 1 x 4 for the rows left, or 1 x 8 for a single row.
+/// Tiles of 3 rows x 4 columns (12 accumulators, 7 loads per 12 multiply-adds, each weight row
+/// read m/3 times), then 2 x 4 and 1 x 4 for the rows left, or 1 x 8 for a single row.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 fn columns8(
     x: &[f32],
@@ -211,8 +210,7 @@ fn columns8(
 
 /// `tile` with 16-lane (AVX-512F) registers: the same dot products, each summed as 16
 /// partial sums (lanes i and i+8, then as `tile` does), so the results differ from `tile`'s
-/// in the last bits. At batch 8 the decode step's products are bound by the multiply-adds,
-/// and these do twice as many per instruction.
+/// in the last bits; half the instructions per dot product.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
