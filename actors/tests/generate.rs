@@ -102,8 +102,9 @@ fn batched_requests_equal_each_request_alone() {
 #[test]
 fn concurrent_generations_finish_and_equal_each_alone() {
     let mut cfg = LlamaConfig::tiny(ByteTokenizer::VOCAB_SIZE);
-    cfg.hidden_size = 64;
-    cfg.intermediate_size = 160;
+    // ~380k weight multiply-adds per row and step: a step of one row takes several threads.
+    cfg.hidden_size = 128;
+    cfg.intermediate_size = 320;
     cfg.max_position_embeddings = 128;
     let m = model_of(&cfg, 7);
     let prompts: Vec<Vec<u32>> = (0..4u32)

@@ -35,8 +35,9 @@ use super::skinny;
 /// few-row kernels, and the graph path takes them.
 pub const MAX_ROWS: usize = skinny::MAX_ROWS;
 
-/// A step with fewer weight multiply-adds than this runs on the calling thread alone: waking
-/// the pool would cost more than it saves.
+/// Weight multiply-adds per thread below which another thread costs more (its barrier waits)
+/// than it saves: a step takes one thread per this much work, at most the pool's threads, so
+/// a small model on a many-core box runs on a few of them.
 const PAR_MIN_FMAS: usize = 1 << 16;
 
 /// Spins at a barrier before yielding the core, and yields before sleeping: a phase takes
@@ -386,12 +387,8 @@ impl Decoder {
             let id = *id as usize;
             x0.extend_from_slice(&embed[id * h..(id + 1) * h]);
         }
-        let threads = if b * d.fmas() < PAR_MIN_FMAS {
-            1
-        } else {
-            team.map_or_else(rayon::current_num_threads, |t| t.threads)
-                .max(1)
-        };
+        let pool = team.map_or_else(rayon::current_num_threads, |t| t.threads);
+        let threads = (b * d.fmas() / PAR_MIN_FMAS).clamp(1, pool.max(1));
         let parts = match self.parts.take() {
             Some(p) if p.qkv.len() == threads => p,
             _ => Parts::new(threads),
@@ -836,10 +833,15 @@ impl Step<'_> {
     /// Thread `i` of `t`'s part of the step.
     fn run(&self, i: usize, t: usize) {
         let _poison = PoisonOnPanic(&self.barrier);
-        if t != self.barrier.threads {
-            // rayon ran the broadcast on another pool size than the one asked: every thread
+        if t < self.barrier.threads {
+            // rayon ran the broadcast on a smaller pool than the one asked: every thread
             // leaves, and the step reports the failure.
             self.barrier.poisoned.store(true, Ordering::Release);
+            return;
+        }
+        // A step of little work takes fewer threads than the pool has; the rest sit it out.
+        let t = self.barrier.threads;
+        if i >= t {
             return;
         }
         let (d, b) = (self.d, self.b);
@@ -1178,7 +1180,7 @@ mod tests {
         if !skinny::simd() {
             return;
         }
-        // One thread (a step below `PAR_MIN_FMAS`), then all of them.
+        // One thread (a step below `PAR_MIN_FMAS`), then all of them (up to 4).
         let small = LlamaConfig::tiny(32);
         assert!(3 * Dims::of(&model(&small, 1)).fmas() < PAR_MIN_FMAS);
         same_bits_as_the_graph(&small, 1);
