@@ -453,15 +453,10 @@ fn strided(
     }
 }
 
-/// softmax(scores)·v for one query row whose scores (mask added) are in `scores`, over the
-/// keys `live` allows: the others' weights are exactly 0 and skipped.
+/// The softmax weights of one query row, in place, before normalization: `exp(score - max)`
+/// for the keys `live` allows, exactly 0 for the others. Returns 1 / their sum.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-fn weigh_values<'a>(
-    scores: &mut [f32],
-    live: impl Fn(usize) -> bool,
-    value: impl Fn(usize) -> &'a [f32],
-    y: &mut [f32],
-) {
+fn softmax_weights(scores: &mut [f32], live: impl Fn(usize) -> bool) -> f32 {
     // The max over every key: a masked key's score carries MASKED (-1e9), so it never holds
     // the maximum while some key is live, and when none is, every key counts. Eight running
     // maxima, so that the loop compiles to vector max instructions.
@@ -489,7 +484,19 @@ fn weigh_values<'a>(
         }
         sum += *sc;
     }
-    let inv = 1.0 / sum;
+    1.0 / sum
+}
+
+/// softmax(scores)·v for one query row whose scores (mask added) are in `scores`, over the
+/// keys `live` allows: the others' weights are exactly 0 and skipped.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+fn weigh_values<'a>(
+    scores: &mut [f32],
+    live: impl Fn(usize) -> bool,
+    value: impl Fn(usize) -> &'a [f32],
+    y: &mut [f32],
+) {
+    let inv = softmax_weights(scores, live);
     // y[e] = Σ_j p_j·v_j[e] as two sums, over the even keys and over the odd ones, each one
     // multiply-add per key in key order, added at the end: two chains of multiply-adds per
     // element instead of one as long as the context. On x86_64 in blocks of 32 numbers kept
@@ -731,10 +738,96 @@ fn scores_blocked8(q: &[f32], kt: &[f32], out: &mut [f32]) {
     scores_blocked_body(q, kt, out)
 }
 
+/// `scores_blocked16` for two query rows at once: each block of keys is loaded once for both.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn scores_blocked16_pair(q: [&[f32]; 2], kt: &[f32], out: [&mut [f32]; 2]) {
+    use std::arch::x86_64::*;
+    let d = q[0].len();
+    let whole = d - d % 8;
+    let [o0, o1] = out;
+    for (blk, (b0, b1)) in o0
+        .chunks_mut(KEY_BLOCK)
+        .zip(o1.chunks_mut(KEY_BLOCK))
+        .enumerate()
+    {
+        let block = &kt[blk * KEY_BLOCK * d..(blk + 1) * KEY_BLOCK * d];
+        // SAFETY: `block` holds d rows of 16 floats; every load below reads row dd < d.
+        let key = |dd: usize| unsafe { _mm512_loadu_ps(block.as_ptr().add(dd * KEY_BLOCK)) };
+        let mut acc = [[_mm512_setzero_ps(); 8]; 2];
+        for c in 0..whole / 8 {
+            for j in 0..8 {
+                let dd = 8 * c + j;
+                let k = key(dd);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    a[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][dd]), k, a[j]);
+                }
+            }
+        }
+        for (r, o) in [b0, b1].into_iter().enumerate() {
+            let a = &acc[r];
+            let s4 = [0, 1, 2, 3].map(|j| _mm512_add_ps(a[j], a[j + 4]));
+            let mut s = _mm512_add_ps(_mm512_add_ps(s4[0], s4[2]), _mm512_add_ps(s4[1], s4[3]));
+            for (dd, qv) in q[r].iter().enumerate().skip(whole) {
+                s = _mm512_fmadd_ps(_mm512_set1_ps(*qv), key(dd), s);
+            }
+            let mut lanes = [0f32; KEY_BLOCK];
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), s) };
+            o.copy_from_slice(&lanes[..o.len()]);
+        }
+    }
+}
+
+/// `weigh_values`' weighted sum for two query rows at once (each value row is loaded once for
+/// both), `p` their softmax weights and `inv` their normalizers; `d` a multiple of 16. Each
+/// output is summed as in `weigh_values`: even and odd keys in two chains, in key order,
+/// skipping weights of exactly 0, then added, so the results are the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn weigh_values16_pair(p: [&[f32]; 2], inv: [f32; 2], v: &[f32], d: usize, y: [&mut [f32]; 2]) {
+    use std::arch::x86_64::*;
+    let n = p[0].len();
+    let [y0, y1] = y;
+    for e0 in (0..d).step_by(16) {
+        // SAFETY: key j's row is v[j·d .. (j+1)·d] with j < n = v.len() / d, and e0 + 16 <= d.
+        let load = |j: usize| unsafe { _mm512_loadu_ps(v[j * d..(j + 1) * d].as_ptr().add(e0)) };
+        let add = |acc: &mut __m512, r: usize, j: usize, vv: __m512| {
+            let pj = p[r][j];
+            if pj != 0.0 {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(pj * inv[r]), vv, *acc);
+            }
+        };
+        let (mut even0, mut odd0) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut even1, mut odd1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut j = 0;
+        while j + 1 < n {
+            let (va, vb) = (load(j), load(j + 1));
+            add(&mut even0, 0, j, va);
+            add(&mut even1, 1, j, va);
+            add(&mut odd0, 0, j + 1, vb);
+            add(&mut odd1, 1, j + 1, vb);
+            j += 2;
+        }
+        if j < n {
+            let va = load(j);
+            add(&mut even0, 0, j, va);
+            add(&mut even1, 1, j, va);
+        }
+        // SAFETY: e0 + 16 <= d = y0.len() = y1.len().
+        unsafe {
+            _mm512_storeu_ps(y0.as_mut_ptr().add(e0), _mm512_add_ps(even0, odd0));
+            _mm512_storeu_ps(y1.as_mut_ptr().add(e0), _mm512_add_ps(even1, odd1));
+        }
+    }
+}
+
 /// `attend_pair` for the decode engine's cache: the query rows `q` (`out.len() / d` of them,
 /// one new position each) against `keys` keys held transposed in blocks (`kt`, see
 /// [`scores_blocked_body`]) and values `v` (`[keys, d]`), with the additive `mask` over the
-/// keys. The same scores, softmax and weighted sum as `attend_pair`, so the same bits.
+/// keys. The same scores, softmax and weighted sum as `attend_pair`, so the same bits. On
+/// AVX-512F CPUs, with `d` a multiple of 16, query rows go two at a time, reading the keys and
+/// values once for both: at long contexts a decode step is the cache's memory.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 pub(crate) fn attend_blocked(
     q: &[f32],
@@ -748,7 +841,33 @@ pub(crate) fn attend_blocked(
     let mask = &mask[..keys];
     // Masked keys drop out unless every key is masked (then all count, as in `attend_pair`).
     let any_visible = mask.iter().any(|m| *m > half_masked);
-    for (qr, y) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+    let live = |j: usize| !any_visible || mask[j] > half_masked;
+    let rows = out.len() / d;
+    let mut r = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::flash::avx512() && d % 16 == 0 {
+            while r + 1 < rows {
+                scores.clear();
+                scores.resize(2 * keys, 0.0);
+                let (s0, s1) = scores.split_at_mut(keys);
+                let (qa, qb) = (&q[r * d..(r + 1) * d], &q[(r + 1) * d..(r + 2) * d]);
+                // SAFETY: `avx512()` found AVX-512F on this CPU.
+                unsafe { scores_blocked16_pair([qa, qb], kt, [&mut *s0, &mut *s1]) };
+                for sc in [&mut *s0, &mut *s1] {
+                    for (s, m) in sc.iter_mut().zip(mask) {
+                        *s += m;
+                    }
+                }
+                let inv = [softmax_weights(s0, live), softmax_weights(s1, live)];
+                let (ya, yb) = out[r * d..(r + 2) * d].split_at_mut(d);
+                // SAFETY: as above; d is a multiple of 16.
+                unsafe { weigh_values16_pair([s0, s1], inv, v, d, [ya, yb]) };
+                r += 2;
+            }
+        }
+    }
+    for (qr, y) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).skip(r) {
         scores.clear();
         scores.resize(keys, 0.0);
         #[cfg(target_arch = "x86_64")]
@@ -766,12 +885,7 @@ pub(crate) fn attend_blocked(
         for (sc, m) in scores.iter_mut().zip(mask) {
             *sc += m;
         }
-        weigh_values(
-            scores,
-            |j| !any_visible || mask[j] > half_masked,
-            |j| &v[j * d..(j + 1) * d],
-            y,
-        );
+        weigh_values(scores, live, |j| &v[j * d..(j + 1) * d], y);
     }
 }
 
