@@ -22,7 +22,7 @@
 //! `KLONGD_FUSED_OFF=decode` switches it off.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage};
@@ -541,11 +541,6 @@ fn pause(tries: &mut u32) {
 }
 
 impl Team {
-    /// Threads in the team, the leader included.
-    pub fn threads(&self) -> usize {
-        self.threads
-    }
-
     /// A worker's loop: run each round's job as thread `i`, until the leader leaves.
     fn serve(&self, i: usize) {
         let _unwind = CountUnwind(self);
@@ -701,6 +696,14 @@ fn share(n: usize, t: usize, i: usize) -> (usize, usize) {
 /// Thread `i` of `t`'s share of `n` items, as even as it goes.
 fn share_even(n: usize, t: usize, i: usize) -> (usize, usize) {
     (n * i / t.max(1), n * (i + 1) / t.max(1))
+}
+
+/// This thread's output of a phase, locked for writing and sized to `n` zeros.
+fn fresh(l: &RwLock<Vec<f32>>, n: usize) -> RwLockWriteGuard<'_, Vec<f32>> {
+    let mut part = l.write().unwrap_or_else(PoisonError::into_inner);
+    part.clear();
+    part.resize(n, 0.0);
+    part
 }
 
 fn read(l: &RwLock<Vec<f32>>) -> RwLockReadGuard<'_, Vec<f32>> {
@@ -874,11 +877,7 @@ impl Step<'_> {
             rms_norm(x, lw.input_norm, d.eps, normed);
             {
                 let (c0, c1) = share(nqkv, t, i);
-                let mut part = self.parts.qkv[i]
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner);
-                part.clear();
-                part.resize((c1 - c0) * b, 0.0);
+                let mut part = fresh(&self.parts.qkv[i], (c1 - c0) * b);
                 let segments = [
                     (0, q_cols, lw.q, lw.q_bias),
                     (q_cols, kv_cols, lw.k, lw.k_bias),
@@ -908,11 +907,7 @@ impl Step<'_> {
             // Phase 2: attention for this thread's (row, kv head) pairs.
             gather(&self.parts.qkv, nqkv, b, t, qkv);
             {
-                let mut part = self.parts.att[i]
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner);
-                part.clear();
-                part.resize((p1 - p0) * g * hd, 0.0);
+                let mut part = fresh(&self.parts.att[i], (p1 - p0) * g * hd);
                 for p in p0..p1 {
                     let (r, j) = (p / d.kv_heads, p % d.kv_heads);
                     let row = &qkv[r * nqkv..(r + 1) * nqkv];
@@ -987,11 +982,7 @@ impl Step<'_> {
             rms_norm(x, lw.post_norm, d.eps, normed);
             {
                 let (c0, c1) = share(d.inter, t, i);
-                let mut part = self.parts.act[i]
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner);
-                part.clear();
-                part.resize((c1 - c0) * b, 0.0);
+                let mut part = fresh(&self.parts.act[i], (c1 - c0) * b);
                 let gate = sized(gate, (c1 - c0) * b);
                 let up = sized(up, (c1 - c0) * b);
                 let ld = c1 - c0;
@@ -1015,11 +1006,7 @@ impl Step<'_> {
         }
         rms_norm(x, self.norm, d.eps, normed);
         let (c0, c1) = share(d.vocab, t, i);
-        let mut part = self.parts.logits[i]
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        part.clear();
-        part.resize((c1 - c0) * b, 0.0);
+        let mut part = fresh(&self.parts.logits[i], (c1 - c0) * b);
         project(
             normed,
             self.lm_head,
@@ -1033,11 +1020,7 @@ impl Step<'_> {
     fn residual(&self, i: usize, t: usize, input: &[f32], w: &[f32], k: usize, x: &[f32]) {
         let (b, h) = (self.b, self.d.hidden);
         let (c0, c1) = share(h, t, i);
-        let mut part = self.parts.resid[i]
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        part.clear();
-        part.resize((c1 - c0) * b, 0.0);
+        let mut part = fresh(&self.parts.resid[i], (c1 - c0) * b);
         let ld = c1 - c0;
         project(input, w, (b, k, c0, ld), &mut part, ld);
         for r in 0..b {
