@@ -453,16 +453,69 @@ fn strided(
     }
 }
 
-/// The softmax weights of one query row, in place, before normalization: `exp(score - max)`
-/// for the keys `live` allows, exactly 0 for the others. Returns 1 / their sum.
+/// Which keys count in a query row's softmax: those its additive mask leaves visible, or every
+/// key when it hides them all (a pad row: its output is meaningless, but finite).
+#[derive(Clone, Copy)]
+struct Live<'a> {
+    mask: &'a [f32],
+    /// Every key counts: none is masked, or all are.
+    all: bool,
+}
+
+impl Live<'_> {
+    fn of(mask: &[f32]) -> Live<'_> {
+        let half_masked = super::model::MASKED / 2.0;
+        let visible = mask.iter().filter(|m| **m > half_masked).count();
+        Live {
+            mask,
+            all: visible == 0 || visible == mask.len(),
+        }
+    }
+
+    fn get(&self, j: usize) -> bool {
+        self.all || self.mask[j] > super::model::MASKED / 2.0
+    }
+}
+
+/// The softmax of one query row's scores, in place: `exp(score - max) · (1 / sum)` for the
+/// keys `live` allows, exactly 0 for the others. The sum is sixteen running sums (key j into
+/// sum j % 16 over the whole groups of sixteen), folded by [`fold16`], then the rest in key
+/// order: sixteen short chains of adds instead of one as long as the context. Both versions
+/// below do exactly these operations, so they give the same bits.
+fn softmax(scores: &mut [f32], live: Live) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if live.all && simd() && super::flash::avx512() {
+            // SAFETY: `avx512()` found AVX-512F on this CPU, `simd()` AVX2 and FMA.
+            unsafe { softmax16(scores) };
+            return;
+        }
+    }
+    // SAFETY: where it is compiled with AVX2 + FMA enabled (x86_64), `softmax` is reached only
+    // through the decode kernels, which run after `simd()` found them.
+    #[allow(unused_unsafe)]
+    unsafe {
+        softmax_lanes(scores, live)
+    }
+}
+
+/// The sixteen running sums of a softmax folded to one: lanes i and i + 8 first, then as
+/// `tile` folds eight.
+fn fold16(s: [f32; 16]) -> f32 {
+    let [a, b, c, d, e, f, g, h] = std::array::from_fn(|i| s[i] + s[i + 8]);
+    ((a + e) + (c + g)) + ((b + f) + (d + h))
+}
+
+/// [`softmax`] in plain loops (vectorized by the compiler).
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-fn softmax_weights(scores: &mut [f32], live: impl Fn(usize) -> bool) -> f32 {
+fn softmax_lanes(scores: &mut [f32], live: Live) {
     // The max over every key: a masked key's score carries MASKED (-1e9), so it never holds
     // the maximum while some key is live, and when none is, every key counts. Eight running
-    // maxima, so that the loop compiles to vector max instructions.
+    // maxima, so that the loop compiles to vector max instructions (a max is exact: any order
+    // gives the same one).
     let mut lanes = [f32::MIN; 8];
-    let whole = scores.len() - scores.len() % 8;
-    for c in scores[..whole].chunks_exact(8) {
+    let whole8 = scores.len() - scores.len() % 8;
+    for c in scores[..whole8].chunks_exact(8) {
         for (m, s) in lanes.iter_mut().zip(c) {
             if *s > *m {
                 *m = *s;
@@ -471,32 +524,105 @@ fn softmax_weights(scores: &mut [f32], live: impl Fn(usize) -> bool) -> f32 {
     }
     let mx = lanes
         .iter()
-        .chain(&scores[whole..])
+        .chain(&scores[whole8..])
         .fold(f32::MIN, |m, s| if *s > m { *s } else { m });
     for sc in scores.iter_mut() {
         *sc -= mx;
     }
     super::vexp::exp_in_place(scores);
-    let mut sum = 0f32;
-    for (j, sc) in scores.iter_mut().enumerate() {
-        if !live(j) {
-            *sc = 0.0;
+    if !live.all {
+        for (j, sc) in scores.iter_mut().enumerate() {
+            if !live.get(j) {
+                *sc = 0.0;
+            }
         }
+    }
+    let whole = scores.len() - scores.len() % 16;
+    let mut sums = [0f32; 16];
+    for chunk in scores[..whole].chunks_exact(16) {
+        for (s, sc) in sums.iter_mut().zip(chunk) {
+            *s += *sc;
+        }
+    }
+    let mut sum = fold16(sums);
+    for sc in &scores[whole..] {
         sum += *sc;
     }
-    1.0 / sum
+    let inv = 1.0 / sum;
+    for sc in scores.iter_mut() {
+        *sc *= inv;
+    }
+}
+
+/// [`softmax`] of a row whose every key counts, in 16-lane registers: `softmax_lanes`'
+/// operations (the exponentials are `exp16`'s, which are `exp_in_place`'s bits, NaN kept).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn softmax16(scores: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = scores.len();
+    let whole = n - n % 16;
+    let p = scores.as_mut_ptr();
+    // SAFETY (every load and store below): chunk c < whole covers p[c .. c + 16] within the
+    // row; the tail's masked ones touch only lanes below n - whole.
+    let ld = |c: usize| unsafe { _mm512_loadu_ps(p.add(c)) };
+    let tail = ((1u32 << (n - whole)) - 1) as u16;
+    let mut mv = _mm512_set1_ps(f32::MIN);
+    for c in (0..whole).step_by(16) {
+        mv = _mm512_max_ps(mv, ld(c));
+    }
+    let mut mx = _mm512_reduce_max_ps(mv);
+    for j in whole..n {
+        // SAFETY: j < n.
+        let sc = unsafe { *p.add(j) };
+        if sc > mx {
+            mx = sc;
+        }
+    }
+    let mxv = _mm512_set1_ps(mx);
+    let exp = |x: __m512| {
+        let x = _mm512_sub_ps(x, mxv);
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+        _mm512_mask_blend_ps(nan, super::vexp::exp16(x), x)
+    };
+    let mut acc = _mm512_setzero_ps();
+    for c in (0..whole).step_by(16) {
+        let e = exp(ld(c));
+        acc = _mm512_add_ps(acc, e);
+        unsafe { _mm512_storeu_ps(p.add(c), e) };
+    }
+    if tail != 0 {
+        let e = exp(unsafe { _mm512_maskz_loadu_ps(tail, p.add(whole)) });
+        unsafe { _mm512_mask_storeu_ps(p.add(whole), tail, e) };
+    }
+    let mut sums = [0f32; 16];
+    unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), acc) };
+    let mut sum = fold16(sums);
+    for j in whole..n {
+        // SAFETY: j < n.
+        sum += unsafe { *p.add(j) };
+    }
+    let inv = _mm512_set1_ps(1.0 / sum);
+    for c in (0..whole).step_by(16) {
+        unsafe { _mm512_storeu_ps(p.add(c), _mm512_mul_ps(ld(c), inv)) };
+    }
+    if tail != 0 {
+        let x = unsafe { _mm512_maskz_loadu_ps(tail, p.add(whole)) };
+        unsafe { _mm512_mask_storeu_ps(p.add(whole), tail, _mm512_mul_ps(x, inv)) };
+    }
 }
 
 /// softmax(scores)·v for one query row whose scores (mask added) are in `scores`, over the
-/// keys `live` allows: the others' weights are exactly 0 and skipped.
+/// keys `live` allows. Keys whose weight is exactly 0 (the others, and weights that underflow)
+/// are skipped.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 fn weigh_values<'a>(
     scores: &mut [f32],
-    live: impl Fn(usize) -> bool,
+    live: Live,
     value: impl Fn(usize) -> &'a [f32],
     y: &mut [f32],
 ) {
-    let inv = softmax_weights(scores, live);
+    softmax(scores, live);
     // y[e] = Σ_j p_j·v_j[e] as two sums, over the even keys and over the odd ones, each one
     // multiply-add per key in key order, added at the end: two chains of multiply-adds per
     // element instead of one as long as the context. On x86_64 in blocks of 32 numbers kept
@@ -514,7 +640,7 @@ fn weigh_values<'a>(
                 if p == 0.0 {
                     return;
                 }
-                let pv = _mm256_set1_ps(p * inv);
+                let pv = _mm256_set1_ps(p);
                 let v = &value(j)[e0..e0 + 32];
                 for (h, a) in acc.iter_mut().enumerate() {
                     // SAFETY: `v` holds 32 floats; 8·h + 8 <= 32.
@@ -548,7 +674,6 @@ fn weigh_values<'a>(
         if *p == 0.0 {
             continue;
         }
-        let p = p * inv;
         let acc = if j % 2 == 0 { &mut *y } else { &mut odd[..] };
         for (yv, vv) in acc.iter_mut().zip(&value(j)[e0..]) {
             *yv = p.mul_add(*vv, *yv);
@@ -572,7 +697,6 @@ pub(crate) fn attend_pair(
     scores: &mut [Vec<f32>; 2],
     out: &mut [f32],
 ) {
-    let half_masked = super::model::MASKED / 2.0;
     let key = |j: usize| &k[k_off + j * k_row..k_off + j * k_row + d];
     let value = |j: usize| &v[v_off + j * v_row..v_off + j * v_row + d];
     let rows = out.len() / d;
@@ -606,17 +730,8 @@ pub(crate) fn attend_pair(
             j += wide;
         }
         for i in 0..n {
-            // Masked keys drop out unless every key is masked (a pad row: its output is
-            // meaningless, but finite, as in the general path).
-            let mi = ms[i];
-            let any_visible = mi.iter().any(|m| *m > half_masked);
             let y = &mut out[(r + i) * d..(r + i + 1) * d];
-            weigh_values(
-                &mut scores[i],
-                |j| !any_visible || mi[j] > half_masked,
-                value,
-                y,
-            );
+            weigh_values(&mut scores[i], Live::of(ms[i]), value, y);
         }
         r += n;
     }
@@ -746,24 +861,29 @@ fn scores_blocked16_pair(q: [&[f32]; 2], kt: &[f32], out: [&mut [f32]; 2]) {
     let d = q[0].len();
     let whole = d - d % 8;
     let [o0, o1] = out;
+    let blocks = o0.len().div_ceil(KEY_BLOCK);
+    assert!(q[1].len() == d && o1.len() == o0.len() && kt.len() >= blocks * KEY_BLOCK * d);
+    let (qa, qb) = (q[0].as_ptr(), q[1].as_ptr());
     for (blk, (b0, b1)) in o0
         .chunks_mut(KEY_BLOCK)
         .zip(o1.chunks_mut(KEY_BLOCK))
         .enumerate()
     {
-        let block = &kt[blk * KEY_BLOCK * d..(blk + 1) * KEY_BLOCK * d];
-        // SAFETY: `block` holds d rows of 16 floats; every load below reads row dd < d.
-        let key = |dd: usize| unsafe { _mm512_loadu_ps(block.as_ptr().add(dd * KEY_BLOCK)) };
-        let mut acc = [[_mm512_setzero_ps(); 8]; 2];
+        // SAFETY (`key`, `qa`/`qb` reads): block `blk` < `blocks` holds d rows of 16 floats
+        // inside `kt` (asserted), every read is of a row or query index dd < d.
+        let block = unsafe { kt.as_ptr().add(blk * KEY_BLOCK * d) };
+        let key = |dd: usize| unsafe { _mm512_loadu_ps(block.add(dd * KEY_BLOCK)) };
+        let (mut acc_a, mut acc_b) = ([_mm512_setzero_ps(); 8], [_mm512_setzero_ps(); 8]);
         for c in 0..whole / 8 {
-            for j in 0..8 {
+            for (j, (a, b)) in acc_a.iter_mut().zip(acc_b.iter_mut()).enumerate() {
                 let dd = 8 * c + j;
                 let k = key(dd);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    a[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][dd]), k, a[j]);
-                }
+                let (xa, xb) = unsafe { (*qa.add(dd), *qb.add(dd)) };
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(xa), k, *a);
+                *b = _mm512_fmadd_ps(_mm512_set1_ps(xb), k, *b);
             }
         }
+        let acc = [acc_a, acc_b];
         for (r, o) in [b0, b1].into_iter().enumerate() {
             let a = &acc[r];
             let s4 = [0, 1, 2, 3].map(|j| _mm512_add_ps(a[j], a[j + 4]));
@@ -771,55 +891,107 @@ fn scores_blocked16_pair(q: [&[f32]; 2], kt: &[f32], out: [&mut [f32]; 2]) {
             for (dd, qv) in q[r].iter().enumerate().skip(whole) {
                 s = _mm512_fmadd_ps(_mm512_set1_ps(*qv), key(dd), s);
             }
-            let mut lanes = [0f32; KEY_BLOCK];
-            // SAFETY: `lanes` holds 16 floats.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), s) };
-            o.copy_from_slice(&lanes[..o.len()]);
+            if o.len() == KEY_BLOCK {
+                // SAFETY: `o` holds 16 floats.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), s) };
+            } else {
+                let mut lanes = [0f32; KEY_BLOCK];
+                // SAFETY: `lanes` holds 16 floats.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), s) };
+                o.copy_from_slice(&lanes[..o.len()]);
+            }
         }
     }
 }
 
 /// `weigh_values`' weighted sum for two query rows at once (each value row is loaded once for
-/// both), `p` their softmax weights and `inv` their normalizers; `d` a multiple of 16. Each
-/// output is summed as in `weigh_values`: even and odd keys in two chains, in key order,
-/// skipping weights of exactly 0, then added, so the results are the same bits.
+/// both), `p` their softmax weights; `d` a multiple of 16. Each output is summed as in
+/// `weigh_values`: even and odd keys in two chains, in key order, skipping weights of exactly
+/// 0, then added, so the results are the same bits. Up to 64 columns go per pass over the
+/// values (16 chains in registers), so that at head dims up to 64 the values are read once.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn weigh_values16_pair(p: [&[f32]; 2], inv: [f32; 2], v: &[f32], d: usize, y: [&mut [f32]; 2]) {
+fn weigh_values16_pair(p: [&[f32]; 2], v: &[f32], d: usize, y: [&mut [f32]; 2]) {
+    let [y0, y1] = y;
+    // Rows with no weight of 0 (the usual case) run without a test per key.
+    let skips = p.iter().any(|row| row.contains(&0.0));
+    let mut e0 = 0;
+    while e0 < d {
+        let (ya, yb) = (&mut y0[e0..], &mut y1[e0..]);
+        let (at, y) = ((d, e0), [ya, yb]);
+        // The same target features as this function's: safe calls.
+        e0 += match ((d - e0) / 16, skips) {
+            (1, false) => weigh_values16_cols::<1, false>(p, v, at, y),
+            (2, false) => weigh_values16_cols::<2, false>(p, v, at, y),
+            (3, false) => weigh_values16_cols::<3, false>(p, v, at, y),
+            (_, false) => weigh_values16_cols::<4, false>(p, v, at, y),
+            (1, true) => weigh_values16_cols::<1, true>(p, v, at, y),
+            (2, true) => weigh_values16_cols::<2, true>(p, v, at, y),
+            (3, true) => weigh_values16_cols::<3, true>(p, v, at, y),
+            (_, true) => weigh_values16_cols::<4, true>(p, v, at, y),
+        };
+    }
+}
+
+/// Columns `e0 .. e0 + 16·C` of `weigh_values16_pair` in one pass over the keys; returns the
+/// columns done. `SKIP`: test each weight for 0 (else the caller found none).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn weigh_values16_cols<const C: usize, const SKIP: bool>(
+    p: [&[f32]; 2],
+    v: &[f32],
+    (d, e0): (usize, usize),
+    y: [&mut [f32]; 2],
+) -> usize {
     use std::arch::x86_64::*;
     let n = p[0].len();
-    let [y0, y1] = y;
-    for e0 in (0..d).step_by(16) {
-        // SAFETY: key j's row is v[j·d .. (j+1)·d] with j < n = v.len() / d, and e0 + 16 <= d.
-        let load = |j: usize| unsafe { _mm512_loadu_ps(v[j * d..(j + 1) * d].as_ptr().add(e0)) };
-        let add = |acc: &mut __m512, r: usize, j: usize, vv: __m512| {
-            let pj = p[r][j];
-            if pj != 0.0 {
-                *acc = _mm512_fmadd_ps(_mm512_set1_ps(pj * inv[r]), vv, *acc);
+    assert!(p[1].len() == n && e0 + 16 * C <= d && v.len() >= n * d);
+    assert!(y.iter().all(|y| y.len() >= 16 * C));
+    let (pa, pb) = (p[0].as_ptr(), p[1].as_ptr());
+    // SAFETY (`load`, and the weights' reads in `add`): key j < n has the row
+    // v[j·d .. (j+1)·d] and the weights p[0][j], p[1][j]; e0 + 16·C <= d (all asserted).
+    let load = |j: usize, c: usize| unsafe { _mm512_loadu_ps(v.as_ptr().add(j * d + e0 + 16 * c)) };
+    let add = |acc: &mut [[__m512; C]; 2], j: usize, vv: &[__m512; C]| {
+        let pj = unsafe { [*pa.add(j), *pb.add(j)] };
+        for (a, pj) in acc.iter_mut().zip(pj) {
+            if SKIP && pj == 0.0 {
+                continue;
             }
-        };
-        let (mut even0, mut odd0) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut even1, mut odd1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let mut j = 0;
-        while j + 1 < n {
-            let (va, vb) = (load(j), load(j + 1));
-            add(&mut even0, 0, j, va);
-            add(&mut even1, 1, j, va);
-            add(&mut odd0, 0, j + 1, vb);
-            add(&mut odd1, 1, j + 1, vb);
-            j += 2;
+            let w = _mm512_set1_ps(pj);
+            for (a, vv) in a.iter_mut().zip(vv) {
+                *a = _mm512_fmadd_ps(w, *vv, *a);
+            }
         }
-        if j < n {
-            let va = load(j);
-            add(&mut even0, 0, j, va);
-            add(&mut even1, 1, j, va);
-        }
-        // SAFETY: e0 + 16 <= d = y0.len() = y1.len().
-        unsafe {
-            _mm512_storeu_ps(y0.as_mut_ptr().add(e0), _mm512_add_ps(even0, odd0));
-            _mm512_storeu_ps(y1.as_mut_ptr().add(e0), _mm512_add_ps(even1, odd1));
+    };
+    // Two named sets (not an array indexed by j % 2), so that both stay in registers.
+    let mut even = [[_mm512_setzero_ps(); C]; 2];
+    let mut odd = [[_mm512_setzero_ps(); C]; 2];
+    let mut j = 0;
+    while j + 1 < n {
+        let (va, vb) = (
+            std::array::from_fn(|c| load(j, c)),
+            std::array::from_fn(|c| load(j + 1, c)),
+        );
+        add(&mut even, j, &va);
+        add(&mut odd, j + 1, &vb);
+        j += 2;
+    }
+    if j < n {
+        add(&mut even, j, &std::array::from_fn(|c| load(j, c)));
+    }
+    for (r, y) in y.into_iter().enumerate() {
+        for c in 0..C {
+            // SAFETY: 16·C <= y.len() (asserted).
+            unsafe {
+                _mm512_storeu_ps(
+                    y.as_mut_ptr().add(16 * c),
+                    _mm512_add_ps(even[r][c], odd[r][c]),
+                )
+            };
         }
     }
+    16 * C
 }
 
 /// `attend_pair` for the decode engine's cache: the query rows `q` (`out.len() / d` of them,
@@ -837,11 +1009,9 @@ pub(crate) fn attend_blocked(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let half_masked = super::model::MASKED / 2.0;
     let mask = &mask[..keys];
     // Masked keys drop out unless every key is masked (then all count, as in `attend_pair`).
-    let any_visible = mask.iter().any(|m| *m > half_masked);
-    let live = |j: usize| !any_visible || mask[j] > half_masked;
+    let live = Live::of(mask);
     let rows = out.len() / d;
     let mut r = 0;
     #[cfg(target_arch = "x86_64")]
@@ -859,10 +1029,11 @@ pub(crate) fn attend_blocked(
                         *s += m;
                     }
                 }
-                let inv = [softmax_weights(s0, live), softmax_weights(s1, live)];
+                softmax(s0, live);
+                softmax(s1, live);
                 let (ya, yb) = out[r * d..(r + 2) * d].split_at_mut(d);
                 // SAFETY: as above; d is a multiple of 16.
-                unsafe { weigh_values16_pair([s0, s1], inv, v, d, [ya, yb]) };
+                unsafe { weigh_values16_pair([s0, s1], v, d, [ya, yb]) };
                 r += 2;
             }
         }
@@ -1156,6 +1327,35 @@ mod tests {
                     assert_eq!(got, want, "16 lanes, d {d}, {keys} keys");
                 }
             }
+        }
+    }
+
+    /// The 16-lane softmax does `softmax_lanes`' operations: the same bits at every length
+    /// around the groups of sixteen, with scores spread wide enough that some weights
+    /// underflow to 0.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_sixteen_lane_softmax_is_the_plain_ones_bits() {
+        if !simd() || !super::super::flash::avx512() {
+            return;
+        }
+        for n in [1usize, 7, 15, 16, 17, 31, 32, 33, 100] {
+            let scores: Vec<f32> = randn(&[n], n as u64)
+                .to_vec1::<f32>()
+                .expect("scores")
+                .iter()
+                .map(|x| x * 40.0)
+                .collect();
+            let mask = vec![0f32; n];
+            let mut want = scores.clone();
+            // SAFETY: `simd()` found AVX2 and FMA, `avx512()` AVX-512F.
+            unsafe { softmax_lanes(&mut want, Live::of(&mask)) };
+            let mut got = scores.clone();
+            unsafe { softmax16(&mut got) };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{n} keys");
+            let total: f32 = got.iter().sum();
+            assert!((total - 1.0).abs() < 1e-5, "{n} keys sum to {total}");
         }
     }
 }
