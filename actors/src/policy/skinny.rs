@@ -210,11 +210,17 @@ fn columns8(
 
 /// `tile` with 16-lane (AVX-512F) registers: the same dot products, each summed as 16
 /// partial sums (lanes i and i+8, then as `tile` does), so the results differ from `tile`'s
-/// in the last bits; half the instructions per dot product.
+/// in the last bits; half the instructions per dot product. `ahead` > 0: each weight row's
+/// loads also prefetch the row `ahead` floats further on, where the next tile will read (the
+/// next tile's rows start a new page, where the hardware's prefetcher stops).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn tile16<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) -> [[f32; C]; R] {
+fn tile16<const R: usize, const C: usize>(
+    x: [&[f32]; R],
+    w: [&[f32]; C],
+    ahead: usize,
+) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
     const LANES: usize = 16;
     let k = x.first().map_or(0, |r| r.len());
@@ -231,6 +237,10 @@ fn tile16<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) -> [[f
         for (c, wc) in w.iter().enumerate() {
             // SAFETY: as above; every row of w has length k too.
             let wv = unsafe { _mm512_loadu_ps(wc.as_ptr().add(i)) };
+            if ahead > 0 {
+                // A prefetch never faults, so past the last row it only fetches a stray line.
+                _mm_prefetch::<_MM_HINT_T0>(wc.as_ptr().wrapping_add(i + ahead).cast::<i8>());
+            }
             for r in 0..R {
                 acc[r][c] = _mm512_fmadd_ps(xv[r], wv, acc[r][c]);
             }
@@ -241,7 +251,6 @@ fn tile16<const R: usize, const C: usize>(x: [&[f32]; R], w: [&[f32]; C]) -> [[f
     for r in 0..R {
         for c in 0..C {
             let a = acc[r][c];
-            // The upper half through a 64-bit view: AVX-512F alone has no 32x8 extract.
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
             let s8 = _mm256_add_ps(_mm512_castps512_ps256(a), hi);
             let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
@@ -271,6 +280,9 @@ fn columns16(
     let xr = |r: usize| &x[r * k..(r + 1) * k];
     let wr = |c: usize| &w[(n0 + c) * k..(n0 + c + 1) * k];
     let wide = if m == 1 { 8 } else { 4 };
+    // The first row tile of a column block prefetches the next block's weights (the later ones
+    // find them in L1).
+    let ahead = |r: usize, cols: usize| if r == 0 { cols * k } else { 0 };
     let mut c = 0;
     while c < cols {
         let take = (cols - c).min(wide);
@@ -278,7 +290,7 @@ fn columns16(
             8 => {
                 let ws = [0, 1, 2, 3, 4, 5, 6, 7].map(|j| wr(c + j));
                 for r in 0..m {
-                    store(out, dest, m, r, c, tile16::<1, 8>([xr(r)], ws));
+                    store(out, dest, m, r, c, tile16::<1, 8>([xr(r)], ws, ahead(r, 8)));
                 }
             }
             4 => {
@@ -287,21 +299,28 @@ fn columns16(
                 while r < m {
                     r += match m - r {
                         1 => {
-                            store(out, dest, m, r, c, tile16::<1, 4>([xr(r)], ws));
+                            store(out, dest, m, r, c, tile16::<1, 4>([xr(r)], ws, ahead(r, 4)));
                             1
                         }
                         2 => {
-                            store(out, dest, m, r, c, tile16::<2, 4>([xr(r), xr(r + 1)], ws));
+                            store(
+                                out,
+                                dest,
+                                m,
+                                r,
+                                c,
+                                tile16::<2, 4>([xr(r), xr(r + 1)], ws, ahead(r, 4)),
+                            );
                             2
                         }
                         3 => {
                             let rows = [xr(r), xr(r + 1), xr(r + 2)];
-                            store(out, dest, m, r, c, tile16::<3, 4>(rows, ws));
+                            store(out, dest, m, r, c, tile16::<3, 4>(rows, ws, ahead(r, 4)));
                             3
                         }
                         _ => {
                             let rows = [xr(r), xr(r + 1), xr(r + 2), xr(r + 3)];
-                            store(out, dest, m, r, c, tile16::<4, 4>(rows, ws));
+                            store(out, dest, m, r, c, tile16::<4, 4>(rows, ws, ahead(r, 4)));
                             4
                         }
                     };
@@ -310,7 +329,7 @@ fn columns16(
             _ => {
                 for r in 0..m {
                     for col in c..c + take {
-                        store(out, dest, m, r, col, tile16::<1, 1>([xr(r)], [wr(col)]));
+                        store(out, dest, m, r, col, tile16::<1, 1>([xr(r)], [wr(col)], 0));
                     }
                 }
             }
@@ -1325,6 +1344,51 @@ mod tests {
                     // SAFETY: `avx512()` found AVX-512F.
                     unsafe { scores_blocked16(&q, &kt, &mut got) };
                     assert_eq!(got, want, "16 lanes, d {d}, {keys} keys");
+                }
+            }
+        }
+    }
+
+    /// Every output of the 16-lane products is the same bits whichever tile computes it:
+    /// blocks of 1 to 8 rows and of any columns against one dot product at a time, with and
+    /// without a tail.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sixteen_lane_tiles_fold_every_output_alike() {
+        if !simd() || !super::super::flash::avx512() {
+            return;
+        }
+        for k in [16usize, 40, 256] {
+            let x = randn(&[8 * k], k as u64).to_vec1::<f32>().expect("x");
+            let w = randn(&[13 * k], k as u64 + 1).to_vec1::<f32>().expect("w");
+            for m in 1..=8 {
+                let mut got = vec![0f32; m * 13];
+                // SAFETY: `simd()` found AVX2 and FMA, `avx512()` AVX-512F.
+                unsafe {
+                    columns16(
+                        &x[..m * k],
+                        &w,
+                        (m, k, 0, 13),
+                        &mut got,
+                        Dest::Rows { ld: 13 },
+                    )
+                };
+                for r in 0..m {
+                    for c in 0..13 {
+                        let (xr, wc) = (&x[r * k..(r + 1) * k], &w[c * k..(c + 1) * k]);
+                        let one = unsafe { tile16::<1, 1>([xr], [wc], 0) }[0][0];
+                        assert_eq!(
+                            got[r * 13 + c].to_bits(),
+                            one.to_bits(),
+                            "k {k} m {m} ({r}, {c})"
+                        );
+                        let plain: f64 =
+                            xr.iter().zip(wc).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        assert!(
+                            (one as f64 - plain).abs() < 1e-3,
+                            "k {k}: {one} against {plain}"
+                        );
+                    }
                 }
             }
         }
