@@ -7,7 +7,9 @@
 //! fifth of the time was the kernel waking and parking threads, against ~37% in the products
 //! themselves. Here every pool thread runs the whole step, each on its share of every product
 //! (a range of output columns, or of (row, kv head) pairs for attention), and the threads meet
-//! at a spinning barrier between phases (five per layer). A step is one `rayon::broadcast`,
+//! at a spinning barrier between phases: four per layer where the kv heads divide among the
+//! threads (a thread computes its heads' q, k and v and goes straight on to their attention),
+//! five where they do not. A step is one `rayon::broadcast`,
 //! or, on a [`Team`] (see [`with_team`]), one round of threads that stay between steps.
 //!
 //! Results: every number is computed by the kernels, in the order, that the graph path
@@ -678,6 +680,10 @@ struct Scratch {
     kbuf: Vec<f32>,
     tmp: Vec<f32>,
     scores: [Vec<f32>; 2],
+    /// This thread's kv heads' q, k and v columns of every row (when heads are split).
+    own_q: Vec<f32>,
+    own_k: Vec<f32>,
+    own_v: Vec<f32>,
 }
 
 /// `v` resized to `n` numbers (its old contents are overwritten by every user).
@@ -734,6 +740,43 @@ fn project(
     ld: usize,
 ) {
     skinny::columns_into(x, w, (rows, k, n0, cols), out, skinny::Dest::Rows { ld })
+}
+
+/// `project` plus each column's `bias` (`cols` numbers) on every row.
+fn project_with_bias(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    (rows, k, n0, cols): (usize, usize, usize, usize),
+    out: &mut [f32],
+    ld: usize,
+) {
+    project(x, w, (rows, k, n0, cols), out, ld);
+    if let Some(bias) = bias {
+        for r in 0..rows {
+            for (v, bv) in out[r * ld..r * ld + cols].iter_mut().zip(bias) {
+                *v += bv;
+            }
+        }
+    }
+}
+
+/// One (row, kv head) pair's new q heads, key and value, before RoPE.
+struct PairInput<'a> {
+    queries: &'a [f32],
+    key: &'a [f32],
+    value: &'a [f32],
+}
+
+/// A thread's working buffers for one pair's attention.
+struct PairWork<'a> {
+    /// The pair's query heads after RoPE (`group · head_dim`).
+    queries: &'a mut [f32],
+    /// Its key after RoPE.
+    key: &'a mut [f32],
+    /// A q or k norm's output.
+    tmp: &'a mut [f32],
+    scores: &'a mut [Vec<f32>; 2],
 }
 
 /// RMSNorm of each `w.len()`-long row of `x` into `out`, in the graph kernel's order.
@@ -862,111 +905,115 @@ impl Step<'_> {
         let y = sized(&mut sc.y, b * q_cols);
         let act = sized(&mut sc.act, b * d.inter);
         let (gate, up, e) = (&mut sc.gate, &mut sc.up, &mut sc.e);
-        let qbuf = sized(&mut sc.qbuf, g * hd);
-        let kbuf = sized(&mut sc.kbuf, hd);
-        let tmp = sized(&mut sc.tmp, hd);
-        let scores = &mut sc.scores;
+        let mut work = PairWork {
+            queries: sized(&mut sc.qbuf, g * hd),
+            key: sized(&mut sc.kbuf, hd),
+            tmp: sized(&mut sc.tmp, hd),
+            scores: &mut sc.scores,
+        };
+        let (own_q, own_k, own_v) = (&mut sc.own_q, &mut sc.own_k, &mut sc.own_v);
         let pairs = b * d.kv_heads;
         let (p0, p1) = share_even(pairs, t, i);
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        // The kv heads split among the threads when they divide evenly: a thread's attention
+        // then needs only its own heads' q, k and v columns, and phases 1 and 2 become one.
+        let split = d.kv_heads % t == 0;
+        let (j0, j1) = share_even(d.kv_heads, t, i);
+        let nh = j1 - j0;
         for (li, lw) in self.layers.iter().enumerate() {
             if li > 0 {
                 gather(&self.parts.resid, h, b, t, x);
             }
-            // Phase 1: q, k and v side by side, this thread's columns.
             rms_norm(x, lw.input_norm, d.eps, normed);
-            {
-                let (c0, c1) = share(nqkv, t, i);
-                let mut part = fresh(&self.parts.qkv[i], (c1 - c0) * b);
-                let segments = [
-                    (0, q_cols, lw.q, lw.q_bias),
-                    (q_cols, kv_cols, lw.k, lw.k_bias),
-                    (q_cols + kv_cols, kv_cols, lw.v, lw.v_bias),
+            let part = if split {
+                // Phases 1 and 2 at once: q, k and v of this thread's kv heads for every row,
+                // then their attention; no other thread's columns are needed before phase 3.
+                let (nq, nkv) = (nh * g * hd, nh * hd);
+                let q_own = sized(own_q, b * nq);
+                let k_own = sized(own_k, b * nkv);
+                let v_own = sized(own_v, b * nkv);
+                let jobs = [
+                    (lw.q, lw.q_bias, j0 * g * hd, nq, &mut *q_own),
+                    (lw.k, lw.k_bias, j0 * hd, nkv, &mut *k_own),
+                    (lw.v, lw.v_bias, j0 * hd, nkv, &mut *v_own),
                 ];
-                for (start, len, w, bias) in segments {
-                    let (lo, hi) = (c0.max(start), c1.min(start + len));
-                    if lo >= hi {
-                        continue;
-                    }
-                    let ld = c1 - c0;
-                    let out = &mut part[lo - c0..];
-                    project(normed, w, (b, h, lo - start, hi - lo), out, ld);
-                    if let Some(bias) = bias {
-                        for r in 0..b {
-                            let row = &mut out[r * ld..r * ld + (hi - lo)];
-                            for (v, bv) in row.iter_mut().zip(&bias[lo - start..hi - start]) {
-                                *v += bv;
-                            }
-                        }
+                for (w, bias, n0, cols, out) in jobs {
+                    let bias = bias.map(|bv| &bv[n0..n0 + cols]);
+                    project_with_bias(normed, w, bias, (b, h, n0, cols), out, cols);
+                }
+                let mut part = fresh(&self.parts.att[i], b * nq);
+                for r in 0..b {
+                    for j in j0..j1 {
+                        let (e, f) = ((j - j0) * g * hd, (j - j0) * hd);
+                        let pair = PairInput {
+                            queries: &q_own[r * nq + e..r * nq + e + g * hd],
+                            key: &k_own[r * nkv + f..r * nkv + f + hd],
+                            value: &v_own[r * nkv + f..r * nkv + f + hd],
+                        };
+                        let o = (r * nh + j - j0) * g * hd;
+                        let out = &mut part[o..o + g * hd];
+                        self.attend(li, lw, (r, j), pair, &mut work, out);
                     }
                 }
-            }
-            if !self.barrier.wait() {
-                return;
-            }
-            // Phase 2: attention for this thread's (row, kv head) pairs.
-            gather(&self.parts.qkv, nqkv, b, t, qkv);
-            {
+                part
+            } else {
+                // Phase 1: q, k and v side by side, this thread's columns.
+                {
+                    let (c0, c1) = share(nqkv, t, i);
+                    let mut part = fresh(&self.parts.qkv[i], (c1 - c0) * b);
+                    let segments = [
+                        (0, q_cols, lw.q, lw.q_bias),
+                        (q_cols, kv_cols, lw.k, lw.k_bias),
+                        (q_cols + kv_cols, kv_cols, lw.v, lw.v_bias),
+                    ];
+                    for (start, len, w, bias) in segments {
+                        let (lo, hi) = (c0.max(start), c1.min(start + len));
+                        if lo >= hi {
+                            continue;
+                        }
+                        let ld = c1 - c0;
+                        let bias = bias.map(|bv| &bv[lo - start..hi - start]);
+                        let at = (b, h, lo - start, hi - lo);
+                        project_with_bias(normed, w, bias, at, &mut part[lo - c0..], ld);
+                    }
+                }
+                if !self.barrier.wait() {
+                    return;
+                }
+                // Phase 2: attention for this thread's (row, kv head) pairs.
+                gather(&self.parts.qkv, nqkv, b, t, qkv);
                 let mut part = fresh(&self.parts.att[i], (p1 - p0) * g * hd);
                 for p in p0..p1 {
                     let (r, j) = (p / d.kv_heads, p % d.kv_heads);
                     let row = &qkv[r * nqkv..(r + 1) * nqkv];
-                    let (c, s) = (
-                        &self.cos[r * hd..(r + 1) * hd],
-                        &self.sin[r * hd..(r + 1) * hd],
-                    );
-                    for e in 0..g {
-                        let head = &row[(j * g + e) * hd..(j * g + e + 1) * hd];
-                        let src = match lw.q_norm {
-                            Some(w) => {
-                                rms_norm(head, w, d.eps, tmp);
-                                &tmp[..]
-                            }
-                            None => head,
-                        };
-                        fused::rope_vec(src, c, s, scale, &mut qbuf[e * hd..(e + 1) * hd]);
-                    }
-                    let key = &row[q_cols + j * hd..q_cols + (j + 1) * hd];
-                    let src = match lw.k_norm {
-                        Some(w) => {
-                            rms_norm(key, w, d.eps, tmp);
-                            &tmp[..]
-                        }
-                        None => key,
+                    let (k0, v0) = (q_cols + j * hd, q_cols + kv_cols + j * hd);
+                    let pair = PairInput {
+                        queries: &row[j * g * hd..(j + 1) * g * hd],
+                        key: &row[k0..k0 + hd],
+                        value: &row[v0..v0 + hd],
                     };
-                    fused::rope_vec(src, c, s, 1.0, kbuf);
-                    let value = &row[q_cols + kv_cols + j * hd..q_cols + kv_cols + (j + 1) * hd];
-                    let slot = (li * b + r) * d.kv_heads + j;
-                    let mut pc = self.cache[slot]
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    pc.put_key(self.past, kbuf);
-                    pc.v.truncate(self.past * hd);
-                    pc.v.extend_from_slice(value);
-                    let keys = self.past + 1;
                     let out = &mut part[(p - p0) * g * hd..(p - p0 + 1) * g * hd];
-                    // SAFETY: `attend_blocked` needs AVX2 and FMA on x86_64, which
-                    // `Decoder::serves` found on this CPU.
-                    #[allow(unused_unsafe)]
-                    unsafe {
-                        skinny::attend_blocked(
-                            qbuf,
-                            (&pc.kt, &pc.v),
-                            &self.masks[r],
-                            (keys, hd),
-                            &mut scores[0],
-                            out,
-                        )
-                    };
+                    self.attend(li, lw, (r, j), pair, &mut work, out);
                 }
-            }
+                part
+            };
+            drop(part);
             if !self.barrier.wait() {
                 return;
             }
             // Phase 3: the output projection plus the residual, this thread's columns.
             for (ti, part) in self.parts.att.iter().enumerate().take(t) {
-                let (a0, a1) = share_even(pairs, t, ti);
                 let part = read(part);
+                if split {
+                    // Thread ti's part: its heads' outputs, row by row.
+                    let (h0, h1) = share_even(d.kv_heads, t, ti);
+                    let (c0, c1) = (h0 * g * hd, h1 * g * hd);
+                    for r in 0..b {
+                        y[r * q_cols + c0..r * q_cols + c1]
+                            .copy_from_slice(&part[r * (c1 - c0)..(r + 1) * (c1 - c0)]);
+                    }
+                    continue;
+                }
+                let (a0, a1) = share_even(pairs, t, ti);
                 for p in a0..a1 {
                     let (r, j) = (p / d.kv_heads, p % d.kv_heads);
                     y[r * q_cols + j * g * hd..r * q_cols + (j + 1) * g * hd]
@@ -1014,6 +1061,67 @@ impl Step<'_> {
             &mut part,
             c1 - c0,
         );
+    }
+
+    /// Attention of layer `li`'s pair (row `r`, kv head `j`): RoPE (after the q and k norms
+    /// where the model has them) on its query heads and its key, the key and value appended
+    /// to the pair's cache, then the queries against every key so far into `out`.
+    fn attend(
+        &self,
+        li: usize,
+        lw: &LayerData,
+        (r, j): (usize, usize),
+        pair: PairInput,
+        work: &mut PairWork,
+        out: &mut [f32],
+    ) {
+        let d = self.d;
+        let (hd, g) = (d.head_dim, d.group());
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let (c, s) = (
+            &self.cos[r * hd..(r + 1) * hd],
+            &self.sin[r * hd..(r + 1) * hd],
+        );
+        for e in 0..g {
+            let head = &pair.queries[e * hd..(e + 1) * hd];
+            let src = match lw.q_norm {
+                Some(w) => {
+                    rms_norm(head, w, d.eps, work.tmp);
+                    &work.tmp[..]
+                }
+                None => head,
+            };
+            fused::rope_vec(src, c, s, scale, &mut work.queries[e * hd..(e + 1) * hd]);
+        }
+        let src = match lw.k_norm {
+            Some(w) => {
+                rms_norm(pair.key, w, d.eps, work.tmp);
+                &work.tmp[..]
+            }
+            None => pair.key,
+        };
+        fused::rope_vec(src, c, s, 1.0, work.key);
+        let slot = (li * self.b + r) * d.kv_heads + j;
+        let mut pc = self.cache[slot]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        pc.put_key(self.past, work.key);
+        pc.v.truncate(self.past * hd);
+        pc.v.extend_from_slice(pair.value);
+        let keys = self.past + 1;
+        // SAFETY: `attend_blocked` needs AVX2 and FMA on x86_64, which `Decoder::serves` found
+        // on this CPU.
+        #[allow(unused_unsafe)]
+        unsafe {
+            skinny::attend_blocked(
+                work.queries,
+                (&pc.kt, &pc.v),
+                &self.masks[r],
+                (keys, hd),
+                &mut work.scores[0],
+                out,
+            )
+        };
     }
 
     /// This thread's columns of `x + input · wᵀ` (w `[hidden, k]`) into its residual part.
@@ -1170,13 +1278,16 @@ mod tests {
         let wide = wide();
         assert!(Dims::of(&model(&wide, 2)).fmas() >= PAR_MIN_FMAS);
         same_bits_as_the_graph(&wide, 2);
-        // Qwen2's attention biases, Qwen3's q/k norms, tied embeddings, one kv head.
+        // Qwen2's attention biases, Qwen3's q/k norms, tied embeddings; with two kv heads
+        // (split among two threads, as `wide`'s are) and with one (which two threads cannot
+        // split: the q/k/v columns are shared out, then the (row, kv head) pairs).
         let mut qwen = wide;
         qwen.attention_bias = true;
         qwen.use_qk_norm = true;
         qwen.tie_word_embeddings = true;
-        qwen.num_key_value_heads = Some(1);
         same_bits_as_the_graph(&qwen, 3);
+        qwen.num_key_value_heads = Some(1);
+        same_bits_as_the_graph(&qwen, 4);
     }
 
     #[test]
