@@ -282,10 +282,13 @@ impl Decoder {
         let mut sin = vec![0f32; b * hd];
         for r in 0..b {
             let pos = self.seen[r] as f32;
-            for i in 0..hd {
-                let a = pos * self.inv_freq[i % (hd / 2)];
-                cos[r * hd + i] = a.cos();
-                sin[r * hd + i] = a.sin();
+            let (c, s) = (
+                &mut cos[r * hd..(r + 1) * hd],
+                &mut sin[r * hd..(r + 1) * hd],
+            );
+            for i in 0..hd / 2 {
+                let (si, ci) = (pos * self.inv_freq[i]).sin_cos();
+                (c[i], c[i + hd / 2], s[i], s[i + hd / 2]) = (ci, ci, si, si);
             }
         }
         // The keys so far and this step's own: the state itself changes only once the step has
