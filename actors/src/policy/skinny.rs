@@ -210,18 +210,20 @@ fn columns8(
 
 /// `tile` with 16-lane (AVX-512F) registers: the same dot products, each summed as 16
 /// partial sums (lanes i and i+8, then as `tile` does), so the results differ from `tile`'s
-/// in the last bits; half the instructions per dot product. `ahead` > 0: each weight row's
-/// loads also prefetch the row `ahead` floats further on, where the next tile will read (the
-/// next tile's rows start a new page, where the hardware's prefetcher stops).
+/// in the last bits; half the instructions per dot product. `PF`: each step also prefetches
+/// C lines of the C rows that follow these in `w` (the next column block's, contiguous), so
+/// that over the tile the next block is asked for whole: its rows start a new page, where the
+/// hardware's prefetcher stops.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn tile16<const R: usize, const C: usize>(
+fn tile16<const R: usize, const C: usize, const PF: bool>(
     x: [&[f32]; R],
     w: [&[f32]; C],
-    ahead: usize,
 ) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
+    // Where the next tile's rows start: right after these (C consecutive rows of w).
+    let next = w[C - 1].as_ptr().wrapping_add(w[C - 1].len());
     const LANES: usize = 16;
     let k = x.first().map_or(0, |r| r.len());
     assert!(x.iter().all(|r| r.len() == k) && w.iter().all(|r| r.len() == k));
@@ -237,9 +239,11 @@ fn tile16<const R: usize, const C: usize>(
         for (c, wc) in w.iter().enumerate() {
             // SAFETY: as above; every row of w has length k too.
             let wv = unsafe { _mm512_loadu_ps(wc.as_ptr().add(i)) };
-            if ahead > 0 {
-                // A prefetch never faults, so past the last row it only fetches a stray line.
-                _mm_prefetch::<_MM_HINT_T0>(wc.as_ptr().wrapping_add(i + ahead).cast::<i8>());
+            if PF {
+                // The next block's C rows are C·k contiguous floats: C lines of them per step,
+                // in order. A prefetch never faults, so past the last row it only fetches a
+                // stray line.
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(C * i + 16 * c).cast::<i8>());
             }
             for r in 0..R {
                 acc[r][c] = _mm512_fmadd_ps(xv[r], wv, acc[r][c]);
@@ -282,7 +286,6 @@ fn columns16(
     let wide = if m == 1 { 8 } else { 4 };
     // The first row tile of a column block prefetches the next block's weights (the later ones
     // find them in L1).
-    let ahead = |r: usize, cols: usize| if r == 0 { cols * k } else { 0 };
     let mut c = 0;
     while c < cols {
         let take = (cols - c).min(wide);
@@ -290,7 +293,7 @@ fn columns16(
             8 => {
                 let ws = [0, 1, 2, 3, 4, 5, 6, 7].map(|j| wr(c + j));
                 for r in 0..m {
-                    store(out, dest, m, r, c, tile16::<1, 8>([xr(r)], ws, ahead(r, 8)));
+                    store(out, dest, m, r, c, tile16::<1, 8, true>([xr(r)], ws));
                 }
             }
             4 => {
@@ -299,7 +302,7 @@ fn columns16(
                 while r < m {
                     r += match m - r {
                         1 => {
-                            store(out, dest, m, r, c, tile16::<1, 4>([xr(r)], ws, ahead(r, 4)));
+                            store(out, dest, m, r, c, tile16::<1, 4, true>([xr(r)], ws));
                             1
                         }
                         2 => {
@@ -309,18 +312,28 @@ fn columns16(
                                 m,
                                 r,
                                 c,
-                                tile16::<2, 4>([xr(r), xr(r + 1)], ws, ahead(r, 4)),
+                                tile16::<2, 4, true>([xr(r), xr(r + 1)], ws),
                             );
                             2
                         }
                         3 => {
                             let rows = [xr(r), xr(r + 1), xr(r + 2)];
-                            store(out, dest, m, r, c, tile16::<3, 4>(rows, ws, ahead(r, 4)));
+                            let o = if r == 0 {
+                                tile16::<3, 4, true>(rows, ws)
+                            } else {
+                                tile16::<3, 4, false>(rows, ws)
+                            };
+                            store(out, dest, m, r, c, o);
                             3
                         }
                         _ => {
                             let rows = [xr(r), xr(r + 1), xr(r + 2), xr(r + 3)];
-                            store(out, dest, m, r, c, tile16::<4, 4>(rows, ws, ahead(r, 4)));
+                            let o = if r == 0 {
+                                tile16::<4, 4, true>(rows, ws)
+                            } else {
+                                tile16::<4, 4, false>(rows, ws)
+                            };
+                            store(out, dest, m, r, c, o);
                             4
                         }
                     };
@@ -329,7 +342,14 @@ fn columns16(
             _ => {
                 for r in 0..m {
                     for col in c..c + take {
-                        store(out, dest, m, r, col, tile16::<1, 1>([xr(r)], [wr(col)], 0));
+                        store(
+                            out,
+                            dest,
+                            m,
+                            r,
+                            col,
+                            tile16::<1, 1, false>([xr(r)], [wr(col)]),
+                        );
                     }
                 }
             }
@@ -1392,7 +1412,7 @@ mod tests {
                 for r in 0..m {
                     for c in 0..13 {
                         let (xr, wc) = (&x[r * k..(r + 1) * k], &w[c * k..(c + 1) * k]);
-                        let one = unsafe { tile16::<1, 1>([xr], [wc], 0) }[0][0];
+                        let one = unsafe { tile16::<1, 1, false>([xr], [wc]) }[0][0];
                         assert_eq!(
                             got[r * 13 + c].to_bits(),
                             one.to_bits(),
