@@ -999,6 +999,7 @@ impl Step<'_> {
                 }
                 part
             };
+            // Released before the barrier: every thread reads every part in phase 3.
             drop(part);
             if !self.barrier.wait() {
                 return;

@@ -255,6 +255,7 @@ fn tile16<const R: usize, const C: usize, const PF: bool>(
     for r in 0..R {
         for c in 0..C {
             let a = acc[r][c];
+            // The upper half through a 64-bit view: AVX-512F alone has no 32x8 extract.
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
             let s8 = _mm256_add_ps(_mm512_castps512_ps256(a), hi);
             let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
@@ -284,8 +285,8 @@ fn columns16(
     let xr = |r: usize| &x[r * k..(r + 1) * k];
     let wr = |c: usize| &w[(n0 + c) * k..(n0 + c + 1) * k];
     let wide = if m == 1 { 8 } else { 4 };
-    // The first row tile of a column block prefetches the next block's weights (the later ones
-    // find them in L1).
+    // A column block's first row tile prefetches the next block's weights, and the later full
+    // tiles find them in L1 (a short last tile of one or two rows asks again: a few hits).
     let mut c = 0;
     while c < cols {
         let take = (cols - c).min(wide);
@@ -521,21 +522,18 @@ impl Live<'_> {
 /// sum j % 16 over the whole groups of sixteen), folded by [`fold16`], then the rest in key
 /// order: sixteen short chains of adds instead of one as long as the context. Both versions
 /// below do exactly these operations, so they give the same bits.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 fn softmax(scores: &mut [f32], live: Live) {
     #[cfg(target_arch = "x86_64")]
     {
-        if live.all && simd() && super::flash::avx512() {
-            // SAFETY: `avx512()` found AVX-512F on this CPU, `simd()` AVX2 and FMA.
+        if live.all && super::flash::avx512() {
+            // SAFETY: `avx512()` found AVX-512F on this CPU; AVX2 and FMA are this function's
+            // own target features, so its callers found them.
             unsafe { softmax16(scores) };
             return;
         }
     }
-    // SAFETY: where it is compiled with AVX2 + FMA enabled (x86_64), `softmax` is reached only
-    // through the decode kernels, which run after `simd()` found them.
-    #[allow(unused_unsafe)]
-    unsafe {
-        softmax_lanes(scores, live)
-    }
+    softmax_lanes(scores, live)
 }
 
 /// The sixteen running sums of a softmax folded to one: lanes i and i + 8 first, then as
