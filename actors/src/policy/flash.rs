@@ -571,13 +571,24 @@ fn row_max(row: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 fn exp_shifted(row: &mut [f32], w: usize, shift: f32, scale: f32) -> f32 {
     row[w..].fill(f32::NEG_INFINITY);
-    let (mv, kv) = (_mm256_set1_ps(shift), _mm256_set1_ps(scale));
-    let mut sv = _mm256_setzero_ps();
-    let mut c = 0;
+    let (mut c, mut sv) = (0, _mm256_setzero_ps());
     if avx512() {
         // SAFETY: `avx512()` found AVX-512F on this CPU.
         (c, sv) = unsafe { exp_shifted16(row, shift, scale) };
     }
+    exp_shifted_from(row, (c, sv), shift, scale)
+}
+
+/// `exp_shifted`'s 8-lane loop from float `c`, with the sum `sv` so far, and its last sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp_shifted_from(
+    row: &mut [f32],
+    (mut c, mut sv): (usize, __m256),
+    shift: f32,
+    scale: f32,
+) -> f32 {
+    let (mv, kv) = (_mm256_set1_ps(shift), _mm256_set1_ps(scale));
     while c < row.len() {
         let e = exp8(_mm256_sub_ps(ld(row, c), mv));
         st(row, c, _mm256_mul_ps(e, kv));
@@ -1190,6 +1201,32 @@ mod tests {
                 accumulate16::<4>(&mut y, d, ws, &m, d, j_end, d);
             }
             assert_eq!(x, y, "accumulate, d {d}");
+        }
+    }
+
+    /// `exp_shifted`'s 16-lane loop gives the 8-lane one's bits, rows and sums, at widths that
+    /// are multiples of 8 (with and without an 8-wide tail) and with padding.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sixteen_lane_exponentials_are_the_eight_lane_ones_to_the_bit() {
+        if !(super::super::skinny::simd() && avx512()) {
+            return; // nothing to compare on this CPU
+        }
+        // Rows longer than a block too: more groups, more chances for an order to show.
+        for w8 in [8usize, 16, 24, 40, 64, 136, 520] {
+            for w in [w8 - 3, w8] {
+                let row: Vec<f32> = randn(&[w8], w8 as u64, 4.0).to_vec1::<f32>().expect("row");
+                let (mut x, mut y) = (row.clone(), row.clone());
+                // SAFETY: AVX2, FMA and AVX-512F were found above.
+                let (sx, sy) = unsafe {
+                    let sx = exp_shifted(&mut x, w, 1.5, 0.25);
+                    y[w..].fill(f32::NEG_INFINITY);
+                    let sy = exp_shifted_from(&mut y, (0, _mm256_setzero_ps()), 1.5, 0.25);
+                    (sx, sy)
+                };
+                assert_eq!(sx.to_bits(), sy.to_bits(), "sum, width {w} of {w8}");
+                assert_eq!(x, y, "row, width {w} of {w8}");
+            }
         }
     }
 
