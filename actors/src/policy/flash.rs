@@ -613,6 +613,7 @@ fn exp_shifted16(row: &mut [f32], shift: f32, scale: f32) -> (usize, __m256) {
         // SAFETY: the chunk holds exactly the 16 floats read and written.
         let x = unsafe { _mm512_loadu_ps(chunk.as_ptr()) };
         let e = super::vexp::exp16(_mm512_sub_ps(x, mv));
+        // SAFETY: as above.
         unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), _mm512_mul_ps(e, kv)) };
         // The upper half through a 64-bit view: AVX-512F alone has no 32x8 extract.
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
