@@ -682,7 +682,7 @@ struct Scratch {
     qbuf: Vec<f32>,
     kbuf: Vec<f32>,
     tmp: Vec<f32>,
-    scores: [Vec<f32>; 2],
+    scores: Vec<f32>,
     /// This thread's kv heads' q, k and v columns of every row (when heads are split).
     own_q: Vec<f32>,
     own_k: Vec<f32>,
@@ -779,7 +779,7 @@ struct PairWork<'a> {
     key: &'a mut [f32],
     /// A q or k norm's output.
     tmp: &'a mut [f32],
-    scores: &'a mut [Vec<f32>; 2],
+    scores: &'a mut Vec<f32>,
 }
 
 /// RMSNorm of each `w.len()`-long row of `x` into `out`, in the graph kernel's order.
@@ -1122,7 +1122,7 @@ impl Step<'_> {
                 (&pc.kt, &pc.v),
                 &self.masks[r],
                 (keys, hd),
-                &mut work.scores[0],
+                work.scores,
                 out,
             )
         };

@@ -154,6 +154,8 @@ fn generate_on_this_thread(
     // threads from one step to the next (the prefill above had the pool to itself).
     let engine = decoder.is_some();
     let mut decode_all = |team: Option<&Team>| -> Result<(), GenerateError> {
+        // `plain_logprob`'s working row, kept across rows and steps.
+        let mut shifted = Vec::with_capacity(vocab);
         loop {
             let mut next = Vec::with_capacity(b);
             let mut next_mask = Vec::with_capacity(b);
@@ -169,7 +171,8 @@ fn generate_on_this_thread(
                     .map_err(|source| GenerateError::Sampling { index, source })?;
                 row.tokens.push(token);
                 row.logprobs.push(lp);
-                row.model_logprobs.push(plain_logprob(row_logits, token));
+                row.model_logprobs
+                    .push(plain_logprob(row_logits, token, &mut shifted));
                 row.len += 1;
                 // Stop strings need the text after every token; without them it is decoded once,
                 // at the end (decoding every step would cost O(n²) over a long turn).
@@ -247,10 +250,11 @@ struct Row {
 /// `log softmax(logits)[token]` (the sampler has already refused non-finite logits). The
 /// exponentials are `vexp`'s (within 2 ulp of f32's), summed in f64: the result is an f32,
 /// so f64 exponentials bought nothing but a libm call per logit, every row, every step.
-fn plain_logprob(logits: &[f32], token: u32) -> f32 {
+fn plain_logprob(logits: &[f32], token: u32, shifted: &mut Vec<f32>) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut shifted: Vec<f32> = logits.iter().map(|x| x - max).collect();
-    super::vexp::exp_in_place(&mut shifted);
+    shifted.clear();
+    shifted.extend(logits.iter().map(|x| x - max));
+    super::vexp::exp_in_place(shifted);
     let lse = max as f64 + shifted.iter().map(|e| *e as f64).sum::<f64>().ln();
     logits
         .get(token as usize)

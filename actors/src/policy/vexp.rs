@@ -1,4 +1,6 @@
-//! `exp` eight lanes at a time (AVX2 + FMA), for the softmaxes of attention and for SwiGLU.
+//! `exp` eight lanes at a time (AVX2 + FMA), or sixteen ([`exp16`], AVX-512F: the same
+//! operations per lane, so the same bits), for the softmaxes of attention, SwiGLU,
+//! log-softmax and generate's model logprob.
 //!
 //! libm's `expf` is a call per element: in a decode step of model R at batch 8 the softmax of
 //! attention and SwiGLU take ~60k of them, about a tenth of the step; a training step of the
