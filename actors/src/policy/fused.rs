@@ -30,6 +30,8 @@ pub(crate) enum Kind {
     Avx512,
     /// The decode engine of `decode` (generation's steps after the prefill).
     Decode,
+    /// A decoder layer's SwiGLU MLP as one graph node (`swiglu`).
+    SwiGlu,
 }
 
 pub(crate) fn enabled(kind: Kind) -> bool {
@@ -54,6 +56,7 @@ pub(crate) fn enabled(kind: Kind) -> bool {
         Kind::Flash => "flash",
         Kind::Avx512 => "avx512",
         Kind::Decode => "decode",
+        Kind::SwiGlu => "swiglu",
     };
     !off.iter().any(|o| o == "all" || o == name)
 }
@@ -134,7 +137,7 @@ const PAR_MIN: usize = 1 << 15;
 
 /// Splits `out` (rows of `row` elements) into one contiguous run of rows per thread and
 /// calls `f(first_row, rows)` on each, in parallel.
-fn par_rows<T: Send>(out: &mut [T], row: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+pub(crate) fn par_rows<T: Send>(out: &mut [T], row: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let rows = out.len() / row.max(1);
     let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
     if threads == 1 || out.len() < PAR_MIN {
@@ -156,6 +159,145 @@ macro_rules! dispatch {
             _ => candle_core::bail!("fused op: f32/f64 only"),
         }
     };
+}
+
+// ---------------------------------------------------------------- gemm
+
+/// A matrix operand of [`gemm_into`]: element (i, j) is `data[i · rs + j · cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major matrix with rows of `cols` elements.
+    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with rows of `cols` elements.
+    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+
+    /// Whether an `r x c` matrix with these strides lies inside `data`.
+    fn holds(&self, r: usize, c: usize) -> bool {
+        if self.rs > isize::MAX as usize || self.cs > isize::MAX as usize {
+            return false;
+        }
+        if r == 0 || c == 0 {
+            return true;
+        }
+        let last = (r - 1)
+            .checked_mul(self.rs)
+            .zip((c - 1).checked_mul(self.cs))
+            .and_then(|(a, b)| a.checked_add(b));
+        last.is_some_and(|l| l < self.data.len())
+    }
+}
+
+/// `dst = a · b`, or `dst += a · b` with `accumulate`, for a `[m, k]`, b `[k, n]` and dst
+/// `[m, n]` row-major: the kernels of candle's CPU matmul (`gemm`), on the compute pool, with
+/// the thread count candle gives them. Called here, a product neither zeroes its output first
+/// (candle's does) nor needs a separate add to accumulate.
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    accumulate: bool,
+    (m, k, n): (usize, usize, usize),
+    a: Mat,
+    b: Mat,
+) -> Result<()> {
+    if m.checked_mul(n) != Some(dst.len()) || !a.holds(m, k) || !b.holds(k, n) {
+        candle_core::bail!("gemm: operands do not hold [{m}, {k}] x [{k}, {n}]");
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    // SAFETY: every operand holds its matrix (checked above), `dst` is an initialized,
+    // exclusively borrowed `[m, n]`, and gemm reads and writes nothing else.
+    unsafe { gemm_raw(dst.as_mut_ptr(), accumulate, (m, k, n), a, b) };
+    Ok(())
+}
+
+/// `a · b` for a `[m, k]` and b `[k, n]`, into a new row-major `[m, n]` that is never zeroed.
+pub(crate) fn gemm_new(m: usize, k: usize, n: usize, a: Mat, b: Mat) -> Result<Vec<f32>> {
+    let Some(len) = m.checked_mul(n) else {
+        candle_core::bail!("gemm: [{m}, {n}] overflows");
+    };
+    if !a.holds(m, k) || !b.holds(k, n) {
+        candle_core::bail!("gemm: operands do not hold [{m}, {k}] x [{k}, {n}]");
+    }
+    if k == 0 {
+        return Ok(vec![0.0; len]);
+    }
+    let mut dst: Vec<f32> = Vec::with_capacity(len);
+    // SAFETY: the operands hold their matrices (checked above) and `dst` has room for
+    // `m · n` floats. With `read_dst` false and k > 0, gemm writes every element of the
+    // `[m, n]` output without reading it, so all `len` elements are initialized before
+    // `set_len`.
+    unsafe {
+        gemm_raw(dst.as_mut_ptr(), false, (m, k, n), a, b);
+        dst.set_len(len);
+    }
+    Ok(dst)
+}
+
+/// # Safety
+/// `a` and `b` hold their `[m, k]` and `[k, n]` matrices (k > 0), `dst` points to `m · n`
+/// writable floats that nothing else accesses during the call, initialized if `accumulate`.
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    accumulate: bool,
+    (m, k, n): (usize, usize, usize),
+    a: Mat,
+    b: Mat,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the caller's contract; `holds` checked that the strides fit `isize`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
 }
 
 // ---------------------------------------------------------------- Linear

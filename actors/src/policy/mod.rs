@@ -12,6 +12,7 @@ pub mod model;
 pub mod pretrained;
 pub mod sampling;
 pub(crate) mod skinny;
+pub(crate) mod swiglu;
 pub mod tokenizer;
 pub mod toolcall;
 pub(crate) mod vexp;

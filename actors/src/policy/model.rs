@@ -663,6 +663,16 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (gate, up, down) = (
+            self.gate_proj.weight(),
+            self.up_proj.weight(),
+            self.down_proj.weight(),
+        );
+        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        // Few rows (decode steps) go to skinny's kernels through `linear_rows`.
+        if rows > skinny::MAX_ROWS && swiglu::serves(x, [gate, up, down]) {
+            return swiglu::mlp(x, gate, up, down);
+        }
         let gate = linear_rows(&self.gate_proj, x)?;
         let up = linear_rows(&self.up_proj, x)?;
         let h = if fused::supported(&gate, fused::Kind::SiluMul) {
@@ -963,7 +973,7 @@ impl Llama {
     }
 }
 
-use super::{flash, fused, skinny};
+use super::{flash, fused, skinny, swiglu};
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,313 @@
+//! A decoder layer's SwiGLU MLP, `down(silu(gate(x)) · up(x))`, as one graph node, for f32
+//! training and prefill on CPU.
+//!
+//! Composed, the MLP is four nodes (gate, up, their product, down), and candle's backward gives
+//! every node's input a gradient of its own: it zeroes a tensor, then adds the op's gradient
+//! into it (`GradStore::or_insert` + `add`). In model R's training step those zeroings and adds
+//! over `[rows, ffn]` activations, and the fresh allocations each one takes, were ~15% of the
+//! time, on one thread. Here the backward runs the three products' gradients straight into
+//! buffers of its own, computes the gate's and up's gradients in one pass over the forward's
+//! pre-activations (overwriting them: the forward's state is the backward's working space),
+//! and hands candle only the three gradients it asks for: x's, the stacked gate/up weight's
+//! and down's.
+//!
+//! The products are gemm's, as candle's: gate and up run as one product against the two
+//! weights stacked (`[2F, K]`), so their outputs and the input's gradient are sums over other
+//! blocks than the composed path's, and the results agree with it to rounding, not to the bit
+//! (`the_fused_mlp_is_the_composed_one`). Each output element is still computed by one thread
+//! in a fixed order, so runs repeat exactly.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::fused::{self, gemm_into, gemm_new, Mat};
+
+/// What the forward leaves for the backward: the gate and up pre-activations (`[M, 2F]`, a
+/// row's gate then its up) and the product `silu(gate) · up` (`[M, F]`).
+struct Saved {
+    gate_up: Vec<f32>,
+    hidden: Vec<f32>,
+}
+
+/// The op: x `[.., K]`, gate and up stacked `[2F, K]`, down `[K, F]` -> `[.., K]`.
+struct SwiGlu {
+    saved: Mutex<Option<Saved>>,
+}
+
+/// `(M, K, F)` from the operands' shapes.
+fn dims(x: &[usize], gate_up: &[usize], down: &[usize]) -> Result<(usize, usize, usize)> {
+    let k = x.last().copied().unwrap_or(0);
+    let ok = match (gate_up, down) {
+        ([f2, kg], [kd, f]) => *kg == k && *kd == k && *f2 == 2 * *f && k > 0,
+        _ => false,
+    };
+    if !ok {
+        candle_core::bail!(
+            "klong-swiglu: x {x:?}, gate/up {gate_up:?} and down {down:?} do not agree"
+        );
+    }
+    let f = down[1];
+    Ok((x.iter().product::<usize>() / k, k, f))
+}
+
+/// Rows of the `[M, 2F]` pre-activations handed to one elementwise unit.
+const ROWS_PER_UNIT: usize = 8;
+
+impl CustomOp3 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "klong-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        gate_up: &CpuStorage,
+        lgu: &Layout,
+        down: &CpuStorage,
+        ld: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k, f) = dims(lx.dims(), lgu.dims(), ld.dims())?;
+        let x = fused::slice::<f32>(x, lx)?;
+        let w_gu = fused::slice::<f32>(gate_up, lgu)?;
+        let w_down = fused::slice::<f32>(down, ld)?;
+        // [M, K] · [K, 2F]: both pre-activations in one product.
+        let gate_up = gemm_new(m, k, 2 * f, Mat::rows(x, k), Mat::transposed(w_gu, k))?;
+        let mut hidden: Vec<f32> = vec![0.0; m * f];
+        fused::par_rows(&mut hidden, f * ROWS_PER_UNIT, |unit, out| {
+            let mut e = Vec::with_capacity(f);
+            let first = unit * ROWS_PER_UNIT;
+            for (i, h) in out.chunks_exact_mut(f).enumerate() {
+                let row = &gate_up[(first + i) * 2 * f..(first + i + 1) * 2 * f];
+                fused::silu_mul_into(&row[..f], &row[f..], &mut e, h);
+            }
+        });
+        // [M, F] · [F, K]
+        let out = gemm_new(m, f, k, Mat::rows(&hidden, f), Mat::transposed(w_down, f))?;
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::msg("klong-swiglu: state lock poisoned"))? =
+            Some(Saved { gate_up, hidden });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gate_up: &Tensor,
+        down: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k, f) = dims(x.dims(), gate_up.dims(), down.dims())?;
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::msg("klong-swiglu: state lock poisoned"))?
+            .take();
+        let Some(Saved {
+            gate_up: mut d_gate_up,
+            hidden,
+        }) = saved
+        else {
+            candle_core::bail!("klong-swiglu: backward without its forward's state (or twice)");
+        };
+        if d_gate_up.len() != m * 2 * f || hidden.len() != m * f {
+            candle_core::bail!("klong-swiglu: the forward's state is not [{m}, 2·{f}]");
+        }
+        let (dx, d_w_gu, d_down) = fused::with_data::<f32, _>(x, |x| {
+            fused::with_data::<f32, _>(gate_up, |w_gu| {
+                fused::with_data::<f32, _>(down, |w_down| {
+                    fused::with_data::<f32, _>(g, |g| {
+                        // d down [K, F] = gᵀ · hidden
+                        let d_down =
+                            gemm_new(k, m, f, Mat::transposed(g, k), Mat::rows(&hidden, f))?;
+                        // d hidden [M, F] = g · down, into hidden's memory (now spent).
+                        let mut d_hidden = hidden;
+                        gemm_into(
+                            &mut d_hidden,
+                            false,
+                            (m, k, f),
+                            Mat::rows(g, k),
+                            Mat::rows(w_down, f),
+                        )?;
+                        // The pre-activations become their gradients, row by row.
+                        fused::par_rows(&mut d_gate_up, 2 * f * ROWS_PER_UNIT, |unit, rows| {
+                            let mut e = Vec::with_capacity(f);
+                            let first = unit * ROWS_PER_UNIT;
+                            for (i, row) in rows.chunks_exact_mut(2 * f).enumerate() {
+                                let dh = &d_hidden[(first + i) * f..(first + i + 1) * f];
+                                silu_mul_grads(row, dh, &mut e);
+                            }
+                        });
+                        // d (gate; up) [2F, K] = d_gate_upᵀ · x
+                        let d_w_gu = gemm_new(
+                            2 * f,
+                            m,
+                            k,
+                            Mat::transposed(&d_gate_up, 2 * f),
+                            Mat::rows(x, k),
+                        )?;
+                        // dx [M, K] = d_gate_up · (gate; up)
+                        let dx = gemm_new(
+                            m,
+                            2 * f,
+                            k,
+                            Mat::rows(&d_gate_up, 2 * f),
+                            Mat::rows(w_gu, k),
+                        )?;
+                        Ok((dx, d_w_gu, d_down))
+                    })
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(d_w_gu, gate_up.shape(), dev)?),
+            Some(Tensor::from_vec(d_down, down.shape(), dev)?),
+        ))
+    }
+}
+
+/// One row's `[gate; up]` (2F) overwritten by their gradients, from the hidden's gradient
+/// `dh` (F): with σ = sigmoid(gate), d gate = dh · up · σ · (1 + gate · (1 − σ)) and
+/// d up = dh · gate / (1 + exp(−gate)), the formulas (and operation order) of the composed
+/// path's `silu_mul` backward. `e` is working space.
+fn silu_mul_grads(row: &mut [f32], dh: &[f32], e: &mut Vec<f32>) {
+    let (gate, up) = row.split_at_mut(dh.len());
+    e.clear();
+    e.extend(gate.iter().map(|x| -*x));
+    super::vexp::exp_in_place(e);
+    for (((a, u), &g), &ex) in gate.iter_mut().zip(up.iter_mut()).zip(dh).zip(e.iter()) {
+        let x = *a;
+        let sg = 1.0 / (1.0 + ex);
+        *a = g * *u * sg * (1.0 + x * (1.0 - sg));
+        *u = g * (x / (1.0 + ex));
+    }
+}
+
+/// Whether the fused MLP serves these operands (f32 on CPU, not switched off).
+pub(crate) fn serves(x: &Tensor, weights: [&Tensor; 3]) -> bool {
+    fused::supported(x, fused::Kind::SwiGlu)
+        && x.dtype() == DType::F32
+        && weights
+            .iter()
+            .all(|w| w.dtype() == DType::F32 && w.device().is_cpu())
+}
+
+/// `down(silu(x · gateᵀ) · (x · upᵀ))` for x `[.., K]`, gate and up `[F, K]`, down `[K, F]`,
+/// as one graph node (the weights stacked by a `cat` node, whose backward splits their
+/// gradient).
+pub(crate) fn mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    let gate_up = Tensor::cat(&[gate, up], 0)?;
+    x.contiguous()?.apply_op3(
+        &gate_up,
+        &down.contiguous()?,
+        SwiGlu {
+            saved: Mutex::new(None),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+                h as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    fn composed(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Tensor {
+        let (b, t, k) = x.dims3().expect("dims");
+        let rows = x.reshape((b * t, k)).expect("rows");
+        let g = rows.matmul(&gate.t().expect("t")).expect("gate");
+        let u = rows.matmul(&up.t().expect("t")).expect("up");
+        let h = (g.silu().expect("silu") * u).expect("h");
+        h.matmul(&down.t().expect("t"))
+            .and_then(|y| y.reshape((b, t, k)))
+            .expect("down")
+    }
+
+    /// The one-node MLP gives the composed path's output and the gradients of x and of every
+    /// weight, to rounding (the products sum over other blocks), on shapes that are not
+    /// multiples of any kernel's width.
+    #[test]
+    fn the_fused_mlp_is_the_composed_one() {
+        let dev = Device::Cpu;
+        let (b, t, k, f) = (3, 23, 40, 56);
+        let var = |n: usize, seed: u32, shape: (usize, usize)| {
+            Var::from_vec(values(n, seed), shape, &dev).expect("var")
+        };
+        let x = Var::from_vec(values(b * t * k, 1), (b, t, k), &dev).expect("x");
+        let gate = var(f * k, 2, (f, k));
+        let up = var(f * k, 3, (f, k));
+        let down = var(k * f, 4, (k, f));
+        let g = Tensor::from_vec(values(b * t * k, 5), (b, t, k), &dev).expect("g");
+        let run = |y: Tensor| {
+            let grads = (&y * &g)
+                .and_then(|p| p.sum_all())
+                .and_then(|l| l.backward())
+                .expect("backward");
+            let mut out = vec![y];
+            for v in [&x, &gate, &up, &down] {
+                out.push(grads.get(v.as_tensor()).expect("grad").clone());
+            }
+            out
+        };
+        let fused = run(super::mlp(x.as_tensor(), &gate, &up, &down).expect("fused"));
+        let plain = run(composed(x.as_tensor(), &gate, &up, &down));
+        for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
+            let scale = b
+                .abs()
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.max(0))
+                .and_then(|t| t.to_scalar::<f32>())
+                .expect("scale");
+            let diff = crate::policy::max_abs_diff(a, b);
+            assert!(scale > 0.0, "case {i}: all zero");
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "case {i}: {diff} against {scale}"
+            );
+        }
+    }
+
+    /// A second backward over one forward has no state to run on: an error, not a wrong
+    /// gradient.
+    #[test]
+    fn a_second_backward_is_an_error() {
+        let dev = Device::Cpu;
+        let (k, f) = (8, 12);
+        let x = Var::from_vec(values(4 * k, 1), (1, 4, k), &dev).expect("x");
+        let w = |n, s, shape| Var::from_vec(values(n, s), shape, &dev).expect("w");
+        let (gate, up, down) = (
+            w(f * k, 2, (f, k)),
+            w(f * k, 3, (f, k)),
+            w(k * f, 4, (k, f)),
+        );
+        let y = super::mlp(x.as_tensor(), &gate, &up, &down).expect("mlp");
+        let loss = y.sum_all().expect("sum");
+        assert!(loss.backward().is_ok());
+        let err = loss.backward().expect_err("second backward");
+        assert!(err.to_string().contains("twice"), "{err}");
+    }
+
+    /// Shapes that do not agree are an error that names them.
+    #[test]
+    fn mismatched_weights_are_an_error() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 3, 8), candle_core::DType::F32, &dev).expect("x");
+        let gate = Tensor::zeros((12, 8), candle_core::DType::F32, &dev).expect("gate");
+        let down = Tensor::zeros((8, 10), candle_core::DType::F32, &dev).expect("down");
+        let err = super::mlp(&x, &gate, &gate, &down).expect_err("mismatch");
+        assert!(err.to_string().contains("do not agree"), "{err}");
+    }
+}
