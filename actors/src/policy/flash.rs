@@ -135,6 +135,11 @@ impl KeyMask {
         m
     }
 
+    /// Keys before the new queries (a KV cache's).
+    pub(crate) fn past(&self) -> usize {
+        self.past
+    }
+
     /// `(B, T, S)`: rows, new queries, keys.
     pub(crate) fn dims(&self) -> (usize, usize, usize) {
         (self.rows(), self.s - self.past, self.s)
@@ -669,7 +674,7 @@ impl<'a> Pair<'a> {
 /// Dims shared by every pair: query positions T, keys S (and its padded stride), head dim D.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-struct Dims {
+pub(crate) struct Dims {
     t: usize,
     s: usize,
     stride: usize,
@@ -835,27 +840,26 @@ struct FlashAttention {
     state: std::sync::Mutex<Vec<f32>>,
 }
 
+/// `(B, G, R, dims)` of operands q `[B, G, R, D]` and k `[B, G, S, D]` under `mask`.
 #[cfg(target_arch = "x86_64")]
-impl FlashAttention {
-    /// `(B, G, R, dims)` of the operands.
-    fn dims(&self, q: &Layout, k: &Layout) -> Result<(usize, usize, usize, Dims)> {
-        let (b, g, r, d) = q.shape().dims4()?;
-        let (kb, kg, s, kd) = k.shape().dims4()?;
-        let t = s.saturating_sub(self.mask.past);
-        if (kb, kg, kd) != (b, g, d) || self.mask.rows() != b || self.mask.s != s || t == 0 {
-            candle_core::bail!(
-                "flash attention: q {:?} and k {:?} do not agree with the mask",
-                q.dims(),
-                k.dims()
-            );
-        }
-        if r % t != 0 || d % LANES != 0 {
-            candle_core::bail!("flash attention: {r} query rows for {t} positions, head dim {d}");
-        }
-        // A block starts at any key, so its last load may reach 7 columns past S.
-        let stride = s.div_ceil(LANES) * LANES + LANES;
-        Ok((b, g, r, Dims { t, s, stride, d }))
+pub(crate) fn operand_dims(
+    mask: &KeyMask,
+    q: &[usize],
+    k: &[usize],
+) -> Result<(usize, usize, usize, Dims)> {
+    let (&[b, g, r, d], &[kb, kg, s, kd]) = (q, k) else {
+        candle_core::bail!("flash attention: q {q:?} and k {k:?} are not 4-D");
+    };
+    let t = s.saturating_sub(mask.past);
+    if (kb, kg, kd) != (b, g, d) || mask.rows() != b || mask.s != s || t == 0 {
+        candle_core::bail!("flash attention: q {q:?} and k {k:?} do not agree with the mask");
     }
+    if r % t != 0 || d % LANES != 0 {
+        candle_core::bail!("flash attention: {r} query rows for {t} positions, head dim {d}");
+    }
+    // A block starts at any key, so its last load may reach 7 columns past S.
+    let stride = s.div_ceil(LANES) * LANES + LANES;
+    Ok((b, g, r, Dims { t, s, stride, d }))
 }
 
 /// Each pair's keys transposed (`[D, stride]`).
@@ -866,6 +870,99 @@ fn transposed_keys(k: &[f32], pairs: usize, dm: Dims) -> Vec<Vec<f32>> {
         .into_par_iter()
         .map(|i| transpose(&k[i * s * d..(i + 1) * s * d], s, d, stride))
         .collect()
+}
+
+/// The forward over every pair: the kernels' output `[B, G, R, D + 2]` (each row's output, its
+/// score max and inverse normalizer: the backward's state) and the rows the output projection
+/// reads, `[B, T, G·(R/T)·D]`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn forward_rows(
+    mask: &KeyMask,
+    (b, per_b, r, dm): (usize, usize, usize, Dims),
+    (q, k, v): (&[f32], &[f32], &[f32]),
+) -> (Vec<f32>, Vec<f32>) {
+    let pairs = b * per_b;
+    let Dims { t, d, .. } = dm;
+    let kts = transposed_keys(k, pairs, dm);
+    let n_rep = r / t;
+    let mut out = vec![0f32; pairs * r * (d + 2)];
+    out.par_chunks_exact_mut(t * (d + 2))
+        .enumerate()
+        .for_each(|(unit, o)| {
+            let pair = Pair::nth(unit / n_rep, per_b, (q, k, v), &kts, r, dm);
+            // SAFETY: `forward_head` needs AVX2 and FMA; the callers run only after `serves`
+            // found both on this CPU.
+            #[allow(unused_unsafe)]
+            unsafe {
+                forward_head(&pair, mask, dm, (unit % n_rep) * t, o)
+            }
+        });
+    let heads = per_b * n_rep;
+    let mut rows = vec![0f32; b * t * heads * d];
+    // One unit per batch row: each head's rows go to one column block of every position.
+    rows.par_chunks_exact_mut(t * heads * d)
+        .enumerate()
+        .for_each(|(bi, dst)| {
+            for h in 0..heads {
+                let src = &out[((bi * heads + h) * t) * (d + 2)..];
+                for ti in 0..t {
+                    dst[(ti * heads + h) * d..(ti * heads + h + 1) * d]
+                        .copy_from_slice(&src[ti * (d + 2)..ti * (d + 2) + d]);
+                }
+            }
+        });
+    (out, rows)
+}
+
+/// The backward over every pair: `(dq, dk, dv)` in the operands' layouts from the forward's
+/// state `res` and the rows' gradient `g_rows` (`[B, T, G·(R/T)·D]`).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn backward_rows(
+    mask: &KeyMask,
+    (b, per_b, r, dm): (usize, usize, usize, Dims),
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    res: &[f32],
+    g_rows: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let pairs = b * per_b;
+    let Dims { t, s, d, .. } = dm;
+    let ow = d + 2;
+    let heads = r / t * per_b;
+    if res.len() != pairs * r * ow || g_rows.len() != b * t * heads * d {
+        candle_core::bail!("flash attention: backward without its forward's state");
+    }
+    // The rows' gradient back in the kernels' layout (the state columns carry none).
+    let mut g = vec![0f32; pairs * r * ow];
+    g.par_chunks_exact_mut(heads * t * ow)
+        .enumerate()
+        .for_each(|(bi, dst)| {
+            let src = &g_rows[bi * t * heads * d..];
+            for h in 0..heads {
+                for ti in 0..t {
+                    dst[(h * t + ti) * ow..(h * t + ti) * ow + d]
+                        .copy_from_slice(&src[(ti * heads + h) * d..(ti * heads + h + 1) * d]);
+                }
+            }
+        });
+    let g: &[f32] = &g;
+    let kts = transposed_keys(k, pairs, dm);
+    let mut dq = vec![0f32; pairs * r * d];
+    let mut dk = vec![0f32; pairs * s * d];
+    let mut dv = vec![0f32; pairs * s * d];
+    dq.par_chunks_exact_mut(r * d)
+        .zip(dk.par_chunks_exact_mut(s * d))
+        .zip(dv.par_chunks_exact_mut(s * d))
+        .enumerate()
+        .for_each(|(i, ((dq, dk), dv))| {
+            let pair = Pair::nth(i, per_b, (q, k, v), &kts, r, dm);
+            let rows = i * r * ow..(i + 1) * r * ow;
+            // SAFETY: as in the forward, AVX2 and FMA were found.
+            #[allow(unused_unsafe)]
+            unsafe {
+                backward_pair(&pair, mask, dm, &res[rows.clone()], &g[rows], dq, dk, dv)
+            }
+        });
+    Ok((dq, dk, dv))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -883,48 +980,20 @@ impl CustomOp3 for FlashAttention {
         v: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, per_b, r, dm) = self.dims(lq, lk)?;
-        let pairs = b * per_b;
-        let (q, k, v) = (
+        let dims = operand_dims(&self.mask, lq.dims(), lk.dims())?;
+        let (b, per_b, r, dm) = dims;
+        let operands = (
             fused::slice::<f32>(q, lq)?,
             fused::slice::<f32>(k, lk)?,
             fused::slice::<f32>(v, lv)?,
         );
-        let Dims { t, d, .. } = dm;
-        let kts = transposed_keys(k, pairs, dm);
-        let n_rep = r / t;
-        let mut out = vec![0f32; pairs * r * (d + 2)];
-        out.par_chunks_exact_mut(t * (d + 2))
-            .enumerate()
-            .for_each(|(unit, o)| {
-                let pair = Pair::nth(unit / n_rep, per_b, (q, k, v), &kts, r, dm);
-                // SAFETY: `forward_head` needs AVX2 and FMA; the op is only built after
-                // `serves` found both on this CPU.
-                #[allow(unused_unsafe)]
-                unsafe {
-                    forward_head(&pair, &self.mask, dm, (unit % n_rep) * t, o)
-                }
-            });
-        let heads = per_b * n_rep;
-        let mut rows = vec![0f32; b * t * heads * d];
-        // One unit per head (a pair's T query rows of one repeat): its rows go to one column
-        // block of every position.
-        rows.par_chunks_exact_mut(t * heads * d)
-            .enumerate()
-            .for_each(|(bi, dst)| {
-                for h in 0..heads {
-                    let src = &out[((bi * heads + h) * t) * (d + 2)..];
-                    for ti in 0..t {
-                        dst[(ti * heads + h) * d..(ti * heads + h + 1) * d]
-                            .copy_from_slice(&src[ti * (d + 2)..ti * (d + 2) + d]);
-                    }
-                }
-            });
+        let (out, rows) = forward_rows(&self.mask, dims, operands);
         *self
             .state
             .lock()
             .map_err(|_| candle_core::Error::msg("flash attention: state lock poisoned"))? = out;
-        Ok((CpuStorage::F32(rows), Shape::from((b, t, heads * d))))
+        let heads = per_b * (r / dm.t);
+        Ok((CpuStorage::F32(rows), Shape::from((b, dm.t, heads * dm.d))))
     }
 
     fn bwd(
@@ -936,70 +1005,16 @@ impl CustomOp3 for FlashAttention {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let (b, per_b, r, dm) = self.dims(q.layout(), k.layout())?;
-        let pairs = b * per_b;
-        let Dims { t, s, d, .. } = dm;
-        let ow = d + 2;
+        let dims = operand_dims(&self.mask, q.dims(), k.dims())?;
         let state = self
             .state
             .lock()
             .map_err(|_| candle_core::Error::msg("flash attention: state lock poisoned"))?;
-        if state.len() != pairs * r * ow {
-            candle_core::bail!("flash attention: backward without its forward's state");
-        }
-        let res: &[f32] = &state;
-        let mut dq = vec![0f32; pairs * r * d];
-        let mut dk = vec![0f32; pairs * s * d];
-        let mut dv = vec![0f32; pairs * s * d];
-        fused::with_data::<f32, _>(&q, |q| {
+        let (dq, dk, dv) = fused::with_data::<f32, _>(&q, |q| {
             fused::with_data::<f32, _>(&k, |k| {
                 fused::with_data::<f32, _>(&v, |v| {
                     fused::with_data::<f32, _>(g, |g_rows| {
-                        {
-                            // The rows' gradient back in the kernels' layout (the state
-                            // columns carry none).
-                            let heads = r / t * per_b;
-                            let mut g = vec![0f32; pairs * r * ow];
-                            g.par_chunks_exact_mut(heads * t * ow).enumerate().for_each(
-                                |(bi, dst)| {
-                                    let src = &g_rows[bi * t * heads * d..];
-                                    for h in 0..heads {
-                                        for ti in 0..t {
-                                            dst[(h * t + ti) * ow..(h * t + ti) * ow + d]
-                                                .copy_from_slice(
-                                                    &src[(ti * heads + h) * d
-                                                        ..(ti * heads + h + 1) * d],
-                                                );
-                                        }
-                                    }
-                                },
-                            );
-                            let g: &[f32] = &g;
-                            let kts = transposed_keys(k, pairs, dm);
-                            dq.par_chunks_exact_mut(r * d)
-                                .zip(dk.par_chunks_exact_mut(s * d))
-                                .zip(dv.par_chunks_exact_mut(s * d))
-                                .enumerate()
-                                .for_each(|(i, ((dq, dk), dv))| {
-                                    let pair = Pair::nth(i, per_b, (q, k, v), &kts, r, dm);
-                                    let rows = i * r * ow..(i + 1) * r * ow;
-                                    // SAFETY: as in the forward, AVX2 and FMA were found.
-                                    #[allow(unused_unsafe)]
-                                    unsafe {
-                                        backward_pair(
-                                            &pair,
-                                            &self.mask,
-                                            dm,
-                                            &res[rows.clone()],
-                                            &g[rows],
-                                            dq,
-                                            dk,
-                                            dv,
-                                        )
-                                    }
-                                });
-                            Ok(())
-                        }
+                        backward_rows(&self.mask, dims, (q, k, v), &state, g_rows)
                     })
                 })
             })
@@ -1014,7 +1029,7 @@ impl CustomOp3 for FlashAttention {
 }
 
 /// Whether these kernels serve `t`'s device and dtype.
-fn serves(t: &Tensor) -> bool {
+pub(crate) fn serves(t: &Tensor) -> bool {
     fused::supported(t, fused::Kind::Flash)
         && t.dtype() == candle_core::DType::F32
         && super::skinny::simd()

@@ -32,6 +32,8 @@ pub(crate) enum Kind {
     Decode,
     /// A decoder layer's SwiGLU MLP as one graph node (`swiglu`).
     SwiGlu,
+    /// A decoder layer's self-attention as one graph node (`attention_block`).
+    AttentionBlock,
 }
 
 pub(crate) fn enabled(kind: Kind) -> bool {
@@ -57,6 +59,7 @@ pub(crate) fn enabled(kind: Kind) -> bool {
         Kind::Avx512 => "avx512",
         Kind::Decode => "decode",
         Kind::SwiGlu => "swiglu",
+        Kind::AttentionBlock => "attention_block",
     };
     !off.iter().any(|o| o == "all" || o == name)
 }
@@ -588,7 +591,7 @@ pub(crate) fn rope_vec<T: Real>(x: &[T], c: &[T], s: &[T], scale: T, out: &mut [
 
 /// The transpose of `rope_vec` (its gradient): dx = scale · (g·cos + rotᵀ(g·sin)).
 #[inline]
-fn rope_vec_t<T: Real>(g: &[T], c: &[T], s: &[T], scale: T, out: &mut [T]) {
+pub(crate) fn rope_vec_t<T: Real>(g: &[T], c: &[T], s: &[T], scale: T, out: &mut [T]) {
     let h = g.len() / 2;
     for i in 0..h {
         out[i] = (g[i] * c[i] + g[i + h] * s[i + h]) * scale;

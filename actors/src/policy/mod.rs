@@ -1,6 +1,8 @@
 //! The policy: the model that acts (and, through the learner, trains).
 
 pub mod actor;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod attention_block;
 pub mod chat;
 pub mod decode;
 pub(crate) mod flash;

@@ -532,6 +532,32 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         let (h, hkv) = (self.n_heads, self.n_kv_heads);
+        // Without a cache, no biases and no q/k norms (Llama's layers, trained or scored), the
+        // whole attention is one graph node.
+        #[cfg(target_arch = "x86_64")]
+        if cache.is_none()
+            && b * t > skinny::MAX_ROWS
+            && self.q_norm.is_none()
+            && self.k_norm.is_none()
+            && [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+                .iter()
+                .all(|l| l.bias().is_none())
+        {
+            let weights = [
+                self.q_proj.weight(),
+                self.k_proj.weight(),
+                self.v_proj.weight(),
+                self.o_proj.weight(),
+            ];
+            let heads = attention_block::Heads {
+                q: h,
+                kv: hkv,
+                dim: hd,
+            };
+            if let Some(y) = attention_block::attention(x, weights, heads, cos, sin, &mask.keys)? {
+                return Ok(y);
+            }
+        }
         // q, k [B, T, n, D]: the projection's own layout, no copy; v [B, n, T, D].
         let heads_node = self.q_proj.bias().is_none()
             && b * t > skinny::MAX_ROWS
@@ -973,6 +999,8 @@ impl Llama {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+use super::attention_block;
 use super::{flash, fused, skinny, swiglu};
 
 #[cfg(test)]

@@ -1,0 +1,447 @@
+//! A decoder layer's self-attention (the q/k/v projections, RoPE, causal attention and the
+//! output projection) as one graph node, for f32 forwards without a KV cache on CPU: training
+//! steps and the learner's logprobs.
+//!
+//! Composed, the same attention is seven nodes (three projections split into heads, two
+//! RoPEs, the attention, the output projection), and candle's backward zeroes a gradient for
+//! each node's input before adding the op's gradient into it (see `swiglu`). Here the three
+//! projections are one product against the weights stacked (`[(H + 2·Hkv)·D, K]`), the heads
+//! are roped straight into the attention kernels' layout, and the backward hands candle only
+//! x's and the two weights' gradients. The attention itself is `flash`'s kernels, unchanged.
+//!
+//! The stacked product sums over other blocks than three separate ones, so results agree with
+//! the composed path to rounding, not to the bit (`the_fused_attention_is_the_composed_one`);
+//! each element is still computed by one thread in a fixed order, so runs repeat exactly.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::flash::{self, KeyMask};
+use super::fused::{self, gemm_into, gemm_new, Mat};
+
+/// Query heads, kv heads and the head dimension.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Heads {
+    pub q: usize,
+    pub kv: usize,
+    pub dim: usize,
+}
+
+impl Heads {
+    /// Outputs of the stacked q/k/v product: `(H + 2·Hkv)·D`.
+    fn qkv(&self) -> usize {
+        (self.q + 2 * self.kv) * self.dim
+    }
+}
+
+/// What the forward leaves for the backward: the roped, pre-scaled queries `[B, Hkv, R, D]`,
+/// the roped keys and the values `[B, Hkv, T, D]` (the kernels' operands), the kernels' state
+/// and the rows the output projection read (`[B·T, H·D]`).
+struct Saved {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    state: Vec<f32>,
+    rows: Vec<f32>,
+}
+
+/// The op: x `[B, T, K]`, q/k/v stacked `[(H + 2·Hkv)·D, K]`, o `[K, H·D]` -> `[B, T, K]`.
+struct AttentionBlock {
+    heads: Heads,
+    mask: Arc<KeyMask>,
+    /// RoPE's `[B, T, D]` angles.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    saved: Mutex<Option<Saved>>,
+}
+
+impl AttentionBlock {
+    /// `(B, T, K)` of the operands, checked against the heads, the angles and the mask.
+    fn dims(&self, x: &[usize], qkv: &[usize], o: &[usize]) -> Result<(usize, usize, usize)> {
+        let h = self.heads;
+        let (&[b, t, k], &[n, kq], &[ko, no]) = (x, qkv, o) else {
+            candle_core::bail!(
+                "klong-attention: x {x:?}, q/k/v {qkv:?}, o {o:?} are not 3-D, 2-D, 2-D"
+            );
+        };
+        if n != h.qkv() || kq != k || ko != k || no != h.q * h.dim || k == 0 {
+            candle_core::bail!(
+                "klong-attention: x {x:?}, q/k/v {qkv:?} and o {o:?} do not agree with {h:?}"
+            );
+        }
+        if self.cos.len() != b * t * h.dim || self.sin.len() != self.cos.len() {
+            candle_core::bail!("klong-attention: RoPE angles are not [{b}, {t}, {}]", h.dim);
+        }
+        Ok((b, t, k))
+    }
+
+    /// The kernels' dims: queries `[B, Hkv, n_rep·T, D]`, keys `[B, Hkv, T, D]`.
+    fn flash_dims(&self, b: usize, t: usize) -> Result<(usize, usize, usize, flash::Dims)> {
+        let h = self.heads;
+        let n_rep = h.q / h.kv;
+        flash::operand_dims(
+            &self.mask,
+            &[b, h.kv, n_rep * t, h.dim],
+            &[b, h.kv, t, h.dim],
+        )
+    }
+
+    /// The projections' rows `[B·T, (H + 2·Hkv)·D]` -> roped queries (times `scale`) `[B,
+    /// Hkv, n_rep·T, D]` (query head `g·n_rep + j` of position t is row `j·T + t` of group g:
+    /// HF's repeat_kv order), roped keys and values `[B, Hkv, T, D]`.
+    fn split_heads(&self, qkv: &[f32], (b, t): (usize, usize)) -> [Vec<f32>; 3] {
+        let Heads { q: hq, kv, dim: d } = self.heads;
+        let n_rep = hq / kv;
+        let (n, nq, nkv) = (self.heads.qkv(), hq * d, kv * d);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut q = vec![0f32; b * hq * t * d];
+        let mut k = vec![0f32; b * kv * t * d];
+        let mut v = vec![0f32; b * kv * t * d];
+        use rayon::prelude::*;
+        q.par_chunks_exact_mut(n_rep * t * d)
+            .zip(k.par_chunks_exact_mut(t * d))
+            .zip(v.par_chunks_exact_mut(t * d))
+            .enumerate()
+            .for_each(|(pair, ((qp, kp), vp))| {
+                let (bi, g) = (pair / kv, pair % kv);
+                for ti in 0..t {
+                    let row = &qkv[(bi * t + ti) * n..(bi * t + ti + 1) * n];
+                    let at = (bi * t + ti) * d;
+                    let (c, s) = (&self.cos[at..at + d], &self.sin[at..at + d]);
+                    for j in 0..n_rep {
+                        let src = &row[(g * n_rep + j) * d..(g * n_rep + j + 1) * d];
+                        let dst = &mut qp[(j * t + ti) * d..(j * t + ti + 1) * d];
+                        fused::rope_vec(src, c, s, scale, dst);
+                    }
+                    let src = &row[nq + g * d..nq + (g + 1) * d];
+                    fused::rope_vec(src, c, s, 1.0, &mut kp[ti * d..(ti + 1) * d]);
+                    vp[ti * d..(ti + 1) * d]
+                        .copy_from_slice(&row[nq + nkv + g * d..nq + nkv + (g + 1) * d]);
+                }
+            });
+        [q, k, v]
+    }
+
+    /// The transpose of `split_heads`: the gradients of the queries, keys and values back to
+    /// the projections' rows `[B·T, (H + 2·Hkv)·D]`.
+    fn merge_heads(&self, [dq, dk, dv]: [&[f32]; 3], (b, t): (usize, usize)) -> Vec<f32> {
+        let Heads { q: hq, kv, dim: d } = self.heads;
+        let n_rep = hq / kv;
+        let (n, nq, nkv) = (self.heads.qkv(), hq * d, kv * d);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; b * t * n];
+        fused::par_rows(&mut out, n, |r0, rows| {
+            for (i, row) in rows.chunks_exact_mut(n).enumerate() {
+                let (bi, ti) = ((r0 + i) / t, (r0 + i) % t);
+                let at = (bi * t + ti) * d;
+                let (c, s) = (&self.cos[at..at + d], &self.sin[at..at + d]);
+                for g in 0..kv {
+                    let pair = bi * kv + g;
+                    for j in 0..n_rep {
+                        let src = (pair * n_rep * t + j * t + ti) * d;
+                        let dst = &mut row[(g * n_rep + j) * d..(g * n_rep + j + 1) * d];
+                        fused::rope_vec_t(&dq[src..src + d], c, s, scale, dst);
+                    }
+                    let src = (pair * t + ti) * d;
+                    let dst = &mut row[nq + g * d..nq + (g + 1) * d];
+                    fused::rope_vec_t(&dk[src..src + d], c, s, 1.0, dst);
+                    row[nq + nkv + g * d..nq + nkv + (g + 1) * d]
+                        .copy_from_slice(&dv[src..src + d]);
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp3 for AttentionBlock {
+    fn name(&self) -> &'static str {
+        "klong-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        qkv: &CpuStorage,
+        lqkv: &Layout,
+        o: &CpuStorage,
+        lo: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, t, k) = self.dims(lx.dims(), lqkv.dims(), lo.dims())?;
+        let dims = self.flash_dims(b, t)?;
+        let (n, hd) = (self.heads.qkv(), self.heads.q * self.heads.dim);
+        let x = fused::slice::<f32>(x, lx)?;
+        let w_qkv = fused::slice::<f32>(qkv, lqkv)?;
+        let w_o = fused::slice::<f32>(o, lo)?;
+        let m = b * t;
+        let projected = gemm_new(m, k, n, Mat::rows(x, k), Mat::transposed(w_qkv, k))?;
+        let [q, kk, v] = self.split_heads(&projected, (b, t));
+        drop(projected);
+        let (state, rows) = flash::forward_rows(&self.mask, dims, (&q, &kk, &v));
+        let out = gemm_new(m, hd, k, Mat::rows(&rows, hd), Mat::transposed(w_o, hd))?;
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::msg("klong-attention: state lock poisoned"))? =
+            Some(Saved {
+                q,
+                k: kk,
+                v,
+                state,
+                rows,
+            });
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        qkv: &Tensor,
+        o: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, k) = self.dims(x.dims(), qkv.dims(), o.dims())?;
+        let dims = self.flash_dims(b, t)?;
+        let (n, hd, m) = (self.heads.qkv(), self.heads.q * self.heads.dim, b * t);
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::msg("klong-attention: state lock poisoned"))?
+            .take();
+        let Some(Saved {
+            q,
+            k: kk,
+            v,
+            state,
+            rows,
+        }) = saved
+        else {
+            candle_core::bail!("klong-attention: backward without its forward's state (or twice)");
+        };
+        if rows.len() != m * hd {
+            candle_core::bail!("klong-attention: the forward's rows are not [{m}, {hd}]");
+        }
+        let (dx, d_qkv, d_o) = fused::with_data::<f32, _>(x, |x| {
+            fused::with_data::<f32, _>(qkv, |w_qkv| {
+                fused::with_data::<f32, _>(o, |w_o| {
+                    fused::with_data::<f32, _>(g, |g| {
+                        // d o [K, H·D] = gᵀ · rows
+                        let d_o = gemm_new(k, m, hd, Mat::transposed(g, k), Mat::rows(&rows, hd))?;
+                        // d rows [M, H·D] = g · o, into the rows' memory (now spent).
+                        let mut d_rows = rows;
+                        gemm_into(
+                            &mut d_rows,
+                            false,
+                            (m, k, hd),
+                            Mat::rows(g, k),
+                            Mat::rows(w_o, hd),
+                        )?;
+                        let (dq, dk, dv) =
+                            flash::backward_rows(&self.mask, dims, (&q, &kk, &v), &state, &d_rows)?;
+                        let d_proj = self.merge_heads([&dq, &dk, &dv], (b, t));
+                        // d (q; k; v) [N, K] = d_projᵀ · x
+                        let d_qkv =
+                            gemm_new(n, m, k, Mat::transposed(&d_proj, n), Mat::rows(x, k))?;
+                        // dx [M, K] = d_proj · (q; k; v)
+                        let dx = gemm_new(m, n, k, Mat::rows(&d_proj, n), Mat::rows(w_qkv, k))?;
+                        Ok((dx, d_qkv, d_o))
+                    })
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(d_qkv, qkv.shape(), dev)?),
+            Some(Tensor::from_vec(d_o, o.shape(), dev)?),
+        ))
+    }
+}
+
+/// The layer's attention as one node, or `None` where this op does not serve it (then the
+/// caller composes it): x `[B, T, K]` f32 on a CPU with the attention kernels, q/k/v and o
+/// weights `[H·D, K]`, `[Hkv·D, K]` (twice) and `[K, H·D]`, cos/sin `[B, T, D]`, and a mask
+/// with no past keys (no KV cache).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention(
+    x: &Tensor,
+    [wq, wk, wv, wo]: [&Tensor; 4],
+    heads: Heads,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Arc<KeyMask>,
+) -> Result<Option<Tensor>> {
+    let tensors = [x, wq, wk, wv, wo, cos, sin];
+    let served = fused::supported(x, fused::Kind::AttentionBlock)
+        && flash::serves(x)
+        && tensors
+            .iter()
+            .all(|w| w.dtype() == DType::F32 && w.device().is_cpu())
+        && heads.kv > 0
+        && heads.q.is_multiple_of(heads.kv)
+        && heads.dim.is_multiple_of(8)
+        && mask.past() == 0;
+    if !served {
+        return Ok(None);
+    }
+    let w_qkv = Tensor::cat(&[wq, wk, wv], 0)?;
+    let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    let op = AttentionBlock {
+        heads,
+        mask: mask.clone(),
+        cos: flat(cos)?,
+        sin: flat(sin)?,
+        saved: Mutex::new(None),
+    };
+    Ok(Some(x.contiguous()?.apply_op3(
+        &w_qkv,
+        &wo.contiguous()?,
+        op,
+    )?))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use candle_core::{Device, Tensor, Var};
+
+    use super::super::flash::KeyMask;
+    use super::super::{fused, max_abs_diff};
+    use super::Heads;
+
+    fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+                (h as f32 / (1u32 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    /// The composed path: three projections, `fused::rope`, masked softmax attention over the
+    /// dense additive mask, the output projection.
+    #[allow(clippy::too_many_arguments)]
+    fn composed(
+        x: &Tensor,
+        [wq, wk, wv, wo]: [&Tensor; 4],
+        h: Heads,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &KeyMask,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, k) = x.dims3()?;
+        let d = h.dim;
+        let rows = x.reshape((b * t, k))?;
+        let proj = |w: &Tensor, n: usize| rows.matmul(&w.t()?)?.reshape((b, t, n, d));
+        let q = fused::rope(&proj(wq, h.q)?, cos, sin, 1.0 / (d as f64).sqrt())?;
+        let kk = fused::rope(&proj(wk, h.kv)?, cos, sin, 1.0)?;
+        let v = proj(wv, h.kv)?.transpose(1, 2)?.contiguous()?;
+        let q = q.reshape((b, h.kv, h.q / h.kv * t, d))?;
+        let (_, _, s) = mask.dims();
+        let add = Tensor::from_vec(mask.additive(), (b, 1, t, s), &Device::Cpu)?;
+        let att = fused::masked_softmax(&q.matmul(&kk.t()?)?, &add)?;
+        let y = att
+            .matmul(&v)?
+            .reshape((b, h.q, t, d))?
+            .transpose(1, 2)?
+            .reshape((b * t, h.q * d))?;
+        y.matmul(&wo.t()?)?.reshape((b, t, k))
+    }
+
+    /// The one-node attention gives the composed path's output and the gradients of x and
+    /// of all four weights, to rounding: grouped heads (2 query heads per kv head), rows
+    /// with right pads and with left pads (whose first queries see no key), and sizes that
+    /// fill no kernel tile exactly.
+    #[test]
+    fn the_fused_attention_is_the_composed_one() {
+        if !super::super::skinny::simd() {
+            return; // the attention kernels need AVX2 and FMA
+        }
+        let dev = Device::Cpu;
+        let h = Heads {
+            q: 4,
+            kv: 2,
+            dim: 16,
+        };
+        let (b, t, k) = (3, 37, 24);
+        let keys: Vec<Vec<bool>> = vec![
+            vec![true; t],
+            (0..t).map(|j| j < t - t / 3).collect(),
+            (0..t).map(|j| j >= 4).collect(),
+        ];
+        let mask = Arc::new(KeyMask::new(&keys, 0).expect("mask"));
+        let var = |n: usize, seed: u32, shape: (usize, usize)| {
+            Var::from_vec(values(n, seed, 1.0), shape, &dev).expect("var")
+        };
+        let x = Var::from_vec(values(b * t * k, 1, 2.0), (b, t, k), &dev).expect("x");
+        let wq = var(h.q * h.dim * k, 2, (h.q * h.dim, k));
+        let wk = var(h.kv * h.dim * k, 3, (h.kv * h.dim, k));
+        let wv = var(h.kv * h.dim * k, 4, (h.kv * h.dim, k));
+        let wo = var(k * h.q * h.dim, 5, (k, h.q * h.dim));
+        let angles =
+            Tensor::from_vec(values(b * t * h.dim, 6, 8.0), (b, t, h.dim), &dev).expect("angles");
+        let (cos, sin) = (angles.cos().expect("cos"), angles.sin().expect("sin"));
+        let g = Tensor::from_vec(values(b * t * k, 7, 1.0), (b, t, k), &dev).expect("g");
+        let weights = [
+            wq.as_tensor(),
+            wk.as_tensor(),
+            wv.as_tensor(),
+            wo.as_tensor(),
+        ];
+        let run = |y: Tensor| {
+            let grads = (&y * &g)
+                .and_then(|p| p.sum_all())
+                .and_then(|l| l.backward())
+                .expect("backward");
+            let mut out = vec![y];
+            for v in [&x, &wq, &wk, &wv, &wo] {
+                out.push(grads.get(v.as_tensor()).expect("grad").clone());
+            }
+            out
+        };
+        let fused = super::attention(x.as_tensor(), weights, h, &cos, &sin, &mask)
+            .expect("op")
+            .expect("served");
+        let fused = run(fused);
+        let plain = run(composed(x.as_tensor(), weights, h, &cos, &sin, &mask).expect("plain"));
+        for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
+            let scale = b
+                .abs()
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.max(0))
+                .and_then(|t| t.to_scalar::<f32>())
+                .expect("scale");
+            let diff = max_abs_diff(a, b);
+            assert!(scale > 0.0, "case {i}: all zero");
+            assert!(
+                diff <= 2e-5 * scale.max(1.0),
+                "case {i}: {diff} against {scale}"
+            );
+        }
+    }
+
+    /// Past keys (a KV cache's) are not this op's: it declines them, and the caller composes.
+    #[test]
+    fn a_cache_is_declined() {
+        let dev = Device::Cpu;
+        let h = Heads {
+            q: 2,
+            kv: 1,
+            dim: 8,
+        };
+        let keys = vec![vec![true; 6]];
+        let mask = Arc::new(KeyMask::new(&keys, 2).expect("mask"));
+        let x = Tensor::zeros((1, 4, 8), candle_core::DType::F32, &dev).expect("x");
+        let w = Tensor::zeros((16, 8), candle_core::DType::F32, &dev).expect("w");
+        let wk = Tensor::zeros((8, 8), candle_core::DType::F32, &dev).expect("wk");
+        let wo = Tensor::zeros((8, 16), candle_core::DType::F32, &dev).expect("wo");
+        let angles = Tensor::zeros((1, 4, 8), candle_core::DType::F32, &dev).expect("angles");
+        let got = super::attention(&x, [&w, &wk, &wk, &wo], h, &angles, &angles, &mask)
+            .expect("no error");
+        assert!(got.is_none());
+    }
+}
