@@ -1,13 +1,15 @@
-//! A decoder layer's self-attention (the q/k/v projections, RoPE, causal attention and the
-//! output projection) as one graph node, for f32 forwards without a KV cache on CPU: training
-//! steps and the learner's logprobs.
+//! A decoder layer's attention half (the input norm, the q/k/v projections, RoPE, causal
+//! attention, the output projection and the residual add) as one graph node, for f32
+//! forwards without a KV cache on CPU: training steps and the learner's logprobs.
 //!
-//! Composed, the same attention is seven nodes (three projections split into heads, two
-//! RoPEs, the attention, the output projection), and candle's backward zeroes a gradient for
+//! Composed, the same is nine nodes (the norm, three projections split into heads, two RoPEs,
+//! the attention, the output projection, the add), and candle's backward zeroes a gradient for
 //! each node's input before adding the op's gradient into it (see `swiglu`). Here the three
-//! projections are one product against the weights stacked (`[(H + 2·Hkv)·D, K]`), the heads
-//! are roped straight into the attention kernels' layout, and the backward hands candle only
-//! x's and the two weights' gradients. The attention itself is `flash`'s kernels, unchanged.
+//! projections are one product against the weights stacked, the heads are roped straight into
+//! the attention kernels' layout, and the backward hands candle only x's and the two weights'
+//! gradients. The stacked weight is q's, k's and v's rows and, as its last row, the norm's
+//! weight (`[(H + 2·Hkv)·D + 1, K]`): an op takes at most three operands. The attention itself
+//! is `flash`'s kernels, unchanged.
 //!
 //! The stacked product sums over other blocks than three separate ones, so results agree with
 //! the composed path to rounding, not to the bit (`the_fused_attention_is_the_composed_one`);
@@ -35,10 +37,12 @@ impl Heads {
     }
 }
 
-/// What the forward leaves for the backward: the roped, pre-scaled queries `[B, Hkv, R, D]`,
+/// What the forward leaves for the backward: the normalized input `[B·T, K]`, the roped,
+/// pre-scaled queries `[B, Hkv, R, D]`,
 /// the roped keys and the values `[B, Hkv, T, D]` (the kernels' operands), the kernels' state
 /// and the rows the output projection read (`[B·T, H·D]`).
 struct Saved {
+    normed: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -46,9 +50,12 @@ struct Saved {
     rows: Vec<f32>,
 }
 
-/// The op: x `[B, T, K]`, q/k/v stacked `[(H + 2·Hkv)·D, K]`, o `[K, H·D]` -> `[B, T, K]`.
+/// The op: x `[B, T, K]`, q/k/v and the norm's weight stacked `[(H + 2·Hkv)·D + 1, K]`, o
+/// `[K, H·D]` -> `[B, T, K]`.
 struct AttentionBlock {
     heads: Heads,
+    /// The norm's epsilon.
+    eps: f64,
     mask: Arc<KeyMask>,
     /// RoPE's `[B, T, D]` angles.
     cos: Vec<f32>,
@@ -65,7 +72,7 @@ impl AttentionBlock {
                 "klong-attention: x {x:?}, q/k/v {qkv:?}, o {o:?} are not 3-D, 2-D, 2-D"
             );
         };
-        if n != h.qkv() || kq != k || ko != k || no != h.q * h.dim || k == 0 {
+        if n != h.qkv() + 1 || kq != k || ko != k || no != h.q * h.dim || k == 0 {
             candle_core::bail!(
                 "klong-attention: x {x:?}, q/k/v {qkv:?} and o {o:?} do not agree with {h:?}"
             );
@@ -173,19 +180,29 @@ impl CustomOp3 for AttentionBlock {
         let dims = self.flash_dims(b, t)?;
         let (n, hd) = (self.heads.qkv(), self.heads.q * self.heads.dim);
         let x = fused::slice::<f32>(x, lx)?;
-        let w_qkv = fused::slice::<f32>(qkv, lqkv)?;
+        let (w_qkv, w_norm) = fused::slice::<f32>(qkv, lqkv)?.split_at(n * k);
         let w_o = fused::slice::<f32>(o, lo)?;
         let m = b * t;
-        let projected = gemm_new(m, k, n, Mat::rows(x, k), Mat::transposed(w_qkv, k))?;
+        let normed = fused::rms_forward(x, w_norm, self.eps);
+        let projected = gemm_new(m, k, n, Mat::rows(&normed, k), Mat::transposed(w_qkv, k))?;
         let [q, kk, v] = self.split_heads(&projected, (b, t));
         drop(projected);
         let (state, rows) = flash::forward_rows(&self.mask, dims, (&q, &kk, &v));
-        let out = gemm_new(m, hd, k, Mat::rows(&rows, hd), Mat::transposed(w_o, hd))?;
+        // x + rows · oᵀ
+        let mut out = x.to_vec();
+        gemm_into(
+            &mut out,
+            true,
+            (m, hd, k),
+            Mat::rows(&rows, hd),
+            Mat::transposed(w_o, hd),
+        )?;
         *self
             .saved
             .lock()
             .map_err(|_| candle_core::Error::msg("klong-attention: state lock poisoned"))? =
             Some(Saved {
+                normed,
                 q,
                 k: kk,
                 v,
@@ -212,6 +229,7 @@ impl CustomOp3 for AttentionBlock {
             .map_err(|_| candle_core::Error::msg("klong-attention: state lock poisoned"))?
             .take();
         let Some(Saved {
+            normed,
             q,
             k: kk,
             v,
@@ -221,11 +239,12 @@ impl CustomOp3 for AttentionBlock {
         else {
             candle_core::bail!("klong-attention: backward without its forward's state (or twice)");
         };
-        if rows.len() != m * hd {
+        if rows.len() != m * hd || normed.len() != m * k {
             candle_core::bail!("klong-attention: the forward's rows are not [{m}, {hd}]");
         }
         let (dx, d_qkv, d_o) = fused::with_data::<f32, _>(x, |x| {
-            fused::with_data::<f32, _>(qkv, |w_qkv| {
+            fused::with_data::<f32, _>(qkv, |w_stacked| {
+                let (w_qkv, w_norm) = w_stacked.split_at(n * k);
                 fused::with_data::<f32, _>(o, |w_o| {
                     fused::with_data::<f32, _>(g, |g| {
                         // d o [K, H·D] = gᵀ · rows
@@ -242,11 +261,22 @@ impl CustomOp3 for AttentionBlock {
                         let (dq, dk, dv) =
                             flash::backward_rows(&self.mask, dims, (&q, &kk, &v), &state, &d_rows)?;
                         let d_proj = self.merge_heads([&dq, &dk, &dv], (b, t));
-                        // d (q; k; v) [N, K] = d_projᵀ · x
-                        let d_qkv =
-                            gemm_new(n, m, k, Mat::transposed(&d_proj, n), Mat::rows(x, k))?;
-                        // dx [M, K] = d_proj · (q; k; v)
-                        let dx = gemm_new(m, n, k, Mat::rows(&d_proj, n), Mat::rows(w_qkv, k))?;
+                        // d (q; k; v) [N, K] = d_projᵀ · normed
+                        let mut d_qkv =
+                            gemm_new(n, m, k, Mat::transposed(&d_proj, n), Mat::rows(&normed, k))?;
+                        // d normed [M, K] = d_proj · (q; k; v), into normed's memory.
+                        let mut d_normed = normed;
+                        gemm_into(
+                            &mut d_normed,
+                            false,
+                            (m, n, k),
+                            Mat::rows(&d_proj, n),
+                            Mat::rows(w_qkv, k),
+                        )?;
+                        // Through the norm; the residual passes g on to x unchanged.
+                        let (mut dx, d_norm) = fused::rms_backward(x, w_norm, &d_normed, self.eps);
+                        fused::add_into(&mut dx, g);
+                        d_qkv.extend_from_slice(&d_norm);
                         Ok((dx, d_qkv, d_o))
                     })
                 })
@@ -261,20 +291,20 @@ impl CustomOp3 for AttentionBlock {
     }
 }
 
-/// The layer's attention as one node, or `None` where this op does not serve it (then the
-/// caller composes it): x `[B, T, K]` f32 on a CPU with the attention kernels, q/k/v and o
-/// weights `[H·D, K]`, `[Hkv·D, K]` (twice) and `[K, H·D]`, cos/sin `[B, T, D]`, and a mask
-/// with no past keys (no KV cache).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn attention(
+/// `x + attention(rms_norm(x; norm, eps))` as one node, or `None` where this op does not serve
+/// it (then the caller composes it): x `[B, T, K]` f32 on a CPU with the attention kernels,
+/// norm `[K]`, q/k/v and o weights `[H·D, K]`, `[Hkv·D, K]` (twice) and `[K, H·D]`, cos/sin
+/// `[B, T, D]`, and a mask with no past keys (no KV cache).
+pub(crate) fn block(
     x: &Tensor,
+    (norm, eps): (&Tensor, f64),
     [wq, wk, wv, wo]: [&Tensor; 4],
     heads: Heads,
     cos: &Tensor,
     sin: &Tensor,
     mask: &Arc<KeyMask>,
 ) -> Result<Option<Tensor>> {
-    let tensors = [x, wq, wk, wv, wo, cos, sin];
+    let tensors = [x, norm, wq, wk, wv, wo, cos, sin];
     let served = fused::supported(x, fused::Kind::AttentionBlock)
         && flash::serves(x)
         && tensors
@@ -287,17 +317,18 @@ pub(crate) fn attention(
     if !served {
         return Ok(None);
     }
-    let w_qkv = Tensor::cat(&[wq, wk, wv], 0)?;
+    let stacked = Tensor::cat(&[wq, wk, wv, &norm.reshape((1, ()))?], 0)?;
     let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
     let op = AttentionBlock {
         heads,
+        eps,
         mask: mask.clone(),
         cos: flat(cos)?,
         sin: flat(sin)?,
         saved: Mutex::new(None),
     };
     Ok(Some(x.contiguous()?.apply_op3(
-        &w_qkv,
+        &stacked,
         &wo.contiguous()?,
         op,
     )?))
@@ -322,11 +353,13 @@ mod tests {
             .collect()
     }
 
-    /// The composed path: three projections, `fused::rope`, masked softmax attention over the
-    /// dense additive mask, the output projection.
-    #[allow(clippy::too_many_arguments)]
+    const EPS: f64 = 1e-5;
+
+    /// The composed path: the fused norm, three projections, `fused::rope`, masked softmax
+    /// attention over the dense additive mask, the output projection, the residual add.
     fn composed(
         x: &Tensor,
+        norm: &Tensor,
         [wq, wk, wv, wo]: [&Tensor; 4],
         h: Heads,
         cos: &Tensor,
@@ -335,7 +368,7 @@ mod tests {
     ) -> candle_core::Result<Tensor> {
         let (b, t, k) = x.dims3()?;
         let d = h.dim;
-        let rows = x.reshape((b * t, k))?;
+        let rows = fused::rms_norm(x, norm, EPS)?.reshape((b * t, k))?;
         let proj = |w: &Tensor, n: usize| rows.matmul(&w.t()?)?.reshape((b, t, n, d));
         let q = fused::rope(&proj(wq, h.q)?, cos, sin, 1.0 / (d as f64).sqrt())?;
         let kk = fused::rope(&proj(wk, h.kv)?, cos, sin, 1.0)?;
@@ -349,11 +382,11 @@ mod tests {
             .reshape((b, h.q, t, d))?
             .transpose(1, 2)?
             .reshape((b * t, h.q * d))?;
-        y.matmul(&wo.t()?)?.reshape((b, t, k))
+        x + y.matmul(&wo.t()?)?.reshape((b, t, k))?
     }
 
-    /// The one-node attention gives the composed path's output and the gradients of x and
-    /// of all four weights, to rounding: grouped heads (2 query heads per kv head), rows
+    /// The one-node attention half gives the composed path's output and the gradients of x
+    /// and of all five weights (the norm's too), to rounding: grouped heads (2 query heads per kv head), rows
     /// with right pads and with left pads (whose first queries see no key), and sizes that
     /// fill no kernel tile exactly.
     #[test]
@@ -382,6 +415,8 @@ mod tests {
         let wk = var(h.kv * h.dim * k, 3, (h.kv * h.dim, k));
         let wv = var(h.kv * h.dim * k, 4, (h.kv * h.dim, k));
         let wo = var(k * h.q * h.dim, 5, (k, h.q * h.dim));
+        let norm = Var::from_vec(values(k, 8, 1.0).iter().map(|v| 1.0 + v).collect(), k, &dev)
+            .expect("norm");
         let angles =
             Tensor::from_vec(values(b * t * h.dim, 6, 8.0), (b, t, h.dim), &dev).expect("angles");
         let (cos, sin) = (angles.cos().expect("cos"), angles.sin().expect("sin"));
@@ -398,16 +433,18 @@ mod tests {
                 .and_then(|l| l.backward())
                 .expect("backward");
             let mut out = vec![y];
-            for v in [&x, &wq, &wk, &wv, &wo] {
+            for v in [&x, &norm, &wq, &wk, &wv, &wo] {
                 out.push(grads.get(v.as_tensor()).expect("grad").clone());
             }
             out
         };
-        let fused = super::attention(x.as_tensor(), weights, h, &cos, &sin, &mask)
+        let norm_eps = (norm.as_tensor(), EPS);
+        let fused = super::block(x.as_tensor(), norm_eps, weights, h, &cos, &sin, &mask)
             .expect("op")
             .expect("served");
         let fused = run(fused);
-        let plain = run(composed(x.as_tensor(), weights, h, &cos, &sin, &mask).expect("plain"));
+        let plain = composed(x.as_tensor(), &norm, weights, h, &cos, &sin, &mask);
+        let plain = run(plain.expect("plain"));
         for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
             let scale = b
                 .abs()
@@ -440,8 +477,10 @@ mod tests {
         let wk = Tensor::zeros((8, 8), candle_core::DType::F32, &dev).expect("wk");
         let wo = Tensor::zeros((8, 16), candle_core::DType::F32, &dev).expect("wo");
         let angles = Tensor::zeros((1, 4, 8), candle_core::DType::F32, &dev).expect("angles");
-        let got = super::attention(&x, [&w, &wk, &wk, &wo], h, &angles, &angles, &mask)
-            .expect("no error");
+        let norm = Tensor::ones(8, candle_core::DType::F32, &dev).expect("norm");
+        let weights = [&w, &wk, &wk, &wo];
+        let got =
+            super::block(&x, (&norm, EPS), weights, h, &angles, &angles, &mask).expect("no error");
         assert!(got.is_none());
     }
 }

@@ -460,7 +460,12 @@ fn rms_fwd<T: Real>(
     lw: &Layout,
     eps: f64,
 ) -> Result<(CpuStorage, Shape)> {
-    let (x, w) = (slice::<T>(x, lx)?, slice::<T>(w, lw)?);
+    let out = rms_forward(slice::<T>(x, lx)?, slice::<T>(w, lw)?, eps);
+    Ok((T::to_cpu_storage_owned(out), lx.shape().clone()))
+}
+
+/// RMSNorm of the rows of x (rows of `w.len()`), in parallel.
+pub(crate) fn rms_forward<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let n = w.len();
     let eps = T::from_f64(eps);
     let nn = T::from_f64(n as f64);
@@ -478,64 +483,79 @@ fn rms_fwd<T: Real>(
             }
         }
     });
-    Ok((T::to_cpu_storage_owned(out), lx.shape().clone()))
+    out
+}
+
+/// `dst += src`, elementwise, in parallel.
+pub(crate) fn add_into(dst: &mut [f32], src: &[f32]) {
+    const CHUNK: usize = 4096;
+    let n = dst.len().min(src.len());
+    par_rows(&mut dst[..n], CHUNK, |r0, d| {
+        for (a, b) in d.iter_mut().zip(&src[r0 * CHUNK..]) {
+            *a += *b;
+        }
+    });
 }
 
 /// (dx, dw) for RMSNorm.
 fn rms_bwd<T: Real>(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    let n = w.elem_count();
-    let threads = candle_core::utils::get_num_threads().max(1);
     let (dx, dw) = with_data::<T, _>(x, |x| {
         with_data::<T, _>(w, |w| {
-            with_data::<T, _>(g, |g| {
-                let eps = T::from_f64(eps);
-                let nn = T::from_f64(n as f64);
-                let mut dx = vec![T::zero(); x.len()];
-                let rows = x.len() / n;
-                let per = rows.div_ceil(threads).max(1);
-                // dw partial sums per chunk of rows, summed after.
-                let mut partial = vec![vec![T::zero(); n]; rows.div_ceil(per).max(1)];
-                let work = |r0: usize, dx: &mut [T], dw: &mut [T]| {
-                    for (i, d) in dx.chunks_mut(n).enumerate() {
-                        let r = r0 + i;
-                        let (xr, gr) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
-                        let mut ss = T::zero();
-                        let mut dot = T::zero();
-                        for k in 0..n {
-                            ss += xr[k] * xr[k];
-                            dot += w[k] * gr[k] * xr[k];
-                        }
-                        let s = (ss / nn + eps).sqrt();
-                        // d/dx_j of x_j / s: 1/s - x_j Σ(...) / (N s³).
-                        let c = dot / (nn * s * s * s);
-                        for k in 0..n {
-                            d[k] = w[k] * gr[k] / s - xr[k] * c;
-                            dw[k] += gr[k] * (xr[k] / s);
-                        }
-                    }
-                };
-                if threads == 1 || x.len() < PAR_MIN {
-                    work(0, &mut dx, &mut partial[0]);
-                } else {
-                    dx.par_chunks_mut(per * n)
-                        .zip(partial.par_iter_mut())
-                        .enumerate()
-                        .for_each(|(i, (c, p))| work(i * per, c, p));
-                }
-                let mut dw = vec![T::zero(); n];
-                for p in &partial {
-                    for (a, b) in dw.iter_mut().zip(p) {
-                        *a += *b;
-                    }
-                }
-                Ok((dx, dw))
-            })
+            with_data::<T, _>(g, |g| Ok(rms_backward(x, w, g, eps)))
         })
     })?;
     Ok((
         Tensor::from_vec(dx, x.shape(), x.device())?,
         Tensor::from_vec(dw, w.shape(), w.device())?,
     ))
+}
+
+/// (dx, dw) of `rms_forward` for the output's gradient `g`, in parallel over rows (dw's
+/// per-thread partial sums added in a fixed order).
+pub(crate) fn rms_backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
+    let n = w.len();
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let eps = T::from_f64(eps);
+    let nn = T::from_f64(n as f64);
+    let mut dx = vec![T::zero(); x.len()];
+    let rows = x.len() / n.max(1);
+    let per = rows.div_ceil(threads).max(1);
+    // dw partial sums per chunk of rows, summed after.
+    let mut partial = vec![vec![T::zero(); n]; rows.div_ceil(per).max(1)];
+    let work = |r0: usize, dx: &mut [T], dw: &mut [T]| {
+        for (i, d) in dx.chunks_mut(n).enumerate() {
+            let r = r0 + i;
+            let (xr, gr) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
+            let mut ss = T::zero();
+            let mut dot = T::zero();
+            for k in 0..n {
+                ss += xr[k] * xr[k];
+                dot += w[k] * gr[k] * xr[k];
+            }
+            let s = (ss / nn + eps).sqrt();
+            // d/dx_j of x_j / s: 1/s - x_j Σ(...) / (N s³).
+            let c = dot / (nn * s * s * s);
+            for k in 0..n {
+                d[k] = w[k] * gr[k] / s - xr[k] * c;
+                dw[k] += gr[k] * (xr[k] / s);
+            }
+        }
+    };
+    if threads == 1 || x.len() < PAR_MIN {
+        work(0, &mut dx, &mut partial[0]);
+    } else {
+        dx.par_chunks_mut(per * n)
+            .zip(partial.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, (c, p))| work(i * per, c, p));
+    }
+    let mut dw = vec![T::zero(); n];
+    for p in &partial {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += *b;
+        }
+    }
+    (dx, dw)
 }
 
 impl CustomOp2 for RmsNorm {

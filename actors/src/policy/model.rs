@@ -521,6 +521,44 @@ impl Attention {
 
     /// The CPU f32/f64 path: fused RoPE (scale folded into q), GQA without repeating k/v
     /// (each kv head's query group is one [n_rep·T, D] matrix), fused masked softmax.
+    /// `x + self(norm(x))` as one graph node (`attention_block`) for a forward without a
+    /// cache over more rows than a decode step's, when the layer has no biases and no q/k
+    /// norms (Llama's layers, trained or scored); `None` otherwise.
+    #[cfg(target_arch = "x86_64")]
+    fn block(
+        &self,
+        x: &Tensor,
+        norm: &RmsNorm,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttnMask,
+    ) -> Result<Option<Tensor>> {
+        let (b, t, _) = x.dims3()?;
+        let linears = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj];
+        if b * t <= skinny::MAX_ROWS
+            || self.q_norm.is_some()
+            || self.k_norm.is_some()
+            || linears.iter().any(|l| l.bias().is_some())
+        {
+            return Ok(None);
+        }
+        let heads = attention_block::Heads {
+            q: self.n_heads,
+            kv: self.n_kv_heads,
+            dim: self.head_dim,
+        };
+        let weights = linears.map(|l| l.weight());
+        attention_block::block(
+            x,
+            (&norm.weight, norm.eps),
+            weights,
+            heads,
+            cos,
+            sin,
+            &mask.keys,
+        )
+    }
+
     fn forward_fused(
         &self,
         x: &Tensor,
@@ -532,32 +570,6 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         let (h, hkv) = (self.n_heads, self.n_kv_heads);
-        // Without a cache, no biases and no q/k norms (Llama's layers, trained or scored), the
-        // whole attention is one graph node.
-        #[cfg(target_arch = "x86_64")]
-        if cache.is_none()
-            && b * t > skinny::MAX_ROWS
-            && self.q_norm.is_none()
-            && self.k_norm.is_none()
-            && [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
-                .iter()
-                .all(|l| l.bias().is_none())
-        {
-            let weights = [
-                self.q_proj.weight(),
-                self.k_proj.weight(),
-                self.v_proj.weight(),
-                self.o_proj.weight(),
-            ];
-            let heads = attention_block::Heads {
-                q: h,
-                kv: hkv,
-                dim: hd,
-            };
-            if let Some(y) = attention_block::attention(x, weights, heads, cos, sin, &mask.keys)? {
-                return Ok(y);
-            }
-        }
         // q, k [B, T, n, D]: the projection's own layout, no copy; v [B, n, T, D].
         let heads_node = self.q_proj.bias().is_none()
             && b * t > skinny::MAX_ROWS
@@ -688,17 +700,22 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x + self(norm(x))` as one graph node (`swiglu`) over more rows than a decode step's
+    /// (few rows go to skinny's kernels through `forward`); `None` where it does not serve.
+    fn block(&self, x: &Tensor, norm: &RmsNorm) -> Result<Option<Tensor>> {
         let (gate, up, down) = (
             self.gate_proj.weight(),
             self.up_proj.weight(),
             self.down_proj.weight(),
         );
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-        // Few rows (decode steps) go to skinny's kernels through `linear_rows`.
-        if rows > skinny::MAX_ROWS && swiglu::serves(x, [gate, up, down]) {
-            return swiglu::mlp(x, gate, up, down);
+        if rows <= skinny::MAX_ROWS || !swiglu::serves(x, [&norm.weight, gate, up, down]) {
+            return Ok(None);
         }
+        swiglu::block(x, (&norm.weight, norm.eps), gate, up, down).map(Some)
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = linear_rows(&self.gate_proj, x)?;
         let up = linear_rows(&self.up_proj, x)?;
         let h = if fused::supported(&gate, fused::Kind::SiluMul) {
@@ -744,6 +761,38 @@ struct Block {
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+}
+
+impl Block {
+    /// `x + attention(input_norm(x))`: one graph node where `attention_block` serves it.
+    fn attention_half(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttnMask,
+        slot: Option<LayerSlot<'_>>,
+    ) -> Result<Tensor> {
+        #[cfg(target_arch = "x86_64")]
+        if slot.is_none() {
+            let norm = &self.input_layernorm;
+            if let Some(y) = self.self_attn.block(x, norm, cos, sin, mask)? {
+                return Ok(y);
+            }
+        }
+        let h = self.input_layernorm.forward(x)?;
+        x + self.self_attn.forward(&h, cos, sin, mask, slot)?
+    }
+
+    /// `x + mlp(post_norm(x))`: one graph node where `swiglu` serves it.
+    fn mlp_half(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.mlp.block(x, &self.post_attention_layernorm)? {
+            return Ok(y);
+        }
+        x + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(x)?)?
+    }
 }
 
 /// The decoder with its LM head. Cloning shares the weights (candle tensors are
@@ -972,13 +1021,8 @@ impl Llama {
                 buf: &mut c.bufs[i],
                 detached: c.detached,
             });
-            let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward(&h, &cos, &sin, &mask, slot)?;
-            x = (x + h)?;
-            let h = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
-            x = (x + h)?;
+            x = layer.attention_half(&x, &cos, &sin, &mask, slot)?;
+            x = layer.mlp_half(&x)?;
         }
         if let Some(c) = cache {
             c.key_mask = mask.rows;

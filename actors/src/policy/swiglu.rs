@@ -1,18 +1,20 @@
-//! A decoder layer's SwiGLU MLP, `down(silu(gate(x)) · up(x))`, as one graph node, for f32
-//! training and prefill on CPU.
+//! A decoder layer's MLP half with its norm and residual, `x + down(silu(gate(n)) · up(n))`
+//! for `n = rms_norm(x)`, as one graph node, for f32 training and prefill on CPU.
 //!
-//! Composed, the MLP is four nodes (gate, up, their product, down), and candle's backward gives
+//! Composed, the same is six nodes (the norm, gate, up, their product, down, the residual
+//! add), and candle's backward gives
 //! every node's input a gradient of its own: it zeroes a tensor, then adds the op's gradient
 //! into it (`GradStore::or_insert` + `add`). In model R's training step those zeroings and adds
 //! over `[rows, ffn]` activations, and the fresh allocations each one takes, were ~15% of the
 //! time, on one thread. Here the backward runs the three products' gradients straight into
 //! buffers of its own, computes the gate's and up's gradients in one pass over the forward's
 //! pre-activations (overwriting them: the forward's state is the backward's working space),
-//! and hands candle only the three gradients it asks for: x's, the stacked gate/up weight's
-//! and down's.
+//! and hands candle only the three gradients it asks for: x's, the stacked weight's and
+//! down's. The stacked weight is gate's and up's rows and, as its last row, the norm's weight
+//! (`[2F + 1, K]`): an op takes at most three operands.
 //!
 //! The products are gemm's, as candle's: gate and up run as one product against the two
-//! weights stacked (`[2F, K]`), so their outputs and the input's gradient are sums over other
+//! weights stacked, so their outputs and the input's gradient are sums over other
 //! blocks than the composed path's, and the results agree with it to rounding, not to the bit
 //! (`the_fused_mlp_is_the_composed_one`). Each output element is still computed by one thread
 //! in a fixed order, so runs repeat exactly.
@@ -23,15 +25,20 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::fused::{self, gemm_into, gemm_new, Mat};
 
-/// What the forward leaves for the backward: the gate and up pre-activations (`[M, 2F]`, a
-/// row's gate then its up) and the product `silu(gate) · up` (`[M, F]`).
+/// What the forward leaves for the backward: the normalized input (`[M, K]`), the gate and up
+/// pre-activations (`[M, 2F]`, a row's gate then its up) and the product `silu(gate) · up`
+/// (`[M, F]`).
 struct Saved {
+    normed: Vec<f32>,
     gate_up: Vec<f32>,
     hidden: Vec<f32>,
 }
 
-/// The op: x `[.., K]`, gate and up stacked `[2F, K]`, down `[K, F]` -> `[.., K]`.
+/// The op: x `[.., K]`, gate, up and the norm's weight stacked `[2F + 1, K]`, down `[K, F]`
+/// -> `[.., K]`.
 struct SwiGlu {
+    /// The norm's epsilon.
+    eps: f64,
     saved: Mutex<Option<Saved>>,
 }
 
@@ -39,7 +46,7 @@ struct SwiGlu {
 fn dims(x: &[usize], gate_up: &[usize], down: &[usize]) -> Result<(usize, usize, usize)> {
     let k = x.last().copied().unwrap_or(0);
     let ok = match (gate_up, down) {
-        ([f2, kg], [kd, f]) => *kg == k && *kd == k && *f2 == 2 * *f && k > 0,
+        ([f2, kg], [kd, f]) => *kg == k && *kd == k && *f2 == 2 * *f + 1 && k > 0,
         _ => false,
     };
     if !ok {
@@ -70,10 +77,11 @@ impl CustomOp3 for SwiGlu {
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k, f) = dims(lx.dims(), lgu.dims(), ld.dims())?;
         let x = fused::slice::<f32>(x, lx)?;
-        let w_gu = fused::slice::<f32>(gate_up, lgu)?;
+        let (w_gu, w_norm) = fused::slice::<f32>(gate_up, lgu)?.split_at(2 * f * k);
         let w_down = fused::slice::<f32>(down, ld)?;
+        let normed = fused::rms_forward(x, w_norm, self.eps);
         // [M, K] · [K, 2F]: both pre-activations in one product.
-        let gate_up = gemm_new(m, k, 2 * f, Mat::rows(x, k), Mat::transposed(w_gu, k))?;
+        let gate_up = gemm_new(m, k, 2 * f, Mat::rows(&normed, k), Mat::transposed(w_gu, k))?;
         let mut hidden: Vec<f32> = vec![0.0; m * f];
         fused::par_rows(&mut hidden, f * ROWS_PER_UNIT, |unit, out| {
             let mut e = Vec::with_capacity(f);
@@ -83,13 +91,25 @@ impl CustomOp3 for SwiGlu {
                 fused::silu_mul_into(&row[..f], &row[f..], &mut e, h);
             }
         });
-        // [M, F] · [F, K]
-        let out = gemm_new(m, f, k, Mat::rows(&hidden, f), Mat::transposed(w_down, f))?;
+        // x + [M, F] · [F, K]
+        let mut out = x.to_vec();
+        let product = (m, f, k);
+        gemm_into(
+            &mut out,
+            true,
+            product,
+            Mat::rows(&hidden, f),
+            Mat::transposed(w_down, f),
+        )?;
         *self
             .saved
             .lock()
             .map_err(|_| candle_core::Error::msg("klong-swiglu: state lock poisoned"))? =
-            Some(Saved { gate_up, hidden });
+            Some(Saved {
+                normed,
+                gate_up,
+                hidden,
+            });
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
 
@@ -108,17 +128,19 @@ impl CustomOp3 for SwiGlu {
             .map_err(|_| candle_core::Error::msg("klong-swiglu: state lock poisoned"))?
             .take();
         let Some(Saved {
+            normed,
             gate_up: mut d_gate_up,
             hidden,
         }) = saved
         else {
             candle_core::bail!("klong-swiglu: backward without its forward's state (or twice)");
         };
-        if d_gate_up.len() != m * 2 * f || hidden.len() != m * f {
+        if d_gate_up.len() != m * 2 * f || hidden.len() != m * f || normed.len() != m * k {
             candle_core::bail!("klong-swiglu: the forward's state is not [{m}, 2·{f}]");
         }
         let (dx, d_w_gu, d_down) = fused::with_data::<f32, _>(x, |x| {
-            fused::with_data::<f32, _>(gate_up, |w_gu| {
+            fused::with_data::<f32, _>(gate_up, |w_stacked| {
+                let (w_gu, w_norm) = w_stacked.split_at(2 * f * k);
                 fused::with_data::<f32, _>(down, |w_down| {
                     fused::with_data::<f32, _>(g, |g| {
                         // d down [K, F] = gᵀ · hidden
@@ -142,22 +164,27 @@ impl CustomOp3 for SwiGlu {
                                 silu_mul_grads(row, dh, &mut e);
                             }
                         });
-                        // d (gate; up) [2F, K] = d_gate_upᵀ · x
-                        let d_w_gu = gemm_new(
+                        // d (gate; up) [2F, K] = d_gate_upᵀ · normed
+                        let mut d_w_gu = gemm_new(
                             2 * f,
                             m,
                             k,
                             Mat::transposed(&d_gate_up, 2 * f),
-                            Mat::rows(x, k),
+                            Mat::rows(&normed, k),
                         )?;
-                        // dx [M, K] = d_gate_up · (gate; up)
-                        let dx = gemm_new(
-                            m,
-                            2 * f,
-                            k,
+                        // d normed [M, K] = d_gate_up · (gate; up), into normed's memory.
+                        let mut d_normed = normed;
+                        gemm_into(
+                            &mut d_normed,
+                            false,
+                            (m, 2 * f, k),
                             Mat::rows(&d_gate_up, 2 * f),
                             Mat::rows(w_gu, k),
                         )?;
+                        // Through the norm; the residual passes g on to x unchanged.
+                        let (mut dx, d_norm) = fused::rms_backward(x, w_norm, &d_normed, self.eps);
+                        fused::add_into(&mut dx, g);
+                        d_w_gu.extend_from_slice(&d_norm);
                         Ok((dx, d_w_gu, d_down))
                     })
                 })
@@ -190,7 +217,7 @@ fn silu_mul_grads(row: &mut [f32], dh: &[f32], e: &mut Vec<f32>) {
 }
 
 /// Whether the fused MLP serves these operands (f32 on CPU, not switched off).
-pub(crate) fn serves(x: &Tensor, weights: [&Tensor; 3]) -> bool {
+pub(crate) fn serves(x: &Tensor, weights: [&Tensor; 4]) -> bool {
     fused::supported(x, fused::Kind::SwiGlu)
         && x.dtype() == DType::F32
         && weights
@@ -198,15 +225,22 @@ pub(crate) fn serves(x: &Tensor, weights: [&Tensor; 3]) -> bool {
             .all(|w| w.dtype() == DType::F32 && w.device().is_cpu())
 }
 
-/// `down(silu(x · gateᵀ) · (x · upᵀ))` for x `[.., K]`, gate and up `[F, K]`, down `[K, F]`,
-/// as one graph node (the weights stacked by a `cat` node, whose backward splits their
-/// gradient).
-pub(crate) fn mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
-    let gate_up = Tensor::cat(&[gate, up], 0)?;
+/// `x + down(silu(n · gateᵀ) · (n · upᵀ))` for `n = rms_norm(x; norm, eps)`, x `[.., K]`,
+/// norm `[K]`, gate and up `[F, K]`, down `[K, F]`, as one graph node (the weights stacked by
+/// a `cat` node, whose backward splits their gradient).
+pub(crate) fn block(
+    x: &Tensor,
+    (norm, eps): (&Tensor, f64),
+    gate: &Tensor,
+    up: &Tensor,
+    down: &Tensor,
+) -> Result<Tensor> {
+    let stacked = Tensor::cat(&[gate, up, &norm.reshape((1, ()))?], 0)?;
     x.contiguous()?.apply_op3(
-        &gate_up,
+        &stacked,
         &down.contiguous()?,
         SwiGlu {
+            eps,
             saved: Mutex::new(None),
         },
     )
@@ -225,20 +259,25 @@ mod tests {
             .collect()
     }
 
-    fn composed(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Tensor {
+    const EPS: f64 = 1e-5;
+
+    /// The composed path: the fused norm, three products, silu, the residual add.
+    fn composed(x: &Tensor, norm: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Tensor {
         let (b, t, k) = x.dims3().expect("dims");
-        let rows = x.reshape((b * t, k)).expect("rows");
+        let normed = crate::policy::fused::rms_norm(x, norm, EPS).expect("norm");
+        let rows = normed.reshape((b * t, k)).expect("rows");
         let g = rows.matmul(&gate.t().expect("t")).expect("gate");
         let u = rows.matmul(&up.t().expect("t")).expect("up");
         let h = (g.silu().expect("silu") * u).expect("h");
         h.matmul(&down.t().expect("t"))
             .and_then(|y| y.reshape((b, t, k)))
+            .and_then(|y| x + y)
             .expect("down")
     }
 
-    /// The one-node MLP gives the composed path's output and the gradients of x and of every
-    /// weight, to rounding (the products sum over other blocks), on shapes that are not
-    /// multiples of any kernel's width.
+    /// The one-node MLP half gives the composed path's output and the gradients of x and of
+    /// every weight (the norm's too), to rounding (the products sum over other blocks), on
+    /// shapes that are not multiples of any kernel's width.
     #[test]
     fn the_fused_mlp_is_the_composed_one() {
         let dev = Device::Cpu;
@@ -250,6 +289,8 @@ mod tests {
         let gate = var(f * k, 2, (f, k));
         let up = var(f * k, 3, (f, k));
         let down = var(k * f, 4, (k, f));
+        let norm =
+            Var::from_vec(values(k, 6).iter().map(|v| 1.0 + v).collect(), k, &dev).expect("norm");
         let g = Tensor::from_vec(values(b * t * k, 5), (b, t, k), &dev).expect("g");
         let run = |y: Tensor| {
             let grads = (&y * &g)
@@ -257,13 +298,14 @@ mod tests {
                 .and_then(|l| l.backward())
                 .expect("backward");
             let mut out = vec![y];
-            for v in [&x, &gate, &up, &down] {
+            for v in [&x, &norm, &gate, &up, &down] {
                 out.push(grads.get(v.as_tensor()).expect("grad").clone());
             }
             out
         };
-        let fused = run(super::mlp(x.as_tensor(), &gate, &up, &down).expect("fused"));
-        let plain = run(composed(x.as_tensor(), &gate, &up, &down));
+        let fused = super::block(x.as_tensor(), (&norm, EPS), &gate, &up, &down);
+        let fused = run(fused.expect("fused"));
+        let plain = run(composed(x.as_tensor(), &norm, &gate, &up, &down));
         for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
             let scale = b
                 .abs()
@@ -293,7 +335,8 @@ mod tests {
             w(f * k, 3, (f, k)),
             w(k * f, 4, (k, f)),
         );
-        let y = super::mlp(x.as_tensor(), &gate, &up, &down).expect("mlp");
+        let norm = Tensor::ones(k, candle_core::DType::F32, &dev).expect("norm");
+        let y = super::block(x.as_tensor(), (&norm, EPS), &gate, &up, &down).expect("mlp");
         let loss = y.sum_all().expect("sum");
         assert!(loss.backward().is_ok());
         let err = loss.backward().expect_err("second backward");
@@ -307,7 +350,8 @@ mod tests {
         let x = Tensor::zeros((2, 3, 8), candle_core::DType::F32, &dev).expect("x");
         let gate = Tensor::zeros((12, 8), candle_core::DType::F32, &dev).expect("gate");
         let down = Tensor::zeros((8, 10), candle_core::DType::F32, &dev).expect("down");
-        let err = super::mlp(&x, &gate, &gate, &down).expect_err("mismatch");
+        let norm = Tensor::ones(8, candle_core::DType::F32, &dev).expect("norm");
+        let err = super::block(&x, (&norm, EPS), &gate, &gate, &down).expect_err("mismatch");
         assert!(err.to_string().contains("do not agree"), "{err}");
     }
 }
