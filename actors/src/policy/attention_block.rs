@@ -102,9 +102,9 @@ impl AttentionBlock {
         let n_rep = hq / kv;
         let (n, nq, nkv) = (self.heads.qkv(), hq * d, kv * d);
         let scale = 1.0 / (d as f32).sqrt();
-        let mut q = vec![0f32; b * hq * t * d];
-        let mut k = vec![0f32; b * kv * t * d];
-        let mut v = vec![0f32; b * kv * t * d];
+        let mut q = fused::zeroed(b * hq * t * d, 0f32);
+        let mut k = fused::zeroed(b * kv * t * d, 0f32);
+        let mut v = fused::zeroed(b * kv * t * d, 0f32);
         use rayon::prelude::*;
         q.par_chunks_exact_mut(n_rep * t * d)
             .zip(k.par_chunks_exact_mut(t * d))
@@ -137,7 +137,7 @@ impl AttentionBlock {
         let n_rep = hq / kv;
         let (n, nq, nkv) = (self.heads.qkv(), hq * d, kv * d);
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; b * t * n];
+        let mut out = fused::zeroed(b * t * n, 0f32);
         fused::par_rows(&mut out, n, |r0, rows| {
             for (i, row) in rows.chunks_exact_mut(n).enumerate() {
                 let (bi, ti) = ((r0 + i) / t, (r0 + i) % t);
@@ -189,7 +189,7 @@ impl CustomOp3 for AttentionBlock {
         drop(projected);
         let (state, rows) = flash::forward_rows(&self.mask, dims, (&q, &kk, &v));
         // x + rows · oᵀ
-        let mut out = x.to_vec();
+        let mut out = fused::copied(x);
         gemm_into(
             &mut out,
             true,

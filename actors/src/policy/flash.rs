@@ -885,7 +885,7 @@ pub(crate) fn forward_rows(
     let Dims { t, d, .. } = dm;
     let kts = transposed_keys(k, pairs, dm);
     let n_rep = r / t;
-    let mut out = vec![0f32; pairs * r * (d + 2)];
+    let mut out = fused::zeroed(pairs * r * (d + 2), 0f32);
     out.par_chunks_exact_mut(t * (d + 2))
         .enumerate()
         .for_each(|(unit, o)| {
@@ -898,7 +898,7 @@ pub(crate) fn forward_rows(
             }
         });
     let heads = per_b * n_rep;
-    let mut rows = vec![0f32; b * t * heads * d];
+    let mut rows = fused::zeroed(b * t * heads * d, 0f32);
     // One unit per batch row: each head's rows go to one column block of every position.
     rows.par_chunks_exact_mut(t * heads * d)
         .enumerate()
@@ -932,7 +932,7 @@ pub(crate) fn backward_rows(
         candle_core::bail!("flash attention: backward without its forward's state");
     }
     // The rows' gradient back in the kernels' layout (the state columns carry none).
-    let mut g = vec![0f32; pairs * r * ow];
+    let mut g = fused::zeroed(pairs * r * ow, 0f32);
     g.par_chunks_exact_mut(heads * t * ow)
         .enumerate()
         .for_each(|(bi, dst)| {
@@ -946,9 +946,9 @@ pub(crate) fn backward_rows(
         });
     let g: &[f32] = &g;
     let kts = transposed_keys(k, pairs, dm);
-    let mut dq = vec![0f32; pairs * r * d];
-    let mut dk = vec![0f32; pairs * s * d];
-    let mut dv = vec![0f32; pairs * s * d];
+    let mut dq = fused::zeroed(pairs * r * d, 0f32);
+    let mut dk = fused::zeroed(pairs * s * d, 0f32);
+    let mut dv = fused::zeroed(pairs * s * d, 0f32);
     dq.par_chunks_exact_mut(r * d)
         .zip(dk.par_chunks_exact_mut(s * d))
         .zip(dv.par_chunks_exact_mut(s * d))

@@ -138,6 +138,28 @@ pub(crate) fn with_data<T: WithDType, R>(
 /// Below this many elements an op runs on the calling thread alone.
 const PAR_MIN: usize = 1 << 15;
 
+/// `n` zeros. A large buffer is zeroed by the compute pool's threads together: on the calling
+/// thread alone, `vec![0; n]` of a reused allocation is a serial `memset` while the other
+/// threads wait (~3% of model R's training step).
+pub(crate) fn zeroed<T: Copy + Send + Sync>(n: usize, zero: T) -> Vec<T> {
+    if n < 4 * PAR_MIN {
+        return vec![zero; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.par_extend(rayon::iter::repeat_n(zero, n));
+    v
+}
+
+/// A copy of `x`, made by the compute pool's threads together when it is large.
+pub(crate) fn copied<T: Copy + Send + Sync>(x: &[T]) -> Vec<T> {
+    if x.len() < 4 * PAR_MIN {
+        return x.to_vec();
+    }
+    let mut v = Vec::with_capacity(x.len());
+    v.par_extend(x.par_iter().copied());
+    v
+}
+
 /// Splits `out` (rows of `row` elements) into one contiguous run of rows per thread and
 /// calls `f(first_row, rows)` on each, in parallel.
 pub(crate) fn par_rows<T: Send>(out: &mut [T], row: usize, f: impl Fn(usize, &mut [T]) + Sync) {
@@ -469,7 +491,7 @@ pub(crate) fn rms_forward<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let n = w.len();
     let eps = T::from_f64(eps);
     let nn = T::from_f64(n as f64);
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = zeroed(x.len(), T::zero());
     par_rows(&mut out, n, |r0, out| {
         for (i, o) in out.chunks_mut(n).enumerate() {
             let xr = &x[(r0 + i) * n..(r0 + i + 1) * n];
@@ -517,7 +539,7 @@ pub(crate) fn rms_backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec
     let threads = candle_core::utils::get_num_threads().max(1);
     let eps = T::from_f64(eps);
     let nn = T::from_f64(n as f64);
-    let mut dx = vec![T::zero(); x.len()];
+    let mut dx = zeroed(x.len(), T::zero());
     let rows = x.len() / n.max(1);
     let per = rows.div_ceil(threads).max(1);
     // dw partial sums per chunk of rows, summed after.

@@ -82,7 +82,7 @@ impl CustomOp3 for SwiGlu {
         let normed = fused::rms_forward(x, w_norm, self.eps);
         // [M, K] · [K, 2F]: both pre-activations in one product.
         let gate_up = gemm_new(m, k, 2 * f, Mat::rows(&normed, k), Mat::transposed(w_gu, k))?;
-        let mut hidden: Vec<f32> = vec![0.0; m * f];
+        let mut hidden = fused::zeroed(m * f, 0f32);
         fused::par_rows(&mut hidden, f * ROWS_PER_UNIT, |unit, out| {
             let mut e = Vec::with_capacity(f);
             let first = unit * ROWS_PER_UNIT;
@@ -92,7 +92,7 @@ impl CustomOp3 for SwiGlu {
             }
         });
         // x + [M, F] · [F, K]
-        let mut out = x.to_vec();
+        let mut out = fused::copied(x);
         let product = (m, f, k);
         gemm_into(
             &mut out,
