@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
 use candle_nn::VarMap;
+use rayon::prelude::*;
 
 use crate::policy::fused;
 
@@ -257,21 +258,28 @@ fn fused_adamw<T: fused::Real>(
                         candle_core::bail!("gradient of {} elements for {}", gd.len(), pd.len());
                     }
                     let n = pd.len();
-                    let (mut np, mut nm, mut nv) = (
-                        Vec::with_capacity(n),
-                        Vec::with_capacity(n),
-                        Vec::with_capacity(n),
-                    );
-                    for i in 0..n {
-                        let gi = gd[i];
-                        let m_new = md[i] * b1 + gi * one_b1;
-                        let v_new = vd[i] * b2 + gi * gi * one_b2;
-                        let denom = (v_new * inv_bc2).sqrt() + eps;
-                        let upd = m_new * inv_bc1 / denom;
-                        np.push(pd[i] * decay - upd * lr);
-                        nm.push(m_new);
-                        nv.push(v_new);
-                    }
+                    let mut np = fused::zeroed(n, T::zero());
+                    let mut nm = fused::zeroed(n, T::zero());
+                    let mut nv = fused::zeroed(n, T::zero());
+                    // Elementwise, so the split among threads changes no result.
+                    let update = |i0: usize, (p, (m, v)): (&mut [T], (&mut [T], &mut [T]))| {
+                        for (k, ((p, m), v)) in p.iter_mut().zip(m).zip(v).enumerate() {
+                            let i = i0 + k;
+                            let gi = gd[i];
+                            let m_new = md[i] * b1 + gi * one_b1;
+                            let v_new = vd[i] * b2 + gi * gi * one_b2;
+                            let denom = (v_new * inv_bc2).sqrt() + eps;
+                            let upd = m_new * inv_bc1 / denom;
+                            *p = pd[i] * decay - upd * lr;
+                            *m = m_new;
+                            *v = v_new;
+                        }
+                    };
+                    const CHUNK: usize = 1 << 14;
+                    np.par_chunks_mut(CHUNK)
+                        .zip(nm.par_chunks_mut(CHUNK).zip(nv.par_chunks_mut(CHUNK)))
+                        .enumerate()
+                        .for_each(|(c, (p, (m, v)))| update(c * CHUNK, (p, (m, v))));
                     Ok((np, nm, nv))
                 })
             })
