@@ -251,13 +251,24 @@ pub(crate) fn gemm_into(
         }
         return Ok(());
     }
+    let threads = candle_core::utils::get_num_threads();
     // SAFETY: every operand holds its matrix (checked above), `dst` is an initialized,
     // exclusively borrowed `[m, n]`, and gemm reads and writes nothing else.
-    unsafe { gemm_raw(dst.as_mut_ptr(), accumulate, (m, k, n), a, b) };
+    unsafe { gemm_raw(dst.as_mut_ptr(), accumulate, (m, k, n), a, b, threads) };
     Ok(())
 }
 
+/// Sums at least this long, and at least twice as long as the output is wide or tall, run as
+/// two halves side by side (see [`gemm_new`]).
+const SPLIT_K_MIN: usize = 2048;
+
 /// `a · b` for a `[m, k]` and b `[k, n]`, into a new row-major `[m, n]` that is never zeroed.
+///
+/// A long sum over a small output (a weight's gradient sums over every token of the batch) is
+/// computed as two halves side by side, then added: gemm shares out an output's blocks, and
+/// an output of a few hundred rows and columns leaves its threads short of work (model R's
+/// weight gradients ran at ~180-215 GFLOP/s whole, ~235-275 in halves, on this 2-core host).
+/// Always two halves, whatever the thread count, so results do not depend on it.
 pub(crate) fn gemm_new(m: usize, k: usize, n: usize, a: Mat, b: Mat) -> Result<Vec<f32>> {
     let Some(len) = m.checked_mul(n) else {
         candle_core::bail!("gemm: [{m}, {n}] overflows");
@@ -268,16 +279,50 @@ pub(crate) fn gemm_new(m: usize, k: usize, n: usize, a: Mat, b: Mat) -> Result<V
     if k == 0 {
         return Ok(vec![0.0; len]);
     }
+    let threads = candle_core::utils::get_num_threads().max(1);
+    if k < SPLIT_K_MIN || k < 2 * m.max(n) || len == 0 {
+        return Ok(gemm_fresh(len, (m, k, n), a, b, threads));
+    }
+    let h = k / 2;
+    // The halves of the sum: a's first h columns and b's first h rows, then the rest (both
+    // hold their parts, as a and b hold the whole).
+    let (a0, b0) = (a, b);
+    let a1 = Mat {
+        data: &a.data[h * a.cs..],
+        ..a
+    };
+    let b1 = Mat {
+        data: &b.data[h * b.rs..],
+        ..b
+    };
+    let per_half = (threads / 2).max(1);
+    let (mut first, second) = rayon::join(
+        || gemm_fresh(len, (m, h, n), a0, b0, per_half),
+        || gemm_fresh(len, (m, k - h, n), a1, b1, per_half),
+    );
+    add_into(&mut first, &second);
+    Ok(first)
+}
+
+/// `a · b` into a new `[m, n]` (`len` = m · n) on `threads` threads; the operands hold their
+/// matrices and k > 0 (checked by the caller).
+fn gemm_fresh(
+    len: usize,
+    (m, k, n): (usize, usize, usize),
+    a: Mat,
+    b: Mat,
+    threads: usize,
+) -> Vec<f32> {
     let mut dst: Vec<f32> = Vec::with_capacity(len);
-    // SAFETY: the operands hold their matrices (checked above) and `dst` has room for
+    // SAFETY: the operands hold their matrices (the caller checked) and `dst` has room for
     // `m · n` floats. With `read_dst` false and k > 0, gemm writes every element of the
     // `[m, n]` output without reading it, so all `len` elements are initialized before
     // `set_len`.
     unsafe {
-        gemm_raw(dst.as_mut_ptr(), false, (m, k, n), a, b);
+        gemm_raw(dst.as_mut_ptr(), false, (m, k, n), a, b, threads);
         dst.set_len(len);
     }
-    Ok(dst)
+    dst
 }
 
 /// # Safety
@@ -289,11 +334,11 @@ unsafe fn gemm_raw(
     (m, k, n): (usize, usize, usize),
     a: Mat,
     b: Mat,
+    threads: usize,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
