@@ -1147,6 +1147,59 @@ mod tests {
         ]
     }
 
+    /// `gemm_new` and `gemm_into` against a plain f64 sum, for every layout of the operands
+    /// and for sums long enough to run as two halves (k = 2,500 over a 7 x 5 output), and the
+    /// same bits when all the work runs on one thread.
+    #[test]
+    fn gemm_products_are_the_plain_sums() {
+        use super::{gemm_into, gemm_new, Mat};
+        for (m, k, n) in [(7usize, 13usize, 5usize), (7, 2500, 5), (33, 40, 17)] {
+            let a = values(m * k, 11);
+            let b = values(k * n, 12);
+            let plain: Vec<f32> = (0..m * n)
+                .map(|e| {
+                    let (i, j) = (e / n, e % n);
+                    (0..k)
+                        .map(|l| f64::from(a[i * k + l]) * f64::from(b[l * n + j]))
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            // The same matrices stored transposed: a as [k, m], b as [n, k].
+            let at: Vec<f32> = (0..k * m).map(|e| a[(e % m) * k + e / m]).collect();
+            let bt: Vec<f32> = (0..n * k).map(|e| b[(e % k) * n + e / k]).collect();
+            let layouts = [
+                (Mat::rows(&a, k), Mat::rows(&b, n)),
+                (Mat::transposed(&at, m), Mat::rows(&b, n)),
+                (Mat::rows(&a, k), Mat::transposed(&bt, k)),
+                (Mat::transposed(&at, m), Mat::transposed(&bt, k)),
+            ];
+            for (case, (ma, mb)) in layouts.into_iter().enumerate() {
+                let got = gemm_new(m, k, n, ma, mb).expect("gemm_new");
+                let single = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .expect("pool")
+                    .install(|| gemm_new(m, k, n, ma, mb).expect("gemm_new"));
+                assert_eq!(got, single, "{m}x{k}x{n} case {case}: one thread");
+                let mut acc = vec![1.0f32; m * n];
+                gemm_into(&mut acc, true, (m, k, n), ma, mb).expect("gemm_into");
+                for (e, ((g, p), c)) in got.iter().zip(&plain).zip(&acc).enumerate() {
+                    let tol = 1e-5 * (k as f32).sqrt();
+                    assert!(
+                        (g - p).abs() <= tol,
+                        "{m}x{k}x{n} case {case} [{e}]: {g} vs {p}"
+                    );
+                    assert!(
+                        (c - 1.0 - p).abs() <= tol,
+                        "{m}x{k}x{n} case {case} [{e}]: +="
+                    );
+                }
+            }
+        }
+        let short = [0f32; 3];
+        assert!(gemm_new(2, 2, 2, Mat::rows(&short, 2), Mat::rows(&short, 2)).is_err());
+    }
+
     /// The one-node projection gives the composed one's output and gradients, bit for bit
     /// (the same storage-level products with the same operands), with the rows as they are
     /// or split into 4 heads of 10, heads after or before the positions.
