@@ -224,6 +224,35 @@ fn scores<const N: usize>(
     }
 }
 
+/// An accumulation's weights: `at(r, j)` is output row r's weight on input row j.
+trait Weights {
+    fn at(&self, r: usize, j: usize) -> f32;
+}
+
+/// Each output row's weights as a slice: `w[r][j]`.
+impl<const N: usize> Weights for [&[f32]; N] {
+    #[inline(always)]
+    fn at(&self, r: usize, j: usize) -> f32 {
+        self[r][j]
+    }
+}
+
+/// A block of scores (or probabilities) `[query row][key]` read with the keys as the output
+/// rows: output row r (key `c + r`) weighs input row j (query j) by `t[j][c + r]`. The
+/// backward's key and value gradients read their weights so, with no transposed copy.
+#[derive(Clone, Copy)]
+struct Columns<'a> {
+    t: &'a [[f32; BC]; BR],
+    c: usize,
+}
+
+impl Weights for Columns<'_> {
+    #[inline(always)]
+    fn at(&self, r: usize, j: usize) -> f32 {
+        self.t[j][self.c + r]
+    }
+}
+
 /// `out[r] += Σ_j w[r][j] · m[j]` for rows `r < N` of `out` (row stride `os`), `j < J`, and
 /// `m`'s rows at stride `ms`; every row is D long (a multiple of 8). 4 rows x 16 lanes per
 /// step: 8 accumulators.
@@ -232,7 +261,7 @@ fn scores<const N: usize>(
 fn accumulate<const N: usize>(
     out: &mut [f32],
     os: usize,
-    w: [&[f32]; N],
+    w: &impl Weights,
     m: &[f32],
     ms: usize,
     j_end: usize,
@@ -249,7 +278,7 @@ fn accumulate<const N: usize>(
             for j in 0..j_end {
                 let mv = [0, 1, 2].map(|v| ld(m, j * ms + c + v * LANES));
                 for r in 0..N {
-                    let x = _mm256_set1_ps(w[r][j]);
+                    let x = _mm256_set1_ps(w.at(r, j));
                     for v in 0..3 {
                         acc[r][v] = _mm256_fmadd_ps(x, mv[v], acc[r][v]);
                     }
@@ -270,7 +299,7 @@ fn accumulate<const N: usize>(
                 let m0 = ld(m, j * ms + c);
                 let m1 = ld(m, j * ms + c + LANES);
                 for r in 0..N {
-                    let x = _mm256_set1_ps(w[r][j]);
+                    let x = _mm256_set1_ps(w.at(r, j));
                     acc[r][0] = _mm256_fmadd_ps(x, m0, acc[r][0]);
                     acc[r][1] = _mm256_fmadd_ps(x, m1, acc[r][1]);
                 }
@@ -288,7 +317,7 @@ fn accumulate<const N: usize>(
             for j in 0..j_end {
                 let m0 = ld(m, j * ms + c);
                 for r in 0..N {
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(w[r][j]), m0, acc[r]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(w.at(r, j)), m0, acc[r]);
                 }
             }
             for r in 0..N {
@@ -376,7 +405,7 @@ fn scores16<const N: usize>(
 fn accumulate16<const N: usize>(
     out: &mut [f32],
     os: usize,
-    w: [&[f32]; N],
+    w: &impl Weights,
     m: &[f32],
     ms: usize,
     j_end: usize,
@@ -402,7 +431,7 @@ fn accumulate16<const N: usize>(
         for j in 0..j_end {
             let (m0, m1) = (ld16(m, j * ms + c), ld16(m, j * ms + c + W));
             for r in 0..N {
-                let x = _mm512_set1_ps(w[r][j]);
+                let x = _mm512_set1_ps(w.at(r, j));
                 acc[r][0] = _mm512_fmadd_ps(x, m0, acc[r][0]);
                 acc[r][1] = _mm512_fmadd_ps(x, m1, acc[r][1]);
             }
@@ -421,7 +450,7 @@ fn accumulate16<const N: usize>(
         for j in 0..j_end {
             let m0 = ld16(m, j * ms + c);
             for r in 0..N {
-                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(w[r][j]), m0, acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(w.at(r, j)), m0, acc[r]);
             }
         }
         for r in 0..N {
@@ -485,20 +514,60 @@ fn accumulate_rows<'a>(
         let ws = [w(i), w(i + 1), w(i + 2), w(i + 3)];
         if wide {
             // SAFETY: `avx512()` found AVX-512F on this CPU.
-            unsafe { accumulate16::<4>(&mut out[i * os..], os, ws, m, ms, j_end, d) };
+            unsafe { accumulate16::<4>(&mut out[i * os..], os, &ws, m, ms, j_end, d) };
         } else {
-            accumulate::<4>(&mut out[i * os..], os, ws, m, ms, j_end, d);
+            accumulate::<4>(&mut out[i * os..], os, &ws, m, ms, j_end, d);
         }
         i += 4;
     }
     while i < n {
         if wide {
             // SAFETY: as above.
-            unsafe { accumulate16::<1>(&mut out[i * os..], os, [w(i)], m, ms, j_end, d) };
+            unsafe { accumulate16::<1>(&mut out[i * os..], os, &[w(i)], m, ms, j_end, d) };
         } else {
-            accumulate::<1>(&mut out[i * os..], os, [w(i)], m, ms, j_end, d);
+            accumulate::<1>(&mut out[i * os..], os, &[w(i)], m, ms, j_end, d);
         }
         i += 1;
+    }
+}
+
+/// `accumulate` over `n` output rows that are the columns (keys) of a block `t`: output row `c`
+/// gets `Σ_j t[j][c] · m[j]`, 4 rows at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn accumulate_cols(
+    n: usize,
+    out: &mut [f32],
+    os: usize,
+    t: &[[f32; BC]; BR],
+    m: &[f32],
+    ms: usize,
+    j_end: usize,
+    d: usize,
+) {
+    let wide = d.is_multiple_of(16) && avx512();
+    let mut c = 0;
+    while c < n {
+        let w = Columns { t, c };
+        let rows = &mut out[c * os..];
+        if c + 4 <= n {
+            if wide {
+                // SAFETY: `avx512()` found AVX-512F on this CPU.
+                unsafe { accumulate16::<4>(rows, os, &w, m, ms, j_end, d) };
+            } else {
+                accumulate::<4>(rows, os, &w, m, ms, j_end, d);
+            }
+            c += 4;
+        } else {
+            if wide {
+                // SAFETY: as above.
+                unsafe { accumulate16::<1>(rows, os, &w, m, ms, j_end, d) };
+            } else {
+                accumulate::<1>(rows, os, &w, m, ms, j_end, d);
+            }
+            c += 1;
+        }
     }
 }
 
@@ -776,8 +845,6 @@ fn backward_pair(
     let rows = p.q.len() / d;
     let mut sc = [[0f32; BC]; BR];
     let mut dp = [[0f32; BC]; BR];
-    let mut ds_t = [[0f32; BR]; BC];
-    let mut p_t = [[0f32; BR]; BC];
     let mut dq_tile = vec![0f32; BR * d];
     for r0 in (0..rows).step_by(t) {
         for t0 in (0..t).step_by(BR) {
@@ -802,21 +869,20 @@ fn backward_pair(
                 let (w, w8) = block_scores(p, mask, &spans, qrow, stride, (s0, hi), &mut sc);
                 scores_rows(n, grow, &vt, stride, s0, w8, &mut dp);
                 for i in 0..n {
-                    // The probabilities, as the forward had them, and dS = P ⊙ (dP − Δ).
+                    // The probabilities, as the forward had them, and dS = P ⊙ (dP − Δ) in
+                    // place of dP.
                     exp_shifted(&mut sc[i][..w8], w, shift[i], inv[i]);
-                    for c in 0..w {
-                        let pr = sc[i][c];
-                        let ds = pr * (dp[i][c] - delta[i]);
-                        dp[i][c] = ds;
-                        ds_t[c][i] = ds;
-                        p_t[c][i] = pr;
+                    let di = delta[i];
+                    for (ds, &pr) in dp[i][..w].iter_mut().zip(&sc[i][..w]) {
+                        *ds = pr * (*ds - di);
                     }
                 }
                 accumulate_rows(n, &mut dq_tile, d, |i| &dp[i][..], &p.k[s0 * d..], d, w, d);
+                // dK += dSᵀ·Q and dV += Pᵀ·dO: the blocks read by columns.
                 let q_tile = &p.q[first * d..];
-                accumulate_rows(w, &mut dk[s0 * d..], d, |j| &ds_t[j][..], q_tile, d, n, d);
+                accumulate_cols(w, &mut dk[s0 * d..], d, &dp, q_tile, d, n, d);
                 let g_tile = &g[first * ow..];
-                accumulate_rows(w, &mut dv[s0 * d..], d, |j| &p_t[j][..], g_tile, ow, n, d);
+                accumulate_cols(w, &mut dv[s0 * d..], d, &sc, g_tile, ow, n, d);
                 s0 += w;
             }
             dq[first * d..(first + n) * d].copy_from_slice(&dq_tile[..n * d]);
@@ -1213,8 +1279,8 @@ mod tests {
             let (mut x, mut y) = (data(4 * d, 9), data(4 * d, 9));
             // SAFETY: as above.
             unsafe {
-                accumulate::<4>(&mut x, d, ws, &m, d, j_end, d);
-                accumulate16::<4>(&mut y, d, ws, &m, d, j_end, d);
+                accumulate::<4>(&mut x, d, &ws, &m, d, j_end, d);
+                accumulate16::<4>(&mut y, d, &ws, &m, d, j_end, d);
             }
             assert_eq!(x, y, "accumulate, d {d}");
         }
