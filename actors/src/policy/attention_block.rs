@@ -13,11 +13,12 @@
 //!
 //! The stacked product sums over other blocks than three separate ones, so results agree with
 //! the composed path to rounding, not to the bit (`the_fused_attention_is_the_composed_one`);
-//! each element is still computed by one thread in a fixed order, so runs repeat exactly.
+//! every sum runs in a fixed order, so runs repeat exactly.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::flash::{self, KeyMask};
 use super::fused::{self, gemm_into, gemm_new, Mat};
@@ -35,12 +36,18 @@ impl Heads {
     fn qkv(&self) -> usize {
         (self.q + 2 * self.kv) * self.dim
     }
+
+    /// The attention scale folded into the queries' RoPE, rounded from f64 as the composed
+    /// path's `fused::rope` rounds it.
+    fn scale(&self) -> f32 {
+        (1.0 / (self.dim as f64).sqrt()) as f32
+    }
 }
 
 /// What the forward leaves for the backward: the normalized input `[B·T, K]`, the roped,
-/// pre-scaled queries `[B, Hkv, R, D]`,
-/// the roped keys and the values `[B, Hkv, T, D]` (the kernels' operands), the kernels' state
-/// and the rows the output projection read (`[B·T, H·D]`).
+/// pre-scaled queries `[B, Hkv, R, D]`, the roped keys and the values `[B, Hkv, T, D]` (the
+/// kernels' operands), the kernels' state and the rows the output projection read
+/// (`[B·T, H·D]`).
 struct Saved {
     normed: Vec<f32>,
     q: Vec<f32>,
@@ -101,11 +108,10 @@ impl AttentionBlock {
         let Heads { q: hq, kv, dim: d } = self.heads;
         let n_rep = hq / kv;
         let (n, nq, nkv) = (self.heads.qkv(), hq * d, kv * d);
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = self.heads.scale();
         let mut q = fused::zeroed(b * hq * t * d, 0f32);
         let mut k = fused::zeroed(b * kv * t * d, 0f32);
         let mut v = fused::zeroed(b * kv * t * d, 0f32);
-        use rayon::prelude::*;
         q.par_chunks_exact_mut(n_rep * t * d)
             .zip(k.par_chunks_exact_mut(t * d))
             .zip(v.par_chunks_exact_mut(t * d))
@@ -136,7 +142,7 @@ impl AttentionBlock {
         let Heads { q: hq, kv, dim: d } = self.heads;
         let n_rep = hq / kv;
         let (n, nq, nkv) = (self.heads.qkv(), hq * d, kv * d);
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = self.heads.scale();
         let mut out = fused::zeroed(b * t * n, 0f32);
         fused::par_rows(&mut out, n, |r0, rows| {
             for (i, row) in rows.chunks_exact_mut(n).enumerate() {

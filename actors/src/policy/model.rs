@@ -519,8 +519,6 @@ impl Attention {
         })
     }
 
-    /// The CPU f32/f64 path: fused RoPE (scale folded into q), GQA without repeating k/v
-    /// (each kv head's query group is one [n_rep·T, D] matrix), fused masked softmax.
     /// `x + self(norm(x))` as one graph node (`attention_block`) for a forward without a
     /// cache over more rows than a decode step's, when the layer has no biases and no q/k
     /// norms (Llama's layers, trained or scored); `None` otherwise.
@@ -559,6 +557,8 @@ impl Attention {
         )
     }
 
+    /// The CPU f32/f64 path: fused RoPE (scale folded into q), GQA without repeating k/v
+    /// (each kv head's query group is one [n_rep·T, D] matrix), fused masked softmax.
     fn forward_fused(
         &self,
         x: &Tensor,

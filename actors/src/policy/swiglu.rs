@@ -2,22 +2,22 @@
 //! for `n = rms_norm(x)`, as one graph node, for f32 training and prefill on CPU.
 //!
 //! Composed, the same is six nodes (the norm, gate, up, their product, down, the residual
-//! add), and candle's backward gives
-//! every node's input a gradient of its own: it zeroes a tensor, then adds the op's gradient
-//! into it (`GradStore::or_insert` + `add`). In model R's training step those zeroings and adds
-//! over `[rows, ffn]` activations, and the fresh allocations each one takes, were ~15% of the
-//! time, on one thread. Here the backward runs the three products' gradients straight into
-//! buffers of its own, computes the gate's and up's gradients in one pass over the forward's
-//! pre-activations (overwriting them: the forward's state is the backward's working space),
-//! and hands candle only the three gradients it asks for: x's, the stacked weight's and
-//! down's. The stacked weight is gate's and up's rows and, as its last row, the norm's weight
-//! (`[2F + 1, K]`): an op takes at most three operands.
+//! add), and candle's backward gives every node's input a gradient of its own: it zeroes a
+//! tensor, then adds the op's gradient into it (`GradStore::or_insert` + `add`). In model R's
+//! training step those zeroings and adds over `[rows, ffn]` activations, and the fresh
+//! allocations each one takes, were ~15% of the time, on one thread. Here the backward runs
+//! the three products' gradients straight into buffers of its own, computes the gate's and
+//! up's gradients in one pass over the forward's pre-activations (overwriting them: the
+//! forward's state is the backward's working space), and hands candle only the three
+//! gradients it asks for: x's, the stacked weight's and down's. The stacked weight is gate's
+//! and up's rows and, as its last row, the norm's weight (`[2F + 1, K]`): an op takes at most
+//! three operands.
 //!
 //! The products are gemm's, as candle's: gate and up run as one product against the two
-//! weights stacked, so their outputs and the input's gradient are sums over other
-//! blocks than the composed path's, and the results agree with it to rounding, not to the bit
-//! (`the_fused_mlp_is_the_composed_one`). Each output element is still computed by one thread
-//! in a fixed order, so runs repeat exactly.
+//! weights stacked, so their outputs and the input's gradient are sums over other blocks than
+//! the composed path's, and the results agree with it to rounding, not to the bit
+//! (`the_fused_mlp_is_the_composed_one`). Every sum runs in a fixed order, so runs repeat
+//! exactly.
 
 use std::sync::Mutex;
 
