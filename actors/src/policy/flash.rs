@@ -366,6 +366,26 @@ fn scores16<const N: usize>(
         unsafe { _mm512_mask_storeu_ps(s.as_mut_ptr(), ((1u32 << width) - 1) as u16, v) }
     };
     let mut c = 0;
+    // 64 keys at a time where the block has them: 4·N accumulators keep both multiply-add
+    // ports busy (2·N, for 4 rows, is only their latency's worth).
+    while c + 4 * W <= w8 {
+        let mut acc = [[_mm512_setzero_ps(); 4]; N];
+        for dd in 0..d {
+            let k = [0, 1, 2, 3].map(|v| load(dd, c + v * W, W));
+            for r in 0..N {
+                let x = _mm512_set1_ps(a[r][dd]);
+                for v in 0..4 {
+                    acc[r][v] = _mm512_fmadd_ps(x, k[v], acc[r][v]);
+                }
+            }
+        }
+        for r in 0..N {
+            for v in 0..4 {
+                store(&mut out[r], c + v * W, W, acc[r][v]);
+            }
+        }
+        c += 4 * W;
+    }
     while c + 2 * W <= w8 {
         let mut acc = [[_mm512_setzero_ps(); 2]; N];
         for dd in 0..d {
@@ -510,6 +530,14 @@ fn accumulate_rows<'a>(
 ) {
     let wide = d.is_multiple_of(16) && avx512();
     let mut i = 0;
+    // Eight rows at a time on AVX-512: 16 accumulators, as many as keep both multiply-add
+    // ports busy.
+    while wide && i + 8 <= n {
+        let ws = [0, 1, 2, 3, 4, 5, 6, 7].map(|r| w(i + r));
+        // SAFETY: `avx512()` found AVX-512F on this CPU.
+        unsafe { accumulate16::<8>(&mut out[i * os..], os, &ws, m, ms, j_end, d) };
+        i += 8;
+    }
     while i + 4 <= n {
         let ws = [w(i), w(i + 1), w(i + 2), w(i + 3)];
         if wide {
@@ -551,7 +579,11 @@ fn accumulate_cols(
     while c < n {
         let w = Columns { t, c };
         let rows = &mut out[c * os..];
-        if c + 4 <= n {
+        if wide && c + 8 <= n {
+            // SAFETY: `avx512()` found AVX-512F on this CPU.
+            unsafe { accumulate16::<8>(rows, os, &w, m, ms, j_end, d) };
+            c += 8;
+        } else if c + 4 <= n {
             if wide {
                 // SAFETY: `avx512()` found AVX-512F on this CPU.
                 unsafe { accumulate16::<4>(rows, os, &w, m, ms, j_end, d) };
