@@ -279,9 +279,8 @@ impl CustomOp3 for AttentionBlock {
                             Mat::rows(&d_proj, n),
                             Mat::rows(w_qkv, k),
                         )?;
-                        // Through the norm; the residual passes g on to x unchanged.
-                        let (mut dx, d_norm) = fused::rms_backward(x, w_norm, &d_normed, self.eps);
-                        fused::add_into(&mut dx, g);
+                        let norm = (w_norm, self.eps);
+                        let (dx, d_norm) = fused::pre_norm_residual_backward(x, norm, &d_normed, g);
                         d_qkv.extend_from_slice(&d_norm);
                         Ok((dx, d_qkv, d_o))
                     })
@@ -351,12 +350,9 @@ mod tests {
     use super::Heads;
 
     fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
-                (h as f32 / (1u32 << 24) as f32 - 0.5) * scale
-            })
-            .collect()
+        let mut v = crate::policy::hashed_values(n, seed);
+        v.iter_mut().for_each(|x| *x *= scale);
+        v
     }
 
     const EPS: f64 = 1e-5;

@@ -560,7 +560,7 @@ fn accumulate_rows<'a>(
 }
 
 /// `accumulate` over `n` output rows that are the columns (keys) of a block `t`: output row `c`
-/// gets `Σ_j t[j][c] · m[j]`, 4 rows at a time.
+/// gets `Σ_j t[j][c] · m[j]`, 8 (AVX-512) or 4 rows at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]

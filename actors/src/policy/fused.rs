@@ -553,6 +553,20 @@ pub(crate) fn rms_forward<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     out
 }
 
+/// The backward of a block's `x + f(rms_norm(x))` around f: x's gradient (through the norm,
+/// plus the residual's `g` unchanged) and the norm weight's, from the gradient of the
+/// normalized input `d_normed`.
+pub(crate) fn pre_norm_residual_backward(
+    x: &[f32],
+    (w_norm, eps): (&[f32], f64),
+    d_normed: &[f32],
+    g: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut dx, d_norm) = rms_backward(x, w_norm, d_normed, eps);
+    add_into(&mut dx, g);
+    (dx, d_norm)
+}
+
 /// `dst += src`, elementwise, in parallel.
 pub(crate) fn add_into(dst: &mut [f32], src: &[f32]) {
     const CHUNK: usize = 4096;
@@ -1120,14 +1134,7 @@ pub(crate) fn log_softmax(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use candle_core::{Device, Tensor, Var};
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
-                h as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::policy::hashed_values as values;
 
     /// The output of `y`, and the gradients of `Σ y ⊙ g` with respect to x and w.
     fn output_and_grads(y: &Tensor, g: &Tensor, x: &Var, w: &Var) -> [Vec<f32>; 3] {

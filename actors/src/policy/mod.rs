@@ -27,6 +27,18 @@ pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// `n` deterministic values in [-0.5, 0.5) from a multiplicative hash of the index (for the
+/// unit tests).
+#[cfg(test)]
+pub(crate) fn hashed_values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+            h as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
 /// The largest absolute difference between two tensors of one shape (for the unit tests).
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {

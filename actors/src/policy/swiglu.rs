@@ -181,9 +181,8 @@ impl CustomOp3 for SwiGlu {
                             Mat::rows(&d_gate_up, 2 * f),
                             Mat::rows(w_gu, k),
                         )?;
-                        // Through the norm; the residual passes g on to x unchanged.
-                        let (mut dx, d_norm) = fused::rms_backward(x, w_norm, &d_normed, self.eps);
-                        fused::add_into(&mut dx, g);
+                        let norm = (w_norm, self.eps);
+                        let (dx, d_norm) = fused::pre_norm_residual_backward(x, norm, &d_normed, g);
                         d_w_gu.extend_from_slice(&d_norm);
                         Ok((dx, d_w_gu, d_down))
                     })
@@ -250,14 +249,7 @@ pub(crate) fn block(
 mod tests {
     use candle_core::{Device, Tensor, Var};
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
-                h as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::policy::hashed_values as values;
 
     const EPS: f64 = 1e-5;
 
