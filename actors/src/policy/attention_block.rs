@@ -1,6 +1,8 @@
 //! A decoder layer's attention half (the input norm, the q/k/v projections, RoPE, causal
 //! attention, the output projection and the residual add) as one graph node, for f32
-//! forwards without a KV cache on CPU: training steps and the learner's logprobs.
+//! forwards without a KV cache on CPU: training steps and the learner's logprobs. The same
+//! forward, as a plain function that keeps no state, fills an empty inference cache from a
+//! prompt (`prefill`).
 //!
 //! Composed, the same is nine nodes (the norm, three projections split into heads, two RoPEs,
 //! the attention, the output projection, the add), and candle's backward zeroes a gradient for
@@ -101,6 +103,47 @@ impl AttentionBlock {
         )
     }
 
+    /// `x + o(attention(rope(q, k, v of norm(x))))` `[B·T, K]` over the operands' data (x
+    /// `[B·T, K]`, the stacked q/k/v and norm weights, o), and what its backward needs.
+    fn forward(
+        &self,
+        x: &[f32],
+        w_stacked: &[f32],
+        w_o: &[f32],
+        (b, t, k): (usize, usize, usize),
+    ) -> Result<(Vec<f32>, Saved)> {
+        let dims = self.flash_dims(b, t)?;
+        let (n, hd) = (self.heads.qkv(), self.heads.q * self.heads.dim);
+        let m = b * t;
+        if x.len() != m * k || w_stacked.len() != (n + 1) * k || w_o.len() != k * hd {
+            candle_core::bail!("klong-attention: operands' data do not match [{b}, {t}, {k}]");
+        }
+        let (w_qkv, w_norm) = w_stacked.split_at(n * k);
+        let normed = fused::rms_forward(x, w_norm, self.eps);
+        let projected = gemm_new(m, k, n, Mat::rows(&normed, k), Mat::transposed(w_qkv, k))?;
+        let [q, kk, v] = self.split_heads(&projected, (b, t));
+        drop(projected);
+        let (state, rows) = flash::forward_rows(&self.mask, dims, (&q, &kk, &v));
+        // x + rows · oᵀ
+        let mut out = fused::copied(x);
+        gemm_into(
+            &mut out,
+            true,
+            (m, hd, k),
+            Mat::rows(&rows, hd),
+            Mat::transposed(w_o, hd),
+        )?;
+        let saved = Saved {
+            normed,
+            q,
+            k: kk,
+            v,
+            state,
+            rows,
+        };
+        Ok((out, saved))
+    }
+
     /// The projections' rows `[B·T, (H + 2·Hkv)·D]` -> roped queries (times `scale`) `[B,
     /// Hkv, n_rep·T, D]` (query head `g·n_rep + j` of position t is row `j·T + t` of group g:
     /// HF's repeat_kv order), roped keys and values `[B, Hkv, T, D]`.
@@ -182,39 +225,18 @@ impl CustomOp3 for AttentionBlock {
         o: &CpuStorage,
         lo: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, t, k) = self.dims(lx.dims(), lqkv.dims(), lo.dims())?;
-        let dims = self.flash_dims(b, t)?;
-        let (n, hd) = (self.heads.qkv(), self.heads.q * self.heads.dim);
-        let x = fused::slice::<f32>(x, lx)?;
-        let (w_qkv, w_norm) = fused::slice::<f32>(qkv, lqkv)?.split_at(n * k);
-        let w_o = fused::slice::<f32>(o, lo)?;
-        let m = b * t;
-        let normed = fused::rms_forward(x, w_norm, self.eps);
-        let projected = gemm_new(m, k, n, Mat::rows(&normed, k), Mat::transposed(w_qkv, k))?;
-        let [q, kk, v] = self.split_heads(&projected, (b, t));
-        drop(projected);
-        let (state, rows) = flash::forward_rows(&self.mask, dims, (&q, &kk, &v));
-        // x + rows · oᵀ
-        let mut out = fused::copied(x);
-        gemm_into(
-            &mut out,
-            true,
-            (m, hd, k),
-            Mat::rows(&rows, hd),
-            Mat::transposed(w_o, hd),
-        )?;
+        let dims = self.dims(lx.dims(), lqkv.dims(), lo.dims())?;
+        let (x, qkv, o) = (
+            fused::slice::<f32>(x, lx)?,
+            fused::slice::<f32>(qkv, lqkv)?,
+            fused::slice::<f32>(o, lo)?,
+        );
+        let (out, saved) = self.forward(x, qkv, o, dims)?;
         *self
             .saved
             .lock()
             .map_err(|_| candle_core::Error::msg("klong-attention: state lock poisoned"))? =
-            Some(Saved {
-                normed,
-                q,
-                k: kk,
-                v,
-                state,
-                rows,
-            });
+            Some(saved);
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
 
@@ -296,19 +318,18 @@ impl CustomOp3 for AttentionBlock {
     }
 }
 
-/// `x + attention(rms_norm(x; norm, eps))` as one node, or `None` where this op does not serve
-/// it (then the caller composes it): x `[B, T, K]` f32 on a CPU with the attention kernels,
-/// norm `[K]`, q/k/v and o weights `[H·D, K]`, `[Hkv·D, K]` (twice) and `[K, H·D]`, cos/sin
-/// `[B, T, D]`, and a mask with no past keys (no KV cache).
-pub(crate) fn block(
+/// The op for these operands and the q/k/v and norm weights stacked, or `None` where it does
+/// not serve them: x `[B, T, K]` f32 on a CPU with the attention kernels, norm `[K]`, q/k/v and
+/// o weights `[H·D, K]`, `[Hkv·D, K]` (twice) and `[K, H·D]`, cos/sin `[B, T, D]`, and a mask
+/// with no past keys.
+fn op_for(
     x: &Tensor,
     (norm, eps): (&Tensor, f64),
     [wq, wk, wv, wo]: [&Tensor; 4],
     heads: Heads,
-    cos: &Tensor,
-    sin: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
     mask: &Arc<KeyMask>,
-) -> Result<Option<Tensor>> {
+) -> Result<Option<(AttentionBlock, Tensor)>> {
     let tensors = [x, norm, wq, wk, wv, wo, cos, sin];
     let served = fused::supported(x, fused::Kind::AttentionBlock)
         && flash::serves(x)
@@ -332,11 +353,61 @@ pub(crate) fn block(
         sin: flat(sin)?,
         saved: Mutex::new(None),
     };
+    Ok(Some((op, stacked)))
+}
+
+/// `x + attention(rms_norm(x; norm, eps))` as one node, or `None` where this op does not serve
+/// it (then the caller composes it; see `op_for` for what it serves: no KV cache).
+pub(crate) fn block(
+    x: &Tensor,
+    norm: (&Tensor, f64),
+    weights: [&Tensor; 4],
+    heads: Heads,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Arc<KeyMask>,
+) -> Result<Option<Tensor>> {
+    let Some((op, stacked)) = op_for(x, norm, weights, heads, (cos, sin), mask)? else {
+        return Ok(None);
+    };
     Ok(Some(x.contiguous()?.apply_op3(
         &stacked,
-        &wo.contiguous()?,
+        &weights[3].contiguous()?,
         op,
     )?))
+}
+
+/// `block`'s output for a prompt's prefill into an empty KV cache, with the layer's roped keys
+/// and values `[B, Hkv, T, D]` for the cache: no graph node and no state kept, for forwards
+/// that nothing backpropagates through (the caller checks). `None` where `block` would be.
+///
+/// Composed, a prefill of a few short prompts is mostly candle's per-node overhead: eight
+/// nodes per layer over a few hundred rows.
+pub(crate) fn prefill(
+    x: &Tensor,
+    norm: (&Tensor, f64),
+    weights: [&Tensor; 4],
+    heads: Heads,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Arc<KeyMask>,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let Some((op, stacked)) = op_for(x, norm, weights, heads, (cos, sin), mask)? else {
+        return Ok(None);
+    };
+    let (b, t, k) = op.dims(x.dims(), stacked.dims(), weights[3].dims())?;
+    let (out, saved) = fused::with_data::<f32, _>(x, |x| {
+        fused::with_data::<f32, _>(&stacked, |w| {
+            fused::with_data::<f32, _>(weights[3], |o| op.forward(x, w, o, (b, t, k)))
+        })
+    })?;
+    let dev = x.device();
+    let kv = (b, heads.kv, t, heads.dim);
+    Ok(Some((
+        Tensor::from_vec(out, (b, t, k), dev)?,
+        Tensor::from_vec(saved.k, kv, dev)?,
+        Tensor::from_vec(saved.v, kv, dev)?,
+    )))
 }
 
 #[cfg(test)]

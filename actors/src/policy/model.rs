@@ -557,6 +557,51 @@ impl Attention {
         )
     }
 
+    /// `block`'s output for a prompt's prefill into this layer's empty cache slot, with the
+    /// keys and values appended to the slot; `None` (the slot untouched) where `block` would
+    /// not serve the layer, the slot holds keys already, or a gradient could flow (x or a
+    /// weight is tracked): this path keeps no state for a backward.
+    #[cfg(target_arch = "x86_64")]
+    fn prefill(
+        &self,
+        x: &Tensor,
+        norm: &RmsNorm,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: &AttnMask,
+        slot: &mut Option<LayerSlot<'_>>,
+    ) -> Result<Option<Tensor>> {
+        let (b, t, _) = x.dims3()?;
+        let linears = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj];
+        let empty = slot.as_ref().is_some_and(|s| s.kv.is_none());
+        let tracked =
+            x.track_op() || norm.weight.track_op() || linears.iter().any(|l| l.weight().track_op());
+        if !empty
+            || tracked
+            || b * t <= skinny::MAX_ROWS
+            || self.q_norm.is_some()
+            || self.k_norm.is_some()
+            || linears.iter().any(|l| l.bias().is_some())
+        {
+            return Ok(None);
+        }
+        let heads = attention_block::Heads {
+            q: self.n_heads,
+            kv: self.n_kv_heads,
+            dim: self.head_dim,
+        };
+        let weights = linears.map(|l| l.weight());
+        let norm = (&norm.weight, norm.eps);
+        let Some((y, k, v)) =
+            attention_block::prefill(x, norm, weights, heads, cos, sin, &mask.keys)?
+        else {
+            return Ok(None);
+        };
+        if let Some(slot) = slot.take() {
+            slot.append(k, v)?;
+        }
+        Ok(Some(y))
+    }
+
     /// The CPU f32/f64 path: fused RoPE (scale folded into q), GQA without repeating k/v
     /// (each kv head's query group is one [n_rep·T, D] matrix), fused masked softmax.
     fn forward_fused(
@@ -764,7 +809,8 @@ struct Block {
 }
 
 impl Block {
-    /// `x + attention(input_norm(x))`: one graph node where `attention_block` serves it.
+    /// `x + attention(input_norm(x))`: one graph node where `attention_block` serves it, and
+    /// no node at all for a prompt's prefill into an empty inference cache.
     fn attention_half(
         &self,
         x: &Tensor,
@@ -774,12 +820,20 @@ impl Block {
         slot: Option<LayerSlot<'_>>,
     ) -> Result<Tensor> {
         #[cfg(target_arch = "x86_64")]
-        if slot.is_none() {
+        let slot = {
             let norm = &self.input_layernorm;
-            if let Some(y) = self.self_attn.block(x, norm, cos, sin, mask)? {
+            let mut slot = slot;
+            let y = match slot {
+                None => self.self_attn.block(x, norm, cos, sin, mask)?,
+                Some(_) => self
+                    .self_attn
+                    .prefill(x, norm, (cos, sin), mask, &mut slot)?,
+            };
+            if let Some(y) = y {
                 return Ok(y);
             }
-        }
+            slot
+        };
         let h = self.input_layernorm.forward(x)?;
         x + self.self_attn.forward(&h, cos, sin, mask, slot)?
     }
@@ -1096,5 +1150,118 @@ mod tests {
         assert!(diff(&in_place, &full) < 1e-4);
         assert!(diff(&fork_a, &fork_b) < 1e-5);
         assert!(diff(&fork_a, &full.narrow(1, 41, 1).expect("col")) < 1e-4);
+    }
+
+    /// A prompt's prefill into an empty cache over frozen weights runs the attention block's
+    /// forward (`Attention::prefill`), which gives the composed path's output and cached keys
+    /// and values to rounding; over variables (a gradient could flow) it declines. Through
+    /// the whole model, the prefill's logits, cache and next step agree with the composed
+    /// path's, which the same weights as variables take. Left pads on one row; 3 x 9 rows,
+    /// more than a decode step's.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn a_prefill_through_the_block_is_the_composed_one() {
+        if !skinny::simd() {
+            return; // the attention kernels need AVX2 and FMA
+        }
+        let mut cfg = LlamaConfig::tiny(48);
+        (cfg.hidden_size, cfg.intermediate_size) = (64, 96); // head_dim 16
+        let vm = VarMap::new();
+        let tracked = Llama::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
+            .expect("model");
+        let tensors = vm
+            .data()
+            .lock()
+            .expect("varmap")
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+            .collect();
+        let frozen = Llama::from_tensors(&cfg, tensors, &Device::Cpu).expect("frozen");
+        let (b, t) = (3usize, 9usize);
+        let mut real = vec![vec![true; t]; b];
+        real[1][..4].fill(false); // row 1: four left pads
+        let diff = super::super::max_abs_diff;
+
+        // One layer's attention half, called directly.
+        let values = |n: usize, seed: u32, shape: &[usize]| {
+            Tensor::from_vec(super::super::hashed_values(n, seed), shape, &Device::Cpu)
+                .expect("values")
+        };
+        let x = values(b * t * 64, 1, &[b, t, 64]);
+        let (cos, sin) = (
+            values(b * t * 16, 2, &[b, t, 16]),
+            values(b * t * 16, 3, &[b, t, 16]),
+        );
+        let mask = AttnMask::new(real.clone(), 0, &Device::Cpu, DType::F32).expect("mask");
+        let half = |m: &Llama, prefill: bool| {
+            let layer = &m.layers[0];
+            let (mut kv, mut buf) = (None, None);
+            let mut slot = Some(LayerSlot {
+                kv: &mut kv,
+                buf: &mut buf,
+                detached: true,
+            });
+            let norm = &layer.input_layernorm;
+            let y = if prefill {
+                layer
+                    .self_attn
+                    .prefill(&x, norm, (&cos, &sin), &mask, &mut slot)
+                    .expect("prefill")
+            } else {
+                let h = norm.forward(&x).expect("norm");
+                let att = layer.self_attn.forward(&h, &cos, &sin, &mask, slot.take());
+                Some((&x + att.expect("attention")).expect("residual"))
+            };
+            (y, slot.is_some(), kv)
+        };
+        let (y, slot_left, kv) = half(&frozen, true);
+        let y = y.expect("the block serves a frozen layer's prefill");
+        assert!(!slot_left, "the prefill fills the slot");
+        let (yc, _, kvc) = half(&frozen, false);
+        assert!(diff(&y, &yc.expect("composed")) < 1e-5);
+        let ((k, v), (kc, vc)) = (kv.expect("keys"), kvc.expect("keys"));
+        assert_eq!(k.dims(), [b, 2, t, 16]);
+        assert!(diff(&k, &kc) < 1e-5 && diff(&v, &vc) < 1e-5);
+        let (declined, slot_left, _) = half(&tracked, true);
+        assert!(
+            declined.is_none() && slot_left,
+            "variables: the composed path"
+        );
+
+        // The whole model.
+        let ids: Vec<u32> = (0..b * t).map(|i| ((i * 11 + 5) % 48) as u32).collect();
+        let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).expect("ids");
+        let mask: Vec<f32> = real
+            .iter()
+            .flatten()
+            .map(|r| f32::from(u8::from(*r)))
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).expect("mask");
+        let prefill = |m: &Llama| {
+            let mut cache = KvCache::inference();
+            let logits = m
+                .forward(&ids, Some(&mask), Some(&mut cache))
+                .expect("prefill");
+            (logits, cache)
+        };
+        let (block, mut block_cache) = prefill(&frozen);
+        let (composed, mut composed_cache) = prefill(&tracked);
+        assert!(diff(&block, &composed) < 1e-5);
+        let (layers_a, keys_a) = block_cache.contents();
+        let (layers_b, keys_b) = composed_cache.contents();
+        assert_eq!(keys_a, keys_b);
+        assert_eq!(layers_a.len(), cfg.num_hidden_layers);
+        for (a, c) in layers_a.iter().zip(layers_b) {
+            let ((ka, va), (kc, vc)) = (a.as_ref().expect("keys"), c.as_ref().expect("keys"));
+            assert!(diff(ka, kc) < 1e-5 && diff(va, vc) < 1e-5);
+        }
+        let next = Tensor::from_vec(vec![7u32, 8, 9], (b, 1), &Device::Cpu).expect("next");
+        let step_a = frozen
+            .forward(&next, None, Some(&mut block_cache))
+            .expect("step");
+        let step_b = tracked
+            .forward(&next, None, Some(&mut composed_cache))
+            .expect("step");
+        assert!(diff(&step_a, &step_b) < 1e-5);
     }
 }
