@@ -11,6 +11,7 @@ pub mod generate;
 pub mod gguf;
 pub mod local;
 pub mod model;
+pub(crate) mod pages;
 pub mod pretrained;
 pub mod sampling;
 pub(crate) mod skinny;

@@ -878,10 +878,12 @@ impl Llama {
         tensors: std::collections::HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Self> {
-        let tensors = tensors
+        let tensors: std::collections::HashMap<String, Tensor> = tensors
             .into_iter()
             .map(|(name, t)| (name, t.detach()))
             .collect();
+        // A frozen model is generation's: its decode steps read every weight each step.
+        pages::back_with_huge_pages(&tensors.values().collect::<Vec<_>>());
         Llama::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, device))
     }
 
@@ -1099,7 +1101,7 @@ impl Llama {
 
 #[cfg(target_arch = "x86_64")]
 use super::attention_block;
-use super::{flash, fused, skinny, swiglu};
+use super::{flash, fused, pages, skinny, swiglu};
 
 #[cfg(test)]
 mod tests {
