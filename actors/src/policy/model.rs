@@ -531,6 +531,18 @@ impl Attention {
         sin: &Tensor,
         mask: &AttnMask,
     ) -> Result<Option<Tensor>> {
+        let Some((heads, weights)) = self.block_operands(x)? else {
+            return Ok(None);
+        };
+        let norm = (&norm.weight, norm.eps);
+        attention_block::block(x, norm, weights, heads, cos, sin, &mask.keys)
+    }
+
+    /// The heads and the q/k/v/o weights `attention_block` takes for this layer over x's
+    /// rows, or `None` where it does not serve them: a decode step's few rows, q/k norms or
+    /// biases.
+    #[cfg(target_arch = "x86_64")]
+    fn block_operands(&self, x: &Tensor) -> Result<Option<(attention_block::Heads, [&Tensor; 4])>> {
         let (b, t, _) = x.dims3()?;
         let linears = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj];
         if b * t <= skinny::MAX_ROWS
@@ -545,16 +557,7 @@ impl Attention {
             kv: self.n_kv_heads,
             dim: self.head_dim,
         };
-        let weights = linears.map(|l| l.weight());
-        attention_block::block(
-            x,
-            (&norm.weight, norm.eps),
-            weights,
-            heads,
-            cos,
-            sin,
-            &mask.keys,
-        )
+        Ok(Some((heads, linears.map(|l| l.weight()))))
     }
 
     /// `block`'s output for a prompt's prefill into this layer's empty cache slot, with the
@@ -570,26 +573,15 @@ impl Attention {
         mask: &AttnMask,
         slot: &mut Option<LayerSlot<'_>>,
     ) -> Result<Option<Tensor>> {
-        let (b, t, _) = x.dims3()?;
-        let linears = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj];
         let empty = slot.as_ref().is_some_and(|s| s.kv.is_none());
+        let Some((heads, weights)) = self.block_operands(x)? else {
+            return Ok(None);
+        };
         let tracked =
-            x.track_op() || norm.weight.track_op() || linears.iter().any(|l| l.weight().track_op());
-        if !empty
-            || tracked
-            || b * t <= skinny::MAX_ROWS
-            || self.q_norm.is_some()
-            || self.k_norm.is_some()
-            || linears.iter().any(|l| l.bias().is_some())
-        {
+            x.track_op() || norm.weight.track_op() || weights.iter().any(|w| w.track_op());
+        if !empty || tracked {
             return Ok(None);
         }
-        let heads = attention_block::Heads {
-            q: self.n_heads,
-            kv: self.n_kv_heads,
-            dim: self.head_dim,
-        };
-        let weights = linears.map(|l| l.weight());
         let norm = (&norm.weight, norm.eps);
         let Some((y, k, v)) =
             attention_block::prefill(x, norm, weights, heads, cos, sin, &mask.keys)?
