@@ -11,7 +11,7 @@
 //!   9), its opening moves on every held-out task are the expert's, call for call, and on at
 //!   least half of them its fourth call is a simulator command of the expert's shape (measured
 //!   8, 7 and 5 of 8). It does not earn rubric points: it writes wrong parameter values instead
-//!   of copying the config's (no copy circuit forms at this scale and budget). About 6 minutes.
+//!   of copying the config's (no copy circuit forms at this scale and budget). 8 minutes measured beside another run.
 //! - `examples/sft_recall.ron` trains the same tiny model from scratch, with an in-context
 //!   recall warm-up first (short, then with filler text before the records) and recall mixed
 //!   into the task's SFT. Asserted is issue 5's "clearly higher than untrained": the untrained

@@ -381,8 +381,8 @@ pub(crate) fn block(
 /// and values `[B, Hkv, T, D]` for the cache: no graph node and no state kept, for forwards
 /// that nothing backpropagates through (the caller checks). `None` where `block` would be.
 ///
-/// Composed, a prefill of a few short prompts is mostly candle's per-node overhead: eight
-/// nodes per layer over a few hundred rows.
+/// Against the composed half (eight nodes, each a fresh output): a 1,500-token prefill of
+/// model R 4% faster at batch 1 and 8; the 8 x 16 prompt within noise.
 pub(crate) fn prefill(
     x: &Tensor,
     norm: (&Tensor, f64),
