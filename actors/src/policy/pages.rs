@@ -3,8 +3,8 @@
 //! A decode step reads every weight once (model R: 13 MB at 4 KiB a page, ~3,300 pages), more
 //! than the CPU's second-level TLB maps, so each page's first read also walks the page table.
 //! Backed by 2 MiB pages the same weights are 7 entries. Measured on model R (`klongd bench
-//! model`, alternating processes): batch-8 decode +3-5% with the whole heap on 2 MiB pages;
-//! training steps unchanged.
+//! model`, alternating processes): batch-8 decode +2-3% with the weights on 2 MiB pages
+//! (+3-5% with the whole heap; training steps unchanged either way).
 //!
 //! The kernel's transparent huge pages do this when asked per range (`madvise`); in the
 //! default `madvise` mode nothing else gets them. A hint only: contents never change, and where
