@@ -34,6 +34,8 @@ pub(crate) enum Kind {
     SwiGlu,
     /// A decoder layer's self-attention as one graph node (`attention_block`).
     AttentionBlock,
+    /// Products on AMX tiles (`amx`), where the CPU has them.
+    Amx,
 }
 
 pub(crate) fn enabled(kind: Kind) -> bool {
@@ -58,6 +60,7 @@ pub(crate) fn enabled(kind: Kind) -> bool {
         Kind::Flash => "flash",
         Kind::Avx512 => "avx512",
         Kind::Decode => "decode",
+        Kind::Amx => "amx",
         Kind::SwiGlu => "swiglu",
         Kind::AttentionBlock => "attention_block",
     };
@@ -280,7 +283,8 @@ pub(crate) fn gemm_new(m: usize, k: usize, n: usize, a: Mat, b: Mat) -> Result<V
         return Ok(vec![0.0; len]);
     }
     let threads = candle_core::utils::get_num_threads().max(1);
-    if k < SPLIT_K_MIN || k < 2 * m.max(n) || len == 0 {
+    // AMX shares out a long sum's output blocks well enough: no halves there.
+    if k < SPLIT_K_MIN || k < 2 * m.max(n) || len == 0 || on_amx((m, k, n), &a) {
         return Ok(gemm_fresh(len, (m, k, n), a, b, threads));
     }
     let h = k / 2;
@@ -325,6 +329,14 @@ fn gemm_fresh(
     dst
 }
 
+/// Whether [`gemm_raw`] runs a `[m, k] x [k, n]` product on AMX tiles (`amx`).
+fn on_amx(mkn: (usize, usize, usize), a: &Mat) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::amx::suits(mkn, (a.rs, a.cs)) && enabled(Kind::Amx) && super::amx::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
 /// # Safety
 /// `a` and `b` hold their `[m, k]` and `[k, n]` matrices (k > 0), `dst` points to `m · n`
 /// writable floats that nothing else accesses during the call, initialized if `accumulate`.
@@ -337,6 +349,17 @@ unsafe fn gemm_raw(
     threads: usize,
 ) {
     if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if on_amx((m, k, n), &a) {
+        let operand = |x: Mat| super::amx::Operand {
+            ptr: x.data.as_ptr(),
+            rs: x.rs,
+            cs: x.cs,
+        };
+        // SAFETY: the caller's contract, which is amx::gemm's; `available` checked.
+        unsafe { super::amx::gemm(dst, accumulate, (m, k, n), operand(a), operand(b)) };
         return;
     }
     let parallelism = if threads > 1 {

@@ -2,6 +2,8 @@
 
 pub mod actor;
 #[cfg(target_arch = "x86_64")]
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod amx;
 pub(crate) mod attention_block;
 pub mod chat;
 pub mod decode;
