@@ -184,7 +184,7 @@ fn split_pairs(lo: __m512, hi: __m512) -> [__m512i; 3] {
 /// `a` holds an `[m, k]` matrix.
 unsafe fn pack_a(dst: &mut [u16], a: Operand, i0: usize, m: usize, k: usize) {
     let rows = (m - i0).min(BLOCK);
-    if rows == BLOCK && k % BLOCK == 0 {
+    if rows == BLOCK && k.is_multiple_of(BLOCK) {
         if a.cs == 1 {
             // SAFETY: as below, with whole K blocks (checked) read as vectors.
             unsafe { pack_a_rows(dst, a, i0, k) };
@@ -198,6 +198,7 @@ unsafe fn pack_a(dst: &mut [u16], a: Operand, i0: usize, m: usize, k: usize) {
     }
     dst.fill(0);
     for r in 0..rows {
+        // SAFETY: row i0 + r < m lies inside the matrix a holds.
         let row = unsafe { a.ptr.add((i0 + r) * a.rs) };
         let base = (r / 16) * TILE + (r % 16) * 32;
         for kk in 0..k {
@@ -212,15 +213,21 @@ unsafe fn pack_a(dst: &mut [u16], a: Operand, i0: usize, m: usize, k: usize) {
 }
 
 /// `pack_a` for rows of contiguous floats, 32 rows and whole K blocks.
+///
+/// # Safety
+/// AVX-512F; `a` holds its matrix, with the 32 rows from `i0` and `k` a multiple of 32.
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_a_rows(dst: &mut [u16], a: Operand, i0: usize, k: usize) {
     let kb = k / BLOCK;
     assert!(dst.len() >= kb * KBLOCK);
     let out = dst.as_mut_ptr();
     for r in 0..BLOCK {
+        // SAFETY: the caller's contract: rows i0..i0 + 32 and K blocks 0..kb lie inside a's
+        // matrix, so each row and its 32-float blocks do.
         let row = unsafe { a.ptr.add((i0 + r) * a.rs) };
         let base = (r / 16) * TILE + (r % 16) * 32;
         for b in 0..kb {
+            // SAFETY: as above.
             let parts = unsafe {
                 split_pairs(
                     _mm512_loadu_ps(row.add(b * BLOCK)),
@@ -228,6 +235,7 @@ unsafe fn pack_a_rows(dst: &mut [u16], a: Operand, i0: usize, k: usize) {
                 )
             };
             for (p, v) in parts.iter().enumerate() {
+                // SAFETY: `b * KBLOCK + p * 2 * TILE + base + 32 <= kb * KBLOCK <= dst.len()`.
                 unsafe {
                     _mm512_storeu_si512(out.add(b * KBLOCK + p * 2 * TILE + base).cast(), *v)
                 };
@@ -239,6 +247,9 @@ unsafe fn pack_a_rows(dst: &mut [u16], a: Operand, i0: usize, k: usize) {
 /// `pack_a` for columns of contiguous floats (A is a row-major matrix's transpose), 32 rows
 /// and whole K blocks: each K pair's parts come out as a column of dwords over 16 rows, and a
 /// 16 x 16 transpose turns them into the tile's rows.
+///
+/// # Safety
+/// AVX-512F; `a` holds its matrix, with the 32 rows from `i0` and `k` a multiple of 32.
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_a_cols(dst: &mut [u16], a: Operand, i0: usize, k: usize) {
     let kb = k / BLOCK;
@@ -277,6 +288,9 @@ unsafe fn pack_a_cols(dst: &mut [u16], a: Operand, i0: usize, k: usize) {
 /// `pack_b` for columns of contiguous floats (B is a row-major matrix's transpose, as a
 /// weight's in `x · wᵀ`), 32 columns and whole K blocks: a column's K pairs come out as a
 /// row of dwords, and a 16 x 16 transpose turns 16 columns into the tile's rows of pairs.
+///
+/// # Safety
+/// AVX-512F; `b` holds its matrix, with the 32 columns from `j0` and `k` a multiple of 32.
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_b_cols(dst: &mut [u16], b: Operand, j0: usize, k: usize) {
     let kb = k / BLOCK;
@@ -343,7 +357,7 @@ fn transpose16(r: &mut [__m512i; 16]) {
 /// `b` holds a `[k, n]` matrix.
 unsafe fn pack_b(dst: &mut [u16], b: Operand, j0: usize, n: usize, k: usize) {
     let cols = (n - j0).min(BLOCK);
-    if cols == BLOCK && k % BLOCK == 0 {
+    if cols == BLOCK && k.is_multiple_of(BLOCK) {
         if b.cs == 1 {
             // SAFETY: as below, with whole K blocks (checked) read as vectors.
             unsafe { pack_b_rows(dst, b, j0, k) };
@@ -357,6 +371,7 @@ unsafe fn pack_b(dst: &mut [u16], b: Operand, j0: usize, n: usize, k: usize) {
     }
     dst.fill(0);
     for c in 0..cols {
+        // SAFETY: column j0 + c < n lies inside the matrix b holds.
         let col = unsafe { b.ptr.add((j0 + c) * b.cs) };
         let base = (c / 16) * TILE + (c % 16) * 2;
         for kk in 0..k {
@@ -372,6 +387,9 @@ unsafe fn pack_b(dst: &mut [u16], b: Operand, j0: usize, n: usize, k: usize) {
 }
 
 /// `pack_b` for rows of contiguous floats, 32 columns and whole K blocks.
+///
+/// # Safety
+/// AVX-512F; `b` holds its matrix, with the 32 columns from `j0` and `k` a multiple of 32.
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_b_rows(dst: &mut [u16], b: Operand, j0: usize, k: usize) {
     let kb = k / BLOCK;
@@ -379,9 +397,13 @@ unsafe fn pack_b_rows(dst: &mut [u16], b: Operand, j0: usize, k: usize) {
     let out = dst.as_mut_ptr();
     for blk in 0..kb {
         for j in 0..16 {
+            // SAFETY: the caller's contract: K blocks 0..kb and columns j0..j0 + 32 lie inside
+            // b's matrix, so rows k and k + 16 of the block and their 32 columns do.
             let lo = unsafe { b.ptr.add((blk * BLOCK + j) * b.rs + j0) };
+            // SAFETY: as above.
             let hi = unsafe { b.ptr.add((blk * BLOCK + j + 16) * b.rs + j0) };
             for h in 0..2 {
+                // SAFETY: as above.
                 let parts = unsafe {
                     split_pairs(
                         _mm512_loadu_ps(lo.add(16 * h)),
@@ -389,6 +411,7 @@ unsafe fn pack_b_rows(dst: &mut [u16], b: Operand, j0: usize, k: usize) {
                     )
                 };
                 for (p, v) in parts.iter().enumerate() {
+                    // SAFETY: the offset + 32 is at most kb * KBLOCK <= dst.len() (asserted).
                     unsafe {
                         _mm512_storeu_si512(
                             out.add(blk * KBLOCK + p * 2 * TILE + h * TILE + j * 32)
@@ -618,11 +641,13 @@ pub(crate) unsafe fn gemm(
                 let group = (L2_BYTES / (chunk * 2)).max(1);
                 with_panels(&A_PANELS, blocks * chunk, |ap| {
                     for (i, p) in ap.chunks_mut(chunk).enumerate() {
-                        // SAFETY: the caller's contract; this K chunk of a's rows.
+                        // SAFETY: the caller's contract; column k0 * 32 < k lies inside a's
+                        // matrix, and `ak` holds its `[m, k - k0 * 32]` rest.
                         let ak = Operand {
                             ptr: unsafe { a.ptr.add(k0 * BLOCK * a.cs) },
                             ..a
                         };
+                        // SAFETY: as above.
                         unsafe {
                             pack_a(p, ak, r0 + i * BLOCK, m, (k - k0 * BLOCK).min(kc * BLOCK))
                         };
