@@ -252,36 +252,16 @@ unsafe fn pack_a_rows(dst: &mut [u16], a: Operand, i0: usize, k: usize) {
 /// AVX-512F; `a` holds its matrix, with the 32 rows from `i0` and `k` a multiple of 32.
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_a_cols(dst: &mut [u16], a: Operand, i0: usize, k: usize) {
-    let kb = k / BLOCK;
-    assert!(dst.len() >= kb * KBLOCK);
-    let out = dst.as_mut_ptr();
-    for blk in 0..kb {
-        for h in 0..2 {
-            let mut parts = [[_mm512_setzero_si512(); 16]; 3];
-            for j in 0..16 {
-                // SAFETY: rows i0 + 16h.. i0 + 16h + 16 and columns of this K block lie inside
-                // the matrix a holds (the caller's contract, whole blocks checked).
-                let (lo, hi) = unsafe {
-                    let col = a.ptr.add(i0 + 16 * h);
-                    (
-                        _mm512_loadu_ps(col.add((blk * BLOCK + j) * a.cs)),
-                        _mm512_loadu_ps(col.add((blk * BLOCK + j + 16) * a.cs)),
-                    )
-                };
-                let p = split_pairs(lo, hi);
-                for (part, v) in parts.iter_mut().zip(p) {
-                    part[j] = v;
-                }
-            }
-            for (p, part) in parts.iter_mut().enumerate() {
-                transpose16(part);
-                for (r, v) in part.iter().enumerate() {
-                    let at = blk * KBLOCK + p * 2 * TILE + h * TILE + r * 32;
-                    // SAFETY: `at + 32 <= kb * KBLOCK <= dst.len()` (asserted).
-                    unsafe { _mm512_storeu_si512(out.add(at).cast(), *v) };
-                }
-            }
-        }
+    // SAFETY: rows i0 + 16h..i0 + 16h + 16 at columns k and k + 16 of a block lie inside the
+    // matrix a holds (the caller's contract, whole blocks).
+    unsafe {
+        pack_transposed(dst, k / BLOCK, |blk, h, j| {
+            let col = a.ptr.add(i0 + 16 * h);
+            (
+                col.add((blk * BLOCK + j) * a.cs),
+                col.add((blk * BLOCK + j + 16) * a.cs),
+            )
+        })
     }
 }
 
@@ -293,28 +273,45 @@ unsafe fn pack_a_cols(dst: &mut [u16], a: Operand, i0: usize, k: usize) {
 /// AVX-512F; `b` holds its matrix, with the 32 columns from `j0` and `k` a multiple of 32.
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_b_cols(dst: &mut [u16], b: Operand, j0: usize, k: usize) {
-    let kb = k / BLOCK;
+    // SAFETY: column j0 + 16h + c and a block's 32 K lie inside the matrix b holds (the
+    // caller's contract, whole blocks).
+    unsafe {
+        pack_transposed(dst, k / BLOCK, |blk, h, c| {
+            let col = b.ptr.add((j0 + 16 * h + c) * b.cs + blk * BLOCK);
+            (col, col.add(16))
+        })
+    }
+}
+
+/// The shared loop of `pack_a_cols` and `pack_b_cols`: for K block `blk`, tile `h` and lane
+/// group `i` (0..16), `start` gives where the 16 floats of pair halves k and k + 16 start;
+/// their parts are transposed into the tile's rows.
+///
+/// # Safety
+/// AVX-512F; every pointer `start` returns has 16 readable floats.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_transposed(
+    dst: &mut [u16],
+    kb: usize,
+    start: impl Fn(usize, usize, usize) -> (*const f32, *const f32),
+) {
     assert!(dst.len() >= kb * KBLOCK);
     let out = dst.as_mut_ptr();
     for blk in 0..kb {
         for h in 0..2 {
             let mut parts = [[_mm512_setzero_si512(); 16]; 3];
-            for c in 0..16 {
-                // SAFETY: column j0 + 16h + c and this K block lie inside the matrix b holds
-                // (the caller's contract, whole blocks checked).
-                let (lo, hi) = unsafe {
-                    let col = b.ptr.add((j0 + 16 * h + c) * b.cs + blk * BLOCK);
-                    (_mm512_loadu_ps(col), _mm512_loadu_ps(col.add(16)))
-                };
-                let p = split_pairs(lo, hi);
+            for i in 0..16 {
+                let (lo, hi) = start(blk, h, i);
+                // SAFETY: the caller's contract.
+                let p = unsafe { split_pairs(_mm512_loadu_ps(lo), _mm512_loadu_ps(hi)) };
                 for (part, v) in parts.iter_mut().zip(p) {
-                    part[c] = v;
+                    part[i] = v;
                 }
             }
             for (p, part) in parts.iter_mut().enumerate() {
                 transpose16(part);
-                for (j, v) in part.iter().enumerate() {
-                    let at = blk * KBLOCK + p * 2 * TILE + h * TILE + j * 32;
+                for (r, v) in part.iter().enumerate() {
+                    let at = blk * KBLOCK + p * 2 * TILE + h * TILE + r * 32;
                     // SAFETY: `at + 32 <= kb * KBLOCK <= dst.len()` (asserted).
                     unsafe { _mm512_storeu_si512(out.add(at).cast(), *v) };
                 }
