@@ -10,10 +10,11 @@
 //! sum's (sums of 64-1,100 terms: within 2x at the worst element, 1.5x summed over all).
 //!
 //! Why: one `tdpbf16ps` is a 16 x 16 x 32 product, 16,384 flops, in ~16 cycles, against
-//! AVX-512's 64 f32 flops per cycle. On this host's Xeon, one core ran ~4.7 ns per
-//! `tdpbf16ps` with nothing to load, ~6 ns in this kernel from packed panels in L2: six per
-//! 32-term f32 product is ~430 f32 GFLOP/s per core, against ~180 for gemm's AVX-512 kernels.
-//! Whole products at model R's training shapes, packing included, ran 1.15-1.9x gemm's.
+//! AVX-512's 64 f32 flops per cycle. On this host's Xeon, one core ran ~4.5 ns per
+//! `tdpbf16ps` with nothing to load and 6.0-7.7 ns in this kernel from packed panels: with six
+//! per 32-term f32 product, ~355-460 f32 GFLOP/s per core, against ~180 for gemm's AVX-512
+//! kernels. Whole products at model R's training shapes, packing included, ran 1.15-1.9x
+//! gemm's; model R's training step is ~8% shorter (`benches/peer/README.md`, session 23).
 //!
 //! Layout. Operands are packed per 32 x 32 block of the output: A in panels of 32 rows, B in
 //! panels of 32 columns, each in K blocks of 32. A K block of a panel holds, for each part,

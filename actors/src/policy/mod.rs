@@ -2,8 +2,8 @@
 
 pub mod actor;
 #[cfg(target_arch = "x86_64")]
-#[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod attention_block;
 pub mod chat;
 pub mod decode;
