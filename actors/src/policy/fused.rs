@@ -1179,11 +1179,19 @@ mod tests {
 
     /// `gemm_new` and `gemm_into` against a plain f64 sum, for every layout of the operands
     /// and for sums long enough to run as two halves (k = 2,500 over a 7 x 5 output), and the
-    /// same bits when all the work runs on one thread.
+    /// same bits when all the work runs on one thread. The two largest run on AMX tiles where
+    /// the CPU has them (checked), one in whole 32 x 32 blocks and one with partial blocks.
     #[test]
     fn gemm_products_are_the_plain_sums() {
-        use super::{gemm_into, gemm_new, Mat};
-        for (m, k, n) in [(7usize, 13usize, 5usize), (7, 2500, 5), (33, 40, 17)] {
+        use super::{gemm_into, gemm_new, on_amx, Mat};
+        let shapes = [
+            (7usize, 13usize, 5usize),
+            (7, 2500, 5),
+            (33, 40, 17),
+            (512, 512, 512),
+            (520, 513, 520),
+        ];
+        for (m, k, n) in shapes {
             let a = values(m * k, 11);
             let b = values(k * n, 12);
             let plain: Vec<f32> = (0..m * n)
@@ -1204,6 +1212,13 @@ mod tests {
                 (Mat::transposed(&at, m), Mat::transposed(&bt, k)),
             ];
             for (case, (ma, mb)) in layouts.into_iter().enumerate() {
+                #[cfg(target_arch = "x86_64")]
+                if m >= 512 && super::super::amx::available() {
+                    assert!(
+                        on_amx((m, k, n), &ma),
+                        "{m}x{k}x{n} case {case}: not on AMX"
+                    );
+                }
                 let got = gemm_new(m, k, n, ma, mb).expect("gemm_new");
                 let single = rayon::ThreadPoolBuilder::new()
                     .num_threads(1)
