@@ -69,6 +69,13 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+/// The packed B buffer, shared by the tasks that pack distinct K blocks of it.
+#[derive(Clone, Copy)]
+struct LinesMut(*mut u16);
+// SAFETY: tasks write disjoint K blocks of each panel through it, and the buffer outlives them.
+unsafe impl Send for LinesMut {}
+unsafe impl Sync for LinesMut {}
+
 /// Whether this CPU and OS run AMX bf16 tiles for this process. Asks Linux once for the
 /// permission to use tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`).
 pub(crate) fn available() -> bool {
@@ -622,10 +629,40 @@ pub(crate) unsafe fn gemm(
     let panel = kb * KBLOCK;
     let nb = n.div_ceil(BLOCK);
     with_panels(&B_PANELS, nb * panel, |bp| {
-        bp.par_chunks_mut(panel).enumerate().for_each(|(j, p)| {
-            // SAFETY: the caller's contract.
-            unsafe { pack_b(p, b, j * BLOCK, n, k) }
-        });
+        if b.cs == 1 && k.is_multiple_of(BLOCK) && n.is_multiple_of(BLOCK) {
+            // Rows contiguous: each thread takes a run of K blocks and packs them for every
+            // panel, reading B's rows whole. Panel by panel, a thread read 128 bytes of every
+            // row of B (strides of kilobytes, which the prefetcher does not follow).
+            let lines = LinesMut(bp.as_mut_ptr());
+            let runs = kb.div_ceil(rayon::current_num_threads().max(1));
+            (0..kb).into_par_iter().with_min_len(runs).for_each(|blk| {
+                let (lines, b) = (lines, b);
+                let bk = Operand {
+                    // SAFETY: the caller's contract; row blk * 32 < k lies inside b's matrix,
+                    // and `bk` holds its `[k - blk * 32, n]` rest.
+                    ptr: unsafe { b.ptr.add(blk * BLOCK * b.rs) },
+                    ..b
+                };
+                for j in 0..nb {
+                    // SAFETY: K block blk of panel j: KBLOCK u16s inside the `nb * panel`
+                    // buffer, written by this task alone (tasks take distinct K blocks).
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            lines.0.add(j * panel + blk * KBLOCK),
+                            KBLOCK,
+                        )
+                    };
+                    // SAFETY: `bk` holds rows blk * 32.. blk * 32 + 32 and columns j * 32 ..
+                    // j * 32 + 32 (n and k are whole blocks).
+                    unsafe { pack_b(dst, bk, j * BLOCK, n, BLOCK) }
+                }
+            });
+        } else {
+            bp.par_chunks_mut(panel).enumerate().for_each(|(j, p)| {
+                // SAFETY: the caller's contract.
+                unsafe { pack_b(p, b, j * BLOCK, n, k) }
+            });
+        }
         let bp = &*bp;
         let out = Out(dst);
         let tasks = m.div_ceil(TASK_ROWS);
@@ -642,17 +679,35 @@ pub(crate) unsafe fn gemm(
                 let load = accumulate || k0 > 0;
                 let group = (L2_BYTES / (chunk * 2)).max(1);
                 with_panels(&A_PANELS, blocks * chunk, |ap| {
-                    for (i, p) in ap.chunks_mut(chunk).enumerate() {
-                        // SAFETY: the caller's contract; column k0 * 32 < k lies inside a's
-                        // matrix, and `ak` holds its `[m, k - k0 * 32]` rest.
-                        let ak = Operand {
-                            ptr: unsafe { a.ptr.add(k0 * BLOCK * a.cs) },
-                            ..a
-                        };
-                        // SAFETY: as above.
-                        unsafe {
-                            pack_a(p, ak, r0 + i * BLOCK, m, (k - k0 * BLOCK).min(kc * BLOCK))
-                        };
+                    // SAFETY: the caller's contract; column k0 * 32 < k lies inside a's
+                    // matrix, and `ak` holds its `[m, k - k0 * 32]` rest.
+                    let ak = Operand {
+                        ptr: unsafe { a.ptr.add(k0 * BLOCK * a.cs) },
+                        ..a
+                    };
+                    let kk = (k - k0 * BLOCK).min(kc * BLOCK);
+                    if a.rs == 1 && rows == blocks * BLOCK && kk.is_multiple_of(BLOCK) {
+                        // Columns contiguous (an activation's transpose): a K block of all the
+                        // task's panels at a time, so that each of its 32 rows of the source
+                        // is read as one run of the task's columns, not a panel's 128 bytes.
+                        for blk in 0..kc {
+                            let at = Operand {
+                                // SAFETY: as above; column blk * 32 < kk of ak.
+                                ptr: unsafe { ak.ptr.add(blk * BLOCK * a.cs) },
+                                ..ak
+                            };
+                            for (i, p) in ap.chunks_mut(chunk).enumerate() {
+                                let dst = &mut p[blk * KBLOCK..(blk + 1) * KBLOCK];
+                                // SAFETY: `at` holds `[m, kk - blk * 32]`, of which this
+                                // K block's 32 columns are read.
+                                unsafe { pack_a(dst, at, r0 + i * BLOCK, m, BLOCK) };
+                            }
+                        }
+                    } else {
+                        for (i, p) in ap.chunks_mut(chunk).enumerate() {
+                            // SAFETY: as above.
+                            unsafe { pack_a(p, ak, r0 + i * BLOCK, m, kk) };
+                        }
                     }
                     // SAFETY: the caller's contract (`available`).
                     unsafe { configure() };
