@@ -234,7 +234,13 @@ unsafe fn pack_a_rows(dst: &mut [u16], a: Operand, i0: usize, k: usize) {
         // matrix, so each row and its 32-float blocks do.
         let row = unsafe { a.ptr.add((i0 + r) * a.rs) };
         let base = (r / 16) * TILE + (r % 16) * 32;
+        // The next row's same blocks are asked for as this row's are read: rows are runs of a
+        // few kilobytes a page or more apart, where the hardware's prefetcher starts over.
+        let next = row.wrapping_add(a.rs);
         for b in 0..kb {
+            // A prefetch never faults; past the last row it only fetches stray lines.
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * BLOCK).cast::<i8>());
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * BLOCK + 16).cast::<i8>());
             // SAFETY: as above.
             let parts = unsafe {
                 split_pairs(
@@ -696,6 +702,19 @@ pub(crate) unsafe fn gemm(
                                 ptr: unsafe { ak.ptr.add(blk * BLOCK * a.cs) },
                                 ..ak
                             };
+                            // The next K block's 32 source rows (the task's 128 columns of
+                            // each), asked for while this one is packed: rows kilobytes apart
+                            // are beyond the hardware prefetcher.
+                            if blk + 1 < kc {
+                                let next = at.ptr.wrapping_add(BLOCK * a.cs + r0);
+                                for row in 0..BLOCK {
+                                    for line in 0..rows.div_ceil(16) {
+                                        let p = next.wrapping_add(row * a.cs + line * 16);
+                                        // SAFETY: a prefetch never faults.
+                                        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>()) };
+                                    }
+                                }
+                            }
                             for (i, p) in ap.chunks_mut(chunk).enumerate() {
                                 let dst = &mut p[blk * KBLOCK..(blk + 1) * KBLOCK];
                                 // SAFETY: `at` holds `[m, kk - blk * 32]`, of which this
