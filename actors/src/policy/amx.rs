@@ -557,7 +557,9 @@ unsafe fn block(
     }
 }
 
-/// K blocks per pass over the output: a pass's A and B panels (192 KiB each) stay in L2.
+/// K blocks per pass over the output: a panel's pass is 192 KiB, and a task's four A panels
+/// and a group of B's stay in L2. Passes of 2-8 and 64-128 K blocks made model R's training
+/// step slower (411-448 ms against 404-405).
 const K_CHUNK: usize = 32;
 /// B panels per group: a group's panels (~1 MiB) stay in L2 while a task's A panels pass.
 const L2_BYTES: usize = 1 << 20;
@@ -568,9 +570,8 @@ const TASK_ROWS: usize = 4 * BLOCK;
 /// larger B stays with the AVX-512 kernels.
 const MAX_PACKED_B: usize = 64 << 20;
 
-/// Products of fewer multiply-adds stay with the AVX-512 kernels: the packing costs about as
-/// much as the tiles' work at model R's smallest products, and a decode step's prefill (8 x 16
-/// rows) read 0-4% slower in the batch-8 decode that follows it with AMX on.
+/// Products of fewer multiply-adds stay with the AVX-512 kernels: with the prefill of the
+/// bench's 8 x 16 prompt on tiles, the batch-8 decode that follows it read 0-4% slower.
 const MIN_PRODUCT: usize = 1 << 27;
 
 /// Products with a side under this stay with the AVX-512 kernels: a panel is packed once and
