@@ -204,15 +204,29 @@ unsafe fn pack_a(dst: &mut [u16], a: Operand, i0: usize, m: usize, k: usize) {
             return;
         }
     }
+    pack_scalar(
+        dst,
+        (rows, k),
+        // SAFETY: (i0 + r, kk) with r < rows lies inside the `[m, k]` matrix a holds.
+        |r, kk| unsafe { *a.ptr.add((i0 + r) * a.rs + kk * a.cs) },
+        |r, q| (r / 16) * TILE + (r % 16) * 32 + pos(q),
+    );
+}
+
+/// The packing of any layout, one float at a time: `count` rows of A (or columns of B) over
+/// `k`, `element(i, kk)` the float, `place(i, q)` its u16 in part 0 of a K block (q = kk % 32);
+/// zeros everywhere else (past the matrix's edge, and in the K blocks' padding).
+fn pack_scalar(
+    dst: &mut [u16],
+    (count, k): (usize, usize),
+    element: impl Fn(usize, usize) -> f32,
+    place: impl Fn(usize, usize) -> usize,
+) {
     dst.fill(0);
-    for r in 0..rows {
-        // SAFETY: row i0 + r < m lies inside the matrix a holds.
-        let row = unsafe { a.ptr.add((i0 + r) * a.rs) };
-        let base = (r / 16) * TILE + (r % 16) * 32;
+    for i in 0..count {
         for kk in 0..k {
-            // SAFETY: (i0 + r, kk) lies inside the `[m, k]` matrix a holds.
-            let p = split(unsafe { *row.add(kk * a.cs) });
-            let at = (kk / BLOCK) * KBLOCK + base + pos(kk % BLOCK);
+            let p = split(element(i, kk));
+            let at = (kk / BLOCK) * KBLOCK + place(i, kk % BLOCK);
             dst[at] = p[0];
             dst[at + 2 * TILE] = p[1];
             dst[at + 4 * TILE] = p[2];
@@ -380,21 +394,14 @@ unsafe fn pack_b(dst: &mut [u16], b: Operand, j0: usize, n: usize, k: usize) {
             return;
         }
     }
-    dst.fill(0);
-    for c in 0..cols {
-        // SAFETY: column j0 + c < n lies inside the matrix b holds.
-        let col = unsafe { b.ptr.add((j0 + c) * b.cs) };
-        let base = (c / 16) * TILE + (c % 16) * 2;
-        for kk in 0..k {
-            // SAFETY: (kk, j0 + c) lies inside the `[k, n]` matrix b holds.
-            let p = split(unsafe { *col.add(kk * b.rs) });
-            let q = kk % BLOCK;
-            let at = (kk / BLOCK) * KBLOCK + base + (q % 16) * 32 + q / 16;
-            dst[at] = p[0];
-            dst[at + 2 * TILE] = p[1];
-            dst[at + 4 * TILE] = p[2];
-        }
-    }
+    pack_scalar(
+        dst,
+        (cols, k),
+        // SAFETY: (kk, j0 + c) with c < cols lies inside the `[k, n]` matrix b holds.
+        |c, kk| unsafe { *b.ptr.add(kk * b.rs + (j0 + c) * b.cs) },
+        // Pair q % 16's row of the tile, the column's dword, q's half of it.
+        |c, q| (c / 16) * TILE + (c % 16) * 2 + (q % 16) * 32 + q / 16,
+    );
 }
 
 /// `pack_b` for rows of contiguous floats, 32 columns and whole K blocks.
@@ -463,8 +470,8 @@ unsafe fn release() {
 ///
 /// # Safety
 /// `available()`, and [`configure`] ran on this thread since the last [`release`]; `a` and
-/// `b` hold `kb` packed K blocks; `c0`, `c1` point to 16 rows each of 32 floats, `ldc` bytes apart, writable and
-/// (with `load`) initialized.
+/// `b` hold `kb` packed K blocks; `c0`, `c1` point to 16 rows each of 32 floats, `ldc` bytes
+/// apart, writable and (with `load`) initialized.
 unsafe fn block(
     a: *const u16,
     b: *const u16,
