@@ -194,7 +194,7 @@ unsafe fn pack_a(dst: &mut [u16], a: Operand, i0: usize, m: usize, k: usize) {
     let rows = (m - i0).min(BLOCK);
     if rows == BLOCK && k.is_multiple_of(BLOCK) {
         if a.cs == 1 {
-            // SAFETY: as below, with whole K blocks (checked) read as vectors.
+            // SAFETY: the caller's contract, with a whole block and whole K blocks (checked).
             unsafe { pack_a_rows(dst, a, i0, k) };
             return;
         }
@@ -384,7 +384,7 @@ unsafe fn pack_b(dst: &mut [u16], b: Operand, j0: usize, n: usize, k: usize) {
     let cols = (n - j0).min(BLOCK);
     if cols == BLOCK && k.is_multiple_of(BLOCK) {
         if b.cs == 1 {
-            // SAFETY: as below, with whole K blocks (checked) read as vectors.
+            // SAFETY: the caller's contract, with a whole block and whole K blocks (checked).
             unsafe { pack_b_rows(dst, b, j0, k) };
             return;
         }
