@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
+use candle_core::{
+    backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var,
+};
 use candle_nn::VarMap;
 use rayon::prelude::*;
 
@@ -230,8 +232,10 @@ impl AdamW {
     }
 }
 
-/// One AdamW update of one parameter in a single pass over its data (CPU f32/f64), with the
-/// same operations in the same order as the tensor path of `AdamW::step`.
+/// One AdamW update of one parameter, in place (CPU f32/f64), with the same operations in the
+/// same order as the tensor path of `AdamW::step`: three passes (first moment, second moment,
+/// parameter) that write into the tensors' own storage. A pass that built new parameter and
+/// moment vectors (zeroed first) and copied them in with `Var::set` moved ~1.6x the bytes.
 fn fused_adamw<T: fused::Real>(
     p: &Var,
     m: &Var,
@@ -242,54 +246,140 @@ fn fused_adamw<T: fused::Real>(
     bc2: f64,
 ) -> Result<()> {
     let c = |x: f64| T::from_f64(x);
-    let (b1, one_b1, b2, one_b2) = (
-        c(hp.beta1),
-        c(1.0 - hp.beta1),
-        c(hp.beta2),
-        c(1.0 - hp.beta2),
-    );
-    let (inv_bc1, inv_bc2, eps) = (c(1.0 / bc1), c(1.0 / bc2), c(hp.eps));
-    let (decay, lr) = (c(1.0 - hp.lr * hp.weight_decay), c(hp.lr));
-    let (np, nm, nv) = fused::with_data::<T, _>(p.as_tensor(), |pd| {
-        fused::with_data::<T, _>(m.as_tensor(), |md| {
-            fused::with_data::<T, _>(v.as_tensor(), |vd| {
-                fused::with_data::<T, _>(g, |gd| {
-                    if gd.len() != pd.len() {
-                        candle_core::bail!("gradient of {} elements for {}", gd.len(), pd.len());
-                    }
-                    let n = pd.len();
-                    let mut np = fused::zeroed(n, T::zero());
-                    let mut nm = fused::zeroed(n, T::zero());
-                    let mut nv = fused::zeroed(n, T::zero());
-                    // Elementwise, so the split among threads changes no result.
-                    let update = |i0: usize, (p, (m, v)): (&mut [T], (&mut [T], &mut [T]))| {
-                        for (k, ((p, m), v)) in p.iter_mut().zip(m).zip(v).enumerate() {
-                            let i = i0 + k;
-                            let gi = gd[i];
-                            let m_new = md[i] * b1 + gi * one_b1;
-                            let v_new = vd[i] * b2 + gi * gi * one_b2;
-                            let denom = (v_new * inv_bc2).sqrt() + eps;
-                            let upd = m_new * inv_bc1 / denom;
-                            *p = pd[i] * decay - upd * lr;
-                            *m = m_new;
-                            *v = v_new;
-                        }
+    let g = g.contiguous()?;
+    m.as_tensor().inplace_op2(
+        &g,
+        &Moment {
+            keep: c(hp.beta1),
+            take: c(1.0 - hp.beta1),
+            square: false,
+        },
+    )?;
+    v.as_tensor().inplace_op2(
+        &g,
+        &Moment {
+            keep: c(hp.beta2),
+            take: c(1.0 - hp.beta2),
+            square: true,
+        },
+    )?;
+    p.as_tensor().inplace_op3(
+        m.as_tensor(),
+        v.as_tensor(),
+        &Update {
+            decay: c(1.0 - hp.lr * hp.weight_decay),
+            lr: c(hp.lr),
+            inv_bc1: c(1.0 / bc1),
+            inv_bc2: c(1.0 / bc2),
+            eps: c(hp.eps),
+        },
+    )
+}
+
+/// Elements per parallel chunk of an in-place update.
+const CHUNK: usize = 1 << 14;
+
+/// A contiguous CPU tensor's elements, for writing in place.
+fn data_mut<'a, T: fused::Real>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut T::storage_mut(s)?[a..b]),
+        None => candle_core::bail!("AdamW: non-contiguous parameter or moment"),
+    }
+}
+
+/// A moment's update in place: `m = m·keep + g·take`, or `v = v·keep + g·g·take`.
+struct Moment<T> {
+    keep: T,
+    take: T,
+    square: bool,
+}
+
+impl<T: fused::Real> InplaceOp2 for Moment<T> {
+    fn name(&self) -> &'static str {
+        "klong-adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        g: &CpuStorage,
+        g_l: &Layout,
+    ) -> Result<()> {
+        let m = data_mut::<T>(dst, dst_l)?;
+        let g = fused::slice::<T>(g, g_l)?;
+        if g.len() != m.len() {
+            candle_core::bail!("gradient of {} elements for {}", g.len(), m.len());
+        }
+        let (keep, take, square) = (self.keep, self.take, self.square);
+        // Elementwise, so the split among threads changes no result.
+        m.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(m, g)| {
+                for (m, &gi) in m.iter_mut().zip(g) {
+                    *m = if square {
+                        *m * keep + gi * gi * take
+                    } else {
+                        *m * keep + gi * take
                     };
-                    const CHUNK: usize = 1 << 14;
-                    np.par_chunks_mut(CHUNK)
-                        .zip(nm.par_chunks_mut(CHUNK).zip(nv.par_chunks_mut(CHUNK)))
-                        .enumerate()
-                        .for_each(|(c, (p, (m, v)))| update(c * CHUNK, (p, (m, v))));
-                    Ok((np, nm, nv))
-                })
-            })
-        })
-    })?;
-    let shape = p.shape().clone();
-    p.set(&Tensor::from_vec(np, shape.clone(), p.device())?)?;
-    m.set(&Tensor::from_vec(nm, shape.clone(), p.device())?)?;
-    v.set(&Tensor::from_vec(nv, shape, p.device())?)?;
-    Ok(())
+                }
+            });
+        Ok(())
+    }
+}
+
+/// The parameter's update in place from its new moments:
+/// `p = p·decay − lr · (m·inv_bc1) / (√(v·inv_bc2) + eps)`.
+struct Update<T> {
+    decay: T,
+    lr: T,
+    inv_bc1: T,
+    inv_bc2: T,
+    eps: T,
+}
+
+impl<T: fused::Real> InplaceOp3 for Update<T> {
+    fn name(&self) -> &'static str {
+        "klong-adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        m: &CpuStorage,
+        m_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> Result<()> {
+        let p = data_mut::<T>(dst, dst_l)?;
+        let (m, v) = (fused::slice::<T>(m, m_l)?, fused::slice::<T>(v, v_l)?);
+        if m.len() != p.len() || v.len() != p.len() {
+            candle_core::bail!(
+                "moments of {} and {} elements for {}",
+                m.len(),
+                v.len(),
+                p.len()
+            );
+        }
+        let Update {
+            decay,
+            lr,
+            inv_bc1,
+            inv_bc2,
+            eps,
+        } = *self;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(p, (m, v))| {
+                for ((p, &mi), &vi) in p.iter_mut().zip(m).zip(v) {
+                    let denom = (vi * inv_bc2).sqrt() + eps;
+                    let upd = mi * inv_bc1 / denom;
+                    *p = *p * decay - upd * lr;
+                }
+            });
+        Ok(())
+    }
 }
 
 /// Global L2 norm of all gradients (computed in f64 on the host).
@@ -376,5 +466,56 @@ impl LrSchedule {
         let p = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
         let cos = 0.5 * (1.0 + (std::f64::consts::PI * p).cos());
         self.peak_lr * (self.min_ratio + (1.0 - self.min_ratio) * cos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The in-place update gives, bit for bit, PyTorch's AdamW formulas evaluated in f32 in
+    /// the tensor path's order, over a parameter of several parallel chunks and two steps;
+    /// a parameter without a gradient keeps its value and moments.
+    #[test]
+    fn in_place_update_is_the_formula_to_the_bit() {
+        let n = 2 * CHUNK + 123;
+        let start = crate::policy::hashed_values(n, 1);
+        let p = Var::from_vec(start.clone(), n, &Device::Cpu).expect("p");
+        let idle = Var::from_vec(vec![0.5f32; 3], 3, &Device::Cpu).expect("idle");
+        let hp = AdamWParams {
+            lr: 0.01,
+            weight_decay: 0.1,
+            ..AdamWParams::default()
+        };
+        let mut opt = AdamW::new(
+            vec![("p".into(), p.clone()), ("q".into(), idle.clone())],
+            hp,
+        )
+        .expect("opt");
+        let (mut want, mut m, mut v) = (start, vec![0f32; n], vec![0f32; n]);
+        for t in 1..=2 {
+            let g = crate::policy::hashed_values(n, 10 + t);
+            let grad = Tensor::from_vec(g.clone(), n, &Device::Cpu).expect("g");
+            opt.step(&Grads(vec![Some(grad), None])).expect("step");
+            let (bc1, bc2) = (1.0 - hp.beta1.powi(t as i32), 1.0 - hp.beta2.powi(t as i32));
+            let f = |x: f64| x as f32;
+            for i in 0..n {
+                m[i] = m[i] * f(hp.beta1) + g[i] * f(1.0 - hp.beta1);
+                v[i] = v[i] * f(hp.beta2) + g[i] * g[i] * f(1.0 - hp.beta2);
+                let denom = (v[i] * f(1.0 / bc2)).sqrt() + f(hp.eps);
+                let upd = m[i] * f(1.0 / bc1) / denom;
+                want[i] = want[i] * f(1.0 - hp.lr * hp.weight_decay) - upd * f(hp.lr);
+            }
+        }
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let got = p.as_tensor().to_vec1::<f32>().expect("p");
+        assert_eq!(bits(&got), bits(&want), "parameter");
+        let export = opt.export().expect("export");
+        let moment = |k: &str| export[k].to_vec1::<f32>().expect("moment");
+        assert_eq!(bits(&moment("optim.m.p")), bits(&m), "first moment");
+        assert_eq!(bits(&moment("optim.v.p")), bits(&v), "second moment");
+        assert_eq!(idle.as_tensor().to_vec1::<f32>().expect("q"), vec![0.5; 3]);
+        assert_eq!(moment("optim.m.q"), vec![0.0; 3]);
     }
 }

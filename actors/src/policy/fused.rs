@@ -83,6 +83,8 @@ pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> {
     fn sqrt(self) -> Self;
     fn ln(self) -> Self;
     fn lowest() -> Self;
+    /// The elements of a CPU storage of this type, for ops that write in place.
+    fn storage_mut(s: &mut CpuStorage) -> Result<&mut [Self]>;
 }
 impl Real for f32 {
     fn exp(self) -> Self {
@@ -100,6 +102,12 @@ impl Real for f32 {
     fn lowest() -> Self {
         f32::MIN
     }
+    fn storage_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {
+        match s {
+            CpuStorage::F32(v) => Ok(v),
+            _ => candle_core::bail!("expected f32 storage"),
+        }
+    }
 }
 impl Real for f64 {
     fn exp(self) -> Self {
@@ -113,6 +121,12 @@ impl Real for f64 {
     }
     fn lowest() -> Self {
         f64::MIN
+    }
+    fn storage_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {
+        match s {
+            CpuStorage::F64(v) => Ok(v),
+            _ => candle_core::bail!("expected f64 storage"),
+        }
     }
 }
 
