@@ -20,7 +20,6 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::flash::{self, KeyMask};
 use super::fused::{self, gemm_into, gemm_new, Mat};
@@ -152,30 +151,44 @@ impl AttentionBlock {
         let n_rep = hq / kv;
         let (n, nq, nkv) = (self.heads.qkv(), hq * d, kv * d);
         let scale = self.heads.scale();
-        let mut q = fused::zeroed(b * hq * t * d, 0f32);
-        let mut k = fused::zeroed(b * kv * t * d, 0f32);
-        let mut v = fused::zeroed(b * kv * t * d, 0f32);
-        q.par_chunks_exact_mut(n_rep * t * d)
-            .zip(k.par_chunks_exact_mut(t * d))
-            .zip(v.par_chunks_exact_mut(t * d))
-            .enumerate()
-            .for_each(|(pair, ((qp, kp), vp))| {
-                let (bi, g) = (pair / kv, pair % kv);
-                for ti in 0..t {
-                    let row = &qkv[(bi * t + ti) * n..(bi * t + ti + 1) * n];
-                    let at = (bi * t + ti) * d;
-                    let (c, s) = (&self.cos[at..at + d], &self.sin[at..at + d]);
-                    for j in 0..n_rep {
-                        let src = &row[(g * n_rep + j) * d..(g * n_rep + j + 1) * d];
-                        let dst = &mut qp[(j * t + ti) * d..(j * t + ti + 1) * d];
-                        fused::rope_vec(src, c, s, scale, dst);
+        // Each output written once, in order, without zeroing it first: `f(at, row)` makes
+        // row `at` (of `rows_per_pair` per (batch row, kv head) pair) of `d` floats.
+        let heads = |rows_per_pair: usize, f: &(dyn Fn(usize, &mut Vec<f32>) + Sync)| {
+            fused::written(b * kv * rows_per_pair * d, rows_per_pair * d, |p0, out| {
+                let mut row = vec![0f32; d];
+                for pair in p0..p0 + out.len() / (rows_per_pair * d).max(1) {
+                    for i in 0..rows_per_pair {
+                        f(pair * rows_per_pair + i, &mut row);
+                        out.extend(&row);
                     }
-                    let src = &row[nq + g * d..nq + (g + 1) * d];
-                    fused::rope_vec(src, c, s, 1.0, &mut kp[ti * d..(ti + 1) * d]);
-                    vp[ti * d..(ti + 1) * d]
-                        .copy_from_slice(&row[nq + nkv + g * d..nq + nkv + (g + 1) * d]);
                 }
-            });
+            })
+            .0
+        };
+        // Query row `j·t + ti` of pair (bi, g): head g·n_rep + j of position ti.
+        let q = heads(n_rep * t, &|at, dst| {
+            let (pair, i) = (at / (n_rep * t), at % (n_rep * t));
+            let (bi, g, j, ti) = (pair / kv, pair % kv, i / t, i % t);
+            let row = &qkv[(bi * t + ti) * n..(bi * t + ti + 1) * n];
+            let a = (bi * t + ti) * d;
+            let (c, s) = (&self.cos[a..a + d], &self.sin[a..a + d]);
+            let src = &row[(g * n_rep + j) * d..(g * n_rep + j + 1) * d];
+            fused::rope_vec(src, c, s, scale, dst);
+        });
+        let k = heads(t, &|at, dst| {
+            let (pair, ti) = (at / t, at % t);
+            let (bi, g) = (pair / kv, pair % kv);
+            let row = &qkv[(bi * t + ti) * n..(bi * t + ti + 1) * n];
+            let a = (bi * t + ti) * d;
+            let (c, s) = (&self.cos[a..a + d], &self.sin[a..a + d]);
+            fused::rope_vec(&row[nq + g * d..nq + (g + 1) * d], c, s, 1.0, dst);
+        });
+        let v = heads(t, &|at, dst| {
+            let (pair, ti) = (at / t, at % t);
+            let (bi, g) = (pair / kv, pair % kv);
+            let row = &qkv[(bi * t + ti) * n..(bi * t + ti + 1) * n];
+            dst.copy_from_slice(&row[nq + nkv + g * d..nq + nkv + (g + 1) * d]);
+        });
         [q, k, v]
     }
 
@@ -184,26 +197,32 @@ impl AttentionBlock {
     fn merge_heads(&self, [dq, dk, dv]: [&[f32]; 3], (b, t): (usize, usize)) -> Vec<f32> {
         let Heads { q: hq, kv, dim: d } = self.heads;
         let n_rep = hq / kv;
-        let (n, nq, nkv) = (self.heads.qkv(), hq * d, kv * d);
+        let n = self.heads.qkv();
         let scale = self.heads.scale();
-        let mut out = fused::zeroed(b * t * n, 0f32);
-        fused::par_rows(&mut out, n, |r0, rows| {
-            for (i, row) in rows.chunks_exact_mut(n).enumerate() {
-                let (bi, ti) = ((r0 + i) / t, (r0 + i) % t);
+        // Each row written once, in column order (the query heads, the keys, the values),
+        // without zeroing it first.
+        let (out, _) = fused::written(b * t * n, n, |r0, rows| {
+            let mut head = vec![0f32; d];
+            for r in r0..r0 + rows.len() / n.max(1) {
+                let (bi, ti) = (r / t, r % t);
                 let at = (bi * t + ti) * d;
                 let (c, s) = (&self.cos[at..at + d], &self.sin[at..at + d]);
                 for g in 0..kv {
                     let pair = bi * kv + g;
                     for j in 0..n_rep {
                         let src = (pair * n_rep * t + j * t + ti) * d;
-                        let dst = &mut row[(g * n_rep + j) * d..(g * n_rep + j + 1) * d];
-                        fused::rope_vec_t(&dq[src..src + d], c, s, scale, dst);
+                        fused::rope_vec_t(&dq[src..src + d], c, s, scale, &mut head);
+                        rows.extend(&head);
                     }
-                    let src = (pair * t + ti) * d;
-                    let dst = &mut row[nq + g * d..nq + (g + 1) * d];
-                    fused::rope_vec_t(&dk[src..src + d], c, s, 1.0, dst);
-                    row[nq + nkv + g * d..nq + nkv + (g + 1) * d]
-                        .copy_from_slice(&dv[src..src + d]);
+                }
+                for g in 0..kv {
+                    let src = ((bi * kv + g) * t + ti) * d;
+                    fused::rope_vec_t(&dk[src..src + d], c, s, 1.0, &mut head);
+                    rows.extend(&head);
+                }
+                for g in 0..kv {
+                    let src = ((bi * kv + g) * t + ti) * d;
+                    rows.extend(&dv[src..src + d]);
                 }
             }
         });

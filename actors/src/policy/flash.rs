@@ -983,32 +983,32 @@ pub(crate) fn forward_rows(
     let Dims { t, d, .. } = dm;
     let kts = transposed_keys(k, pairs, dm);
     let n_rep = r / t;
-    let mut out = fused::zeroed(pairs * r * (d + 2), 0f32);
-    out.par_chunks_exact_mut(t * (d + 2))
-        .enumerate()
-        .for_each(|(unit, o)| {
-            let pair = Pair::nth(unit / n_rep, per_b, (q, k, v), &kts, r, dm);
+    // One unit per (pair, query head): its T rows, each written whole by `forward_head`.
+    let unit = t * (d + 2);
+    let (out, _) = fused::written(pairs * r * (d + 2), unit, |u0, out| {
+        let mut o = vec![0f32; unit];
+        for u in u0..u0 + out.len() / unit {
+            let pair = Pair::nth(u / n_rep, per_b, (q, k, v), &kts, r, dm);
             // SAFETY: `forward_head` needs AVX2 and FMA; the callers run only after `serves`
             // found both on this CPU.
             #[allow(unused_unsafe)]
             unsafe {
-                forward_head(&pair, mask, dm, (unit % n_rep) * t, o)
+                forward_head(&pair, mask, dm, (u % n_rep) * t, &mut o)
             }
-        });
+            out.extend(&o);
+        }
+    });
     let heads = per_b * n_rep;
-    let mut rows = fused::zeroed(b * t * heads * d, 0f32);
-    // One unit per batch row: each head's rows go to one column block of every position.
-    rows.par_chunks_exact_mut(t * heads * d)
-        .enumerate()
-        .for_each(|(bi, dst)| {
+    // Position by position, each head's row into its column block.
+    let (rows, _) = fused::written(b * t * heads * d, heads * d, |p0, rows| {
+        for p in p0..p0 + rows.len() / (heads * d).max(1) {
+            let (bi, ti) = (p / t, p % t);
             for h in 0..heads {
-                let src = &out[((bi * heads + h) * t) * (d + 2)..];
-                for ti in 0..t {
-                    dst[(ti * heads + h) * d..(ti * heads + h + 1) * d]
-                        .copy_from_slice(&src[ti * (d + 2)..ti * (d + 2) + d]);
-                }
+                let at = ((bi * heads + h) * t + ti) * (d + 2);
+                rows.extend(&out[at..at + d]);
             }
-        });
+        }
+    });
     (out, rows)
 }
 

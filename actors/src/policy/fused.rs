@@ -9,6 +9,7 @@ use candle_core::{
     WithDType,
 };
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// The fused kernels, each of which can be switched off for measurements and debugging
 /// with `KLONGD_FUSED_OFF` (a comma-separated list of these names, or `all`).
@@ -175,6 +176,74 @@ pub(crate) fn copied<T: Copy + Send + Sync>(x: &[T]) -> Vec<T> {
     let mut v = Vec::with_capacity(x.len());
     v.par_extend(x.par_iter().copied());
     v
+}
+
+/// An output that the code computing it writes whole, in order, without zeroing it first
+/// (see [`written`]).
+pub(crate) struct Fill<'a, T> {
+    out: &'a mut [MaybeUninit<T>],
+    /// Elements written so far: `out[..at]`.
+    at: usize,
+}
+
+impl<T: Copy> Fill<'_, T> {
+    /// Elements this run holds.
+    pub(crate) fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Writes `src` after what is written (panics past the run's end).
+    #[inline]
+    pub(crate) fn extend(&mut self, src: &[T]) {
+        let end = self.at + src.len();
+        for (d, &v) in self.out[self.at..end].iter_mut().zip(src) {
+            d.write(v);
+        }
+        self.at = end;
+    }
+}
+
+/// `n` elements, rows of `row`, written once each without a zeroing pass first: zeroing
+/// outputs that their op then overwrites whole moved ~230 MB per model R training step.
+/// The rows are shared out as [`par_rows`] does (one contiguous run per thread), and
+/// `f(first_row, fill)` writes its run's every element, in order, through `fill`; its result
+/// per run comes back in run order. Panics if a run is left short (the elements are then
+/// never read).
+pub(crate) fn written<T: Copy + Send + Sync, R: Send>(
+    n: usize,
+    row: usize,
+    f: impl Fn(usize, &mut Fill<'_, T>) -> R + Sync,
+) -> (Vec<T>, Vec<R>) {
+    assert!(
+        n == 0 || (row > 0 && n.is_multiple_of(row)),
+        "{n} elements in rows of {row}"
+    );
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    let spare = &mut v.spare_capacity_mut()[..n];
+    let run = |first: usize, out: &mut [MaybeUninit<T>]| {
+        let mut fill = Fill { out, at: 0 };
+        let r = f(first, &mut fill);
+        assert_eq!(fill.at, fill.out.len(), "an output run left unwritten");
+        r
+    };
+    let rows = n / row.max(1);
+    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    let results = if threads == 1 || n < PAR_MIN {
+        vec![run(0, spare)]
+    } else {
+        let per = rows.div_ceil(threads);
+        spare
+            .par_chunks_mut(per * row)
+            .enumerate()
+            .map(|(i, c)| run(i * per, c))
+            .collect()
+    };
+    // SAFETY: the runs are chunks of `spare`, the first n elements of v's allocation, and
+    // together cover them; each run's `Fill` wrote each of its elements once, in order, and
+    // `at` reached the run's length (asserted above: a failed assertion unwinds before this
+    // line, leaving v empty). So v's first n elements are initialized.
+    unsafe { v.set_len(n) };
+    (v, results)
 }
 
 /// Splits `out` (rows of `row` elements) into one contiguous run of rows per thread and
@@ -573,9 +642,9 @@ pub(crate) fn rms_forward<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let n = w.len();
     let eps = T::from_f64(eps);
     let nn = T::from_f64(n as f64);
-    let mut out = zeroed(x.len(), T::zero());
-    par_rows(&mut out, n, |r0, out| {
-        for (i, o) in out.chunks_mut(n).enumerate() {
+    let (out, _) = written(x.len(), n, |r0, out| {
+        let mut o = vec![T::zero(); n];
+        for i in 0..out.len() / n.max(1) {
             let xr = &x[(r0 + i) * n..(r0 + i + 1) * n];
             let mut ss = T::zero();
             for &v in xr {
@@ -585,6 +654,7 @@ pub(crate) fn rms_forward<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
             for ((o, &v), &wv) in o.iter_mut().zip(xr).zip(w) {
                 *o = v / s * wv;
             }
+            out.extend(&o);
         }
     });
     out
@@ -632,16 +702,13 @@ fn rms_bwd<T: Real>(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<(Ten
 /// per-thread partial sums added in a fixed order).
 pub(crate) fn rms_backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
     let n = w.len();
-    let threads = candle_core::utils::get_num_threads().max(1);
     let eps = T::from_f64(eps);
     let nn = T::from_f64(n as f64);
-    let mut dx = zeroed(x.len(), T::zero());
-    let rows = x.len() / n.max(1);
-    let per = rows.div_ceil(threads).max(1);
-    // dw partial sums per chunk of rows, summed after.
-    let mut partial = vec![vec![T::zero(); n]; rows.div_ceil(per).max(1)];
-    let work = |r0: usize, dx: &mut [T], dw: &mut [T]| {
-        for (i, d) in dx.chunks_mut(n).enumerate() {
+    // dw's partial sums per run of rows, summed after in run order.
+    let (dx, partial) = written(x.len(), n, |r0, dx| {
+        let mut dw = vec![T::zero(); n];
+        let mut d = vec![T::zero(); n];
+        for i in 0..dx.len() / n.max(1) {
             let r = r0 + i;
             let (xr, gr) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
             let mut ss = T::zero();
@@ -657,16 +724,10 @@ pub(crate) fn rms_backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec
                 d[k] = w[k] * gr[k] / s - xr[k] * c;
                 dw[k] += gr[k] * (xr[k] / s);
             }
+            dx.extend(&d);
         }
-    };
-    if threads == 1 || x.len() < PAR_MIN {
-        work(0, &mut dx, &mut partial[0]);
-    } else {
-        dx.par_chunks_mut(per * n)
-            .zip(partial.par_iter_mut())
-            .enumerate()
-            .for_each(|(i, (c, p))| work(i * per, c, p));
-    }
+        dw
+    });
     let mut dw = vec![T::zero(); n];
     for p in &partial {
         for (a, b) in dw.iter_mut().zip(p) {
@@ -1172,6 +1233,42 @@ mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use crate::policy::hashed_values as values;
+
+    /// `written` hands out runs of whole rows that cover the output in order (one per
+    /// thread, each run's result in run order), on one thread and on several; a run left
+    /// short panics instead of returning the vector.
+    #[test]
+    fn written_outputs_are_the_runs_in_order_and_whole() {
+        let (rows, row) = (5000, 7); // over PAR_MIN elements: parallel runs
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let (v, firsts) = pool.install(|| {
+                super::written(rows * row, row, |first, out| {
+                    for r in first..first + out.len() / row {
+                        let vals: Vec<u32> = (0..row as u32).map(|c| r as u32 * 10 + c).collect();
+                        out.extend(&vals);
+                    }
+                    first
+                })
+            });
+            let want: Vec<u32> = (0..rows as u32)
+                .flat_map(|r| (0..row as u32).map(move |c| r * 10 + c))
+                .collect();
+            assert!(v == want, "{threads} threads");
+            assert!(firsts.windows(2).all(|w| w[0] < w[1]) && firsts[0] == 0);
+        }
+        let short = std::panic::catch_unwind(|| {
+            super::written(4 * 3, 3, |_, out: &mut super::Fill<'_, f32>| {
+                out.extend(&[1.0, 2.0]);
+            })
+        });
+        assert!(short.is_err(), "a run left short must not return");
+        let small = super::written(0, 0, |_, _: &mut super::Fill<'_, f32>| ()).0;
+        assert!(small.is_empty());
+    }
 
     /// The output of `y`, and the gradients of `Σ y ⊙ g` with respect to x and w.
     fn output_and_grads(y: &Tensor, g: &Tensor, x: &Var, w: &Var) -> [Vec<f32>; 3] {

@@ -82,13 +82,12 @@ impl CustomOp3 for SwiGlu {
         let normed = fused::rms_forward(x, w_norm, self.eps);
         // [M, K] · [K, 2F]: both pre-activations in one product.
         let gate_up = gemm_new(m, k, 2 * f, Mat::rows(&normed, k), Mat::transposed(w_gu, k))?;
-        let mut hidden = fused::zeroed(m * f, 0f32);
-        fused::par_rows(&mut hidden, f * ROWS_PER_UNIT, |unit, out| {
-            let mut e = Vec::with_capacity(f);
-            let first = unit * ROWS_PER_UNIT;
-            for (i, h) in out.chunks_exact_mut(f).enumerate() {
+        let (hidden, _) = fused::written(m * f, f, |first, out| {
+            let (mut e, mut h) = (Vec::with_capacity(f), vec![0f32; f]);
+            for i in 0..out.len() / f.max(1) {
                 let row = &gate_up[(first + i) * 2 * f..(first + i + 1) * 2 * f];
-                fused::silu_mul_into(&row[..f], &row[f..], &mut e, h);
+                fused::silu_mul_into(&row[..f], &row[f..], &mut e, &mut h);
+                out.extend(&h);
             }
         });
         // x + [M, F] · [F, K]
