@@ -1030,18 +1030,17 @@ pub(crate) fn backward_rows(
         candle_core::bail!("flash attention: backward without its forward's state");
     }
     // The rows' gradient back in the kernels' layout (the state columns carry none).
-    let mut g = fused::zeroed(pairs * r * ow, 0f32);
-    g.par_chunks_exact_mut(heads * t * ow)
-        .enumerate()
-        .for_each(|(bi, dst)| {
+    let (g, _) = fused::written(pairs * r * ow, heads * t * ow, |b0, dst| {
+        for bi in b0..b0 + dst.len() / (heads * t * ow) {
             let src = &g_rows[bi * t * heads * d..];
             for h in 0..heads {
                 for ti in 0..t {
-                    dst[(h * t + ti) * ow..(h * t + ti) * ow + d]
-                        .copy_from_slice(&src[(ti * heads + h) * d..(ti * heads + h + 1) * d]);
+                    dst.extend(&src[(ti * heads + h) * d..(ti * heads + h + 1) * d]);
+                    dst.extend(&[0.0, 0.0]);
                 }
             }
-        });
+        }
+    });
     let g: &[f32] = &g;
     let kts = transposed_keys(k, pairs, dm);
     let mut dq = fused::zeroed(pairs * r * d, 0f32);
