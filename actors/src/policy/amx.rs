@@ -186,15 +186,39 @@ fn split_pairs(lo: __m512, hi: __m512) -> [__m512i; 3] {
     out
 }
 
+/// The first `count` (at most 16) of the 16 floats at `p`, zeros after them: a K block's
+/// half past the end of K reads only what K holds.
+///
+/// # Safety
+/// AVX-512F; `p` has `count` readable floats.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load_part(p: *const f32, count: usize) -> __m512 {
+    if count >= 16 {
+        // SAFETY: the caller's contract (16 readable floats).
+        unsafe { _mm512_loadu_ps(p) }
+    } else {
+        // SAFETY: a masked load reads only the `count` floats its mask selects.
+        unsafe { _mm512_maskz_loadu_ps(((1u32 << count) - 1) as u16, p) }
+    }
+}
+
+/// The two halves' lengths of K block `blk` when K is `k` long: (lo, hi), each 0..=16.
+#[inline]
+fn halves_of(k: usize, blk: usize) -> (usize, usize) {
+    let rem = k.saturating_sub(blk * BLOCK).min(BLOCK);
+    (rem.min(16), rem.saturating_sub(16))
+}
+
 /// A's rows `i0..i0 + 32` (zeros past `m`) packed over all K blocks into `dst`.
 ///
 /// # Safety
 /// `a` holds an `[m, k]` matrix.
 unsafe fn pack_a(dst: &mut [u16], a: Operand, i0: usize, m: usize, k: usize) {
     let rows = (m - i0).min(BLOCK);
-    if rows == BLOCK && k.is_multiple_of(BLOCK) {
+    if rows == BLOCK {
         if a.cs == 1 {
-            // SAFETY: the caller's contract, with a whole block and whole K blocks (checked).
+            // SAFETY: the caller's contract, with a whole block of rows (checked).
             unsafe { pack_a_rows(dst, a, i0, k) };
             return;
         }
@@ -234,13 +258,13 @@ fn pack_scalar(
     }
 }
 
-/// `pack_a` for rows of contiguous floats, 32 rows and whole K blocks.
+/// `pack_a` for rows of contiguous floats, 32 rows (the last K block zero-padded past k).
 ///
 /// # Safety
-/// AVX-512F; `a` holds its matrix, with the 32 rows from `i0` and `k` a multiple of 32.
+/// AVX-512F; `a` holds its `[.., k]` matrix, with the 32 rows from `i0`.
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_a_rows(dst: &mut [u16], a: Operand, i0: usize, k: usize) {
-    let kb = k / BLOCK;
+    let kb = k.div_ceil(BLOCK);
     assert!(dst.len() >= kb * KBLOCK);
     let out = dst.as_mut_ptr();
     for r in 0..BLOCK {
@@ -255,11 +279,13 @@ unsafe fn pack_a_rows(dst: &mut [u16], a: Operand, i0: usize, k: usize) {
             // A prefetch never faults; past the last row it only fetches stray lines.
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * BLOCK).cast::<i8>());
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * BLOCK + 16).cast::<i8>());
-            // SAFETY: as above.
+            let (lo, hi) = halves_of(k, b);
+            // SAFETY: as above; the loads read the row's floats b * 32 .. b * 32 + lo + hi,
+            // all below k (`halves_of`).
             let parts = unsafe {
                 split_pairs(
-                    _mm512_loadu_ps(row.add(b * BLOCK)),
-                    _mm512_loadu_ps(row.add(b * BLOCK + 16)),
+                    load_part(row.add(b * BLOCK), lo),
+                    load_part(row.wrapping_add(b * BLOCK + 16), hi),
                 )
             };
             for (p, v) in parts.iter().enumerate() {
@@ -273,55 +299,61 @@ unsafe fn pack_a_rows(dst: &mut [u16], a: Operand, i0: usize, k: usize) {
 }
 
 /// `pack_a` for columns of contiguous floats (A is a row-major matrix's transpose), 32 rows
-/// and whole K blocks: each K pair's parts come out as a column of dwords over 16 rows, and a
-/// 16 x 16 transpose turns them into the tile's rows.
+/// (the last K block zero-padded past k): each K pair's parts come out as a column of dwords
+/// over 16 rows, and a 16 x 16 transpose turns them into the tile's rows.
 ///
 /// # Safety
-/// AVX-512F; `a` holds its matrix, with the 32 rows from `i0` and `k` a multiple of 32.
+/// AVX-512F; `a` holds its `[.., k]` matrix, with the 32 rows from `i0`.
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_a_cols(dst: &mut [u16], a: Operand, i0: usize, k: usize) {
-    // SAFETY: rows i0 + 16h..i0 + 16h + 16 at columns k and k + 16 of a block lie inside the
-    // matrix a holds (the caller's contract, whole blocks).
+    let column = |kk: usize, h: usize| {
+        if kk < k {
+            // SAFETY: rows i0 + 16h .. i0 + 16h + 16 of column kk < k lie inside the matrix
+            // a holds (the caller's contract).
+            unsafe { _mm512_loadu_ps(a.ptr.add(i0 + 16 * h + kk * a.cs)) }
+        } else {
+            _mm512_setzero_ps()
+        }
+    };
+    // SAFETY: AVX-512F (the caller's contract).
     unsafe {
-        pack_transposed(dst, k / BLOCK, |blk, h, j| {
-            let col = a.ptr.add(i0 + 16 * h);
-            (
-                col.add((blk * BLOCK + j) * a.cs),
-                col.add((blk * BLOCK + j + 16) * a.cs),
-            )
+        pack_transposed(dst, k.div_ceil(BLOCK), |blk, h, j| {
+            (column(blk * BLOCK + j, h), column(blk * BLOCK + j + 16, h))
         })
     }
 }
 
 /// `pack_b` for columns of contiguous floats (B is a row-major matrix's transpose, as a
-/// weight's in `x · wᵀ`), 32 columns and whole K blocks: a column's K pairs come out as a
-/// row of dwords, and a 16 x 16 transpose turns 16 columns into the tile's rows of pairs.
+/// weight's in `x · wᵀ`), 32 columns (the last K block zero-padded past k): a column's K
+/// pairs come out as a row of dwords, and a 16 x 16 transpose turns 16 columns into the
+/// tile's rows of pairs.
 ///
 /// # Safety
-/// AVX-512F; `b` holds its matrix, with the 32 columns from `j0` and `k` a multiple of 32.
+/// AVX-512F; `b` holds its `[k, ..]` matrix, with the 32 columns from `j0`.
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_b_cols(dst: &mut [u16], b: Operand, j0: usize, k: usize) {
-    // SAFETY: column j0 + 16h + c and a block's 32 K lie inside the matrix b holds (the
-    // caller's contract, whole blocks).
+    // SAFETY: AVX-512F (the caller's contract); column j0 + 16h + c lies inside the matrix b
+    // holds, and the loads read its K block's floats below k only (`halves_of`).
     unsafe {
-        pack_transposed(dst, k / BLOCK, |blk, h, c| {
-            let col = b.ptr.add((j0 + 16 * h + c) * b.cs + blk * BLOCK);
-            (col, col.add(16))
+        pack_transposed(dst, k.div_ceil(BLOCK), |blk, h, c| {
+            let (lo, hi) = halves_of(k, blk);
+            let col = b.ptr.wrapping_add((j0 + 16 * h + c) * b.cs + blk * BLOCK);
+            (load_part(col, lo), load_part(col.wrapping_add(16), hi))
         })
     }
 }
 
 /// The shared loop of `pack_a_cols` and `pack_b_cols`: for K block `blk`, tile `h` and lane
-/// group `i` (0..16), `start` gives where the 16 floats of pair halves k and k + 16 start;
-/// their parts are transposed into the tile's rows.
+/// group `i` (0..16), `load` gives the 16 floats of pair halves k and k + 16; their parts are
+/// transposed into the tile's rows.
 ///
 /// # Safety
-/// AVX-512F; every pointer `start` returns has 16 readable floats.
+/// AVX-512F.
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_transposed(
     dst: &mut [u16],
     kb: usize,
-    start: impl Fn(usize, usize, usize) -> (*const f32, *const f32),
+    load: impl Fn(usize, usize, usize) -> (__m512, __m512),
 ) {
     assert!(dst.len() >= kb * KBLOCK);
     let out = dst.as_mut_ptr();
@@ -329,9 +361,8 @@ unsafe fn pack_transposed(
         for h in 0..2 {
             let mut parts = [[_mm512_setzero_si512(); 16]; 3];
             for i in 0..16 {
-                let (lo, hi) = start(blk, h, i);
-                // SAFETY: the caller's contract.
-                let p = unsafe { split_pairs(_mm512_loadu_ps(lo), _mm512_loadu_ps(hi)) };
+                let (lo, hi) = load(blk, h, i);
+                let p = split_pairs(lo, hi);
                 for (part, v) in parts.iter_mut().zip(p) {
                     part[i] = v;
                 }
@@ -382,9 +413,9 @@ fn transpose16(r: &mut [__m512i; 16]) {
 /// `b` holds a `[k, n]` matrix.
 unsafe fn pack_b(dst: &mut [u16], b: Operand, j0: usize, n: usize, k: usize) {
     let cols = (n - j0).min(BLOCK);
-    if cols == BLOCK && k.is_multiple_of(BLOCK) {
+    if cols == BLOCK {
         if b.cs == 1 {
-            // SAFETY: the caller's contract, with a whole block and whole K blocks (checked).
+            // SAFETY: the caller's contract, with a whole block of columns (checked).
             unsafe { pack_b_rows(dst, b, j0, k) };
             return;
         }
@@ -404,30 +435,30 @@ unsafe fn pack_b(dst: &mut [u16], b: Operand, j0: usize, n: usize, k: usize) {
     );
 }
 
-/// `pack_b` for rows of contiguous floats, 32 columns and whole K blocks.
+/// `pack_b` for rows of contiguous floats, 32 columns (the last K block zero-padded past k).
 ///
 /// # Safety
-/// AVX-512F; `b` holds its matrix, with the 32 columns from `j0` and `k` a multiple of 32.
+/// AVX-512F; `b` holds its `[k, ..]` matrix, with the 32 columns from `j0`.
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_b_rows(dst: &mut [u16], b: Operand, j0: usize, k: usize) {
-    let kb = k / BLOCK;
+    let kb = k.div_ceil(BLOCK);
     assert!(dst.len() >= kb * KBLOCK);
     let out = dst.as_mut_ptr();
     for blk in 0..kb {
         for j in 0..16 {
-            // SAFETY: the caller's contract: K blocks 0..kb and columns j0..j0 + 32 lie inside
-            // b's matrix, so rows k and k + 16 of the block and their 32 columns do.
-            let lo = unsafe { b.ptr.add((blk * BLOCK + j) * b.rs + j0) };
-            // SAFETY: as above.
-            let hi = unsafe { b.ptr.add((blk * BLOCK + j + 16) * b.rs + j0) };
+            // Row kk's 16 floats from column j0 + 16h, or zeros past k.
+            let row = |kk: usize, h: usize| {
+                if kk < k {
+                    // SAFETY: the caller's contract: row kk < k and columns j0..j0 + 32 lie
+                    // inside b's matrix.
+                    unsafe { _mm512_loadu_ps(b.ptr.add(kk * b.rs + j0 + 16 * h)) }
+                } else {
+                    _mm512_setzero_ps()
+                }
+            };
+            let (lo, hi) = (blk * BLOCK + j, blk * BLOCK + j + 16);
             for h in 0..2 {
-                // SAFETY: as above.
-                let parts = unsafe {
-                    split_pairs(
-                        _mm512_loadu_ps(lo.add(16 * h)),
-                        _mm512_loadu_ps(hi.add(16 * h)),
-                    )
-                };
+                let parts = split_pairs(row(lo, h), row(hi, h));
                 for (p, v) in parts.iter().enumerate() {
                     // SAFETY: the offset + 32 is at most kb * KBLOCK <= dst.len() (asserted).
                     unsafe {
@@ -643,7 +674,7 @@ pub(crate) unsafe fn gemm(
     let panel = kb * KBLOCK;
     let nb = n.div_ceil(BLOCK);
     with_panels(&B_PANELS, nb * panel, |bp| {
-        if b.cs == 1 && k.is_multiple_of(BLOCK) && n.is_multiple_of(BLOCK) {
+        if b.cs == 1 && n.is_multiple_of(BLOCK) {
             // Rows contiguous: each thread takes a run of K blocks and packs them for every
             // panel, reading B's rows whole. Panel by panel, a thread read 128 bytes of every
             // row of B (strides of kilobytes, which the prefetcher does not follow).
@@ -666,9 +697,9 @@ pub(crate) unsafe fn gemm(
                             KBLOCK,
                         )
                     };
-                    // SAFETY: `bk` holds rows blk * 32.. blk * 32 + 32 and columns j * 32 ..
-                    // j * 32 + 32 (n and k are whole blocks).
-                    unsafe { pack_b(dst, bk, j * BLOCK, n, BLOCK) }
+                    // SAFETY: `bk` holds the block's rows (32, or k's rest) and columns
+                    // j * 32 .. j * 32 + 32 (n is whole blocks).
+                    unsafe { pack_b(dst, bk, j * BLOCK, n, BLOCK.min(k - blk * BLOCK)) }
                 }
             });
         } else {
@@ -700,7 +731,7 @@ pub(crate) unsafe fn gemm(
                         ..a
                     };
                     let kk = (k - k0 * BLOCK).min(kc * BLOCK);
-                    if a.rs == 1 && rows == blocks * BLOCK && kk.is_multiple_of(BLOCK) {
+                    if a.rs == 1 && rows == blocks * BLOCK {
                         // Columns contiguous (an activation's transpose): a K block of all the
                         // task's panels at a time, so that each of its 32 rows of the source
                         // is read as one run of the task's columns, not a panel's 128 bytes.
@@ -723,11 +754,12 @@ pub(crate) unsafe fn gemm(
                                     }
                                 }
                             }
+                            let width = BLOCK.min(kk - blk * BLOCK);
                             for (i, p) in ap.chunks_mut(chunk).enumerate() {
                                 let dst = &mut p[blk * KBLOCK..(blk + 1) * KBLOCK];
                                 // SAFETY: `at` holds `[m, kk - blk * 32]`, of which this
-                                // K block's 32 columns are read.
-                                unsafe { pack_a(dst, at, r0 + i * BLOCK, m, BLOCK) };
+                                // K block's `width` columns are read.
+                                unsafe { pack_a(dst, at, r0 + i * BLOCK, m, width) };
                             }
                         }
                     } else {
@@ -813,94 +845,100 @@ mod tests {
     }
 
     /// Each vector packing (rows or columns contiguous, A and B) writes what the scalar
-    /// packing writes, element for element.
+    /// packing writes, element for element, padding included: K in whole blocks, or ending in
+    /// a block of 6 or 17.
     #[test]
     fn vector_packings_are_the_scalar_ones() {
         if !available() {
             eprintln!("skipped: this CPU or kernel has no AMX");
             return;
         }
-        let (m, k, n) = (64, 96, 64);
-        let a = values(m * k, 1);
-        let b = values(k * n, 2);
-        let len = k.div_ceil(BLOCK) * KBLOCK;
-        for transposed in [false, true] {
-            let (ao, bo) = (
-                operand(&a, (m, k), transposed),
-                operand(&b, (k, n), transposed),
-            );
-            // The scalar path, forced by operands with neither stride 1 over the same
-            // elements: copies with every other float a gap.
-            let spread = |x: Operand, (r, c): (usize, usize)| {
-                let mut v = vec![0.0f32; 2 * r * c];
-                for i in 0..r {
-                    for j in 0..c {
-                        v[2 * (i * c + j)] = at(x, i, j);
+        // Whole K blocks, a last block of 6 (its high half empty) and one of 17.
+        for (m, k, n) in [(64, 96, 64), (64, 70, 64), (64, 17, 64)] {
+            let a = values(m * k, 1);
+            let b = values(k * n, 2);
+            let len = k.div_ceil(BLOCK) * KBLOCK;
+            for transposed in [false, true] {
+                let (ao, bo) = (
+                    operand(&a, (m, k), transposed),
+                    operand(&b, (k, n), transposed),
+                );
+                // The scalar path, forced by operands with neither stride 1 over the same
+                // elements: copies with every other float a gap.
+                let spread = |x: Operand, (r, c): (usize, usize)| {
+                    let mut v = vec![0.0f32; 2 * r * c];
+                    for i in 0..r {
+                        for j in 0..c {
+                            v[2 * (i * c + j)] = at(x, i, j);
+                        }
+                    }
+                    v
+                };
+                let (ap, bp) = (spread(ao, (m, k)), spread(bo, (k, n)));
+                let (ao_s, bo_s) = (
+                    Operand {
+                        ptr: ap.as_ptr(),
+                        rs: 2 * k,
+                        cs: 2,
+                    },
+                    Operand {
+                        ptr: bp.as_ptr(),
+                        rs: 2 * n,
+                        cs: 2,
+                    },
+                );
+                for i0 in [0, 32] {
+                    let (mut fast, mut slow) = (lines(len), lines(len));
+                    // Not zeros: the vector paths must write the padding themselves.
+                    halves(&mut fast).fill(0xBEEF);
+                    // SAFETY: the operands hold their matrices.
+                    unsafe {
+                        pack_a(halves(&mut fast), ao, i0, m, k);
+                        pack_a(halves(&mut slow), ao_s, i0, m, k);
+                    }
+                    assert!(
+                        halves(&mut fast) == halves(&mut slow),
+                        "A, k {k}, transposed {transposed}"
+                    );
+                    let packed = halves(&mut fast).to_vec();
+                    for r in 0..BLOCK {
+                        for kk in 0..k {
+                            let p = split(at(ao, i0 + r, kk));
+                            let idx = (kk / BLOCK) * KBLOCK + (r / 16) * TILE + (r % 16) * 32;
+                            let idx = idx + pos(kk % BLOCK);
+                            assert_eq!(
+                                [packed[idx], packed[idx + 2 * TILE], packed[idx + 4 * TILE]],
+                                p,
+                                "A ({r}, {kk}), k {k}, transposed {transposed}"
+                            );
+                        }
                     }
                 }
-                v
-            };
-            let (ap, bp) = (spread(ao, (m, k)), spread(bo, (k, n)));
-            let (ao_s, bo_s) = (
-                Operand {
-                    ptr: ap.as_ptr(),
-                    rs: 2 * k,
-                    cs: 2,
-                },
-                Operand {
-                    ptr: bp.as_ptr(),
-                    rs: 2 * n,
-                    cs: 2,
-                },
-            );
-            for i0 in [0, 32] {
-                let (mut fast, mut slow) = (lines(len), lines(len));
-                // SAFETY: the operands hold their matrices.
-                unsafe {
-                    pack_a(halves(&mut fast), ao, i0, m, k);
-                    pack_a(halves(&mut slow), ao_s, i0, m, k);
-                }
-                assert!(
-                    halves(&mut fast) == halves(&mut slow),
-                    "A, transposed {transposed}"
-                );
-                let packed = halves(&mut fast).to_vec();
-                for r in 0..BLOCK {
-                    for kk in 0..k {
-                        let p = split(at(ao, i0 + r, kk));
-                        let idx = (kk / BLOCK) * KBLOCK + (r / 16) * TILE + (r % 16) * 32;
-                        let idx = idx + pos(kk % BLOCK);
-                        assert_eq!(
-                            [packed[idx], packed[idx + 2 * TILE], packed[idx + 4 * TILE]],
-                            p,
-                            "A ({r}, {kk}), transposed {transposed}"
-                        );
+                for j0 in [0, 32] {
+                    let (mut fast, mut slow) = (lines(len), lines(len));
+                    halves(&mut fast).fill(0xBEEF);
+                    // SAFETY: as above.
+                    unsafe {
+                        pack_b(halves(&mut fast), bo, j0, n, k);
+                        pack_b(halves(&mut slow), bo_s, j0, n, k);
                     }
-                }
-            }
-            for j0 in [0, 32] {
-                let (mut fast, mut slow) = (lines(len), lines(len));
-                // SAFETY: as above.
-                unsafe {
-                    pack_b(halves(&mut fast), bo, j0, n, k);
-                    pack_b(halves(&mut slow), bo_s, j0, n, k);
-                }
-                assert!(
-                    halves(&mut fast) == halves(&mut slow),
-                    "B, transposed {transposed}"
-                );
-                let packed = halves(&mut fast).to_vec();
-                for c in 0..BLOCK {
-                    for kk in 0..k {
-                        let p = split(at(bo, kk, j0 + c));
-                        let q = kk % BLOCK;
-                        let idx = (kk / BLOCK) * KBLOCK + (c / 16) * TILE + (c % 16) * 2;
-                        let idx = idx + (q % 16) * 32 + q / 16;
-                        assert_eq!(
-                            [packed[idx], packed[idx + 2 * TILE], packed[idx + 4 * TILE]],
-                            p,
-                            "B ({kk}, {c}), transposed {transposed}"
-                        );
+                    assert!(
+                        halves(&mut fast) == halves(&mut slow),
+                        "B, k {k}, transposed {transposed}"
+                    );
+                    let packed = halves(&mut fast).to_vec();
+                    for c in 0..BLOCK {
+                        for kk in 0..k {
+                            let p = split(at(bo, kk, j0 + c));
+                            let q = kk % BLOCK;
+                            let idx = (kk / BLOCK) * KBLOCK + (c / 16) * TILE + (c % 16) * 2;
+                            let idx = idx + (q % 16) * 32 + q / 16;
+                            assert_eq!(
+                                [packed[idx], packed[idx + 2 * TILE], packed[idx + 4 * TILE]],
+                                p,
+                                "B ({kk}, {c}), k {k}, transposed {transposed}"
+                            );
+                        }
                     }
                 }
             }
