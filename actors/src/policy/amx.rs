@@ -604,8 +604,8 @@ const L2_BYTES: usize = 1 << 20;
 /// Output rows per task (four blocks): B is read from L3 once per task, not per block row.
 const TASK_ROWS: usize = 4 * BLOCK;
 
-/// The most bytes of packed B a product may take (three bf16 per f32: 1.5x B's size); a
-/// larger B stays with the AVX-512 kernels.
+/// The most bytes of packed B (three bf16 per f32: 1.5x B's size) one pass of a product
+/// packs; a larger B runs in pieces of columns or of K (see [`gemm`]).
 const MAX_PACKED_B: usize = 64 << 20;
 
 /// Products of fewer multiply-adds stay with the AVX-512 kernels: with the prefill of the
@@ -620,13 +620,11 @@ const MIN_SIDE: usize = 256;
 
 /// Whether a `[m, k] x [k, n]` product whose A has strides `a_strides` (row, column) runs
 /// here. A's rows or columns must be contiguous (the packing's vector paths), and the product
-/// large enough that the packing pays: the panels are 32 x 32 and B is packed whole first.
+/// large enough that the packing pays: the panels are 32 x 32 and B is packed first.
 pub(crate) fn suits((m, k, n): (usize, usize, usize), (a_rs, a_cs): (usize, usize)) -> bool {
-    let packed_b = k.div_ceil(BLOCK) * n.div_ceil(BLOCK) * KBLOCK * 2;
     (a_cs == 1 || a_rs == 1)
         && m.min(k).min(n) >= MIN_SIDE
         && m.saturating_mul(k).saturating_mul(n) >= MIN_PRODUCT
-        && packed_b <= MAX_PACKED_B
 }
 
 type Panels = std::cell::RefCell<Vec<Line>>;
@@ -660,11 +658,92 @@ fn with_panels<R>(
 
 /// `dst = a · b` (or `+=` with `accumulate`) for `[m, k] x [k, n]` into row-major `[m, n]`.
 ///
+/// B is packed at most [`MAX_PACKED_B`] bytes at a time (a large vocabulary's output layer
+/// is 170 MB packed): a wider product runs as pieces of B's columns, each into its columns of
+/// dst (A packed again per piece, which is cheap where K is the short side), a longer one as
+/// pieces of K summed into dst. K pieces are whole K chunks, so each element's sum runs in the
+/// same order as in one pass: the pieces change no bit.
+///
 /// # Safety
 /// `available()`; `a`, `b` hold their matrices; `dst` points to `m · n` writable floats,
 /// initialized with `accumulate`, that nothing else touches during the call; m, n, k > 0.
 pub(crate) unsafe fn gemm(
     dst: *mut f32,
+    accumulate: bool,
+    mkn: (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { gemm_in_pieces(dst, accumulate, mkn, a, b, MAX_PACKED_B) }
+}
+
+/// [`gemm`] with B packed at most `max_packed` bytes at a time.
+///
+/// # Safety
+/// As [`gemm`].
+unsafe fn gemm_in_pieces(
+    dst: *mut f32,
+    accumulate: bool,
+    (m, k, n): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+    max_packed: usize,
+) {
+    let block_bytes = KBLOCK * 2; // one packed 32 x 32 block of B
+    let (kb, nb) = (k.div_ceil(BLOCK), n.div_ceil(BLOCK));
+    if kb * nb * block_bytes <= max_packed {
+        // SAFETY: the caller's contract, with dst's rows n apart.
+        return unsafe { gemm_pass(dst, n, accumulate, (m, k, n), a, b) };
+    }
+    if n >= k {
+        // Pieces of whole column blocks (at least one).
+        let cols = (max_packed / (kb * block_bytes)).max(1) * BLOCK;
+        let mut j0 = 0;
+        while j0 < n {
+            let nc = cols.min(n - j0);
+            // SAFETY: columns j0.. of b and of dst's rows lie inside them (j0 < n); dst's rows
+            // stay n apart, and the piece writes its columns only.
+            unsafe {
+                let bj = Operand {
+                    ptr: b.ptr.add(j0 * b.cs),
+                    ..b
+                };
+                gemm_pass(dst.add(j0), n, accumulate, (m, k, nc), a, bj);
+            }
+            j0 += nc;
+        }
+    } else {
+        // Pieces of whole K chunks (at least one), summed into dst in K's order.
+        let chunk_bytes = K_CHUNK * nb * block_bytes;
+        let rows = (max_packed / chunk_bytes).max(1) * K_CHUNK * BLOCK;
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = rows.min(k - k0);
+            // SAFETY: columns k0.. of a and rows k0.. of b lie inside them (k0 < k).
+            unsafe {
+                let ak = Operand {
+                    ptr: a.ptr.add(k0 * a.cs),
+                    ..a
+                };
+                let bk = Operand {
+                    ptr: b.ptr.add(k0 * b.rs),
+                    ..b
+                };
+                gemm_pass(dst, n, accumulate || k0 > 0, (m, kc, n), ak, bk);
+            }
+            k0 += kc;
+        }
+    }
+}
+
+/// One pass of [`gemm`]: B packed whole, dst's rows `ldc` floats apart.
+///
+/// # Safety
+/// As [`gemm`], with dst's `m` rows of `n` floats `ldc` apart.
+unsafe fn gemm_pass(
+    dst: *mut f32,
+    ldc: usize,
     accumulate: bool,
     (m, k, n): (usize, usize, usize),
     a: Operand,
@@ -783,21 +862,21 @@ pub(crate) unsafe fn gemm(
                                 let bj = bp[j * panel + k0 * KBLOCK..].as_ptr();
                                 // SAFETY: rows r0..r0 + TASK_ROWS of dst belong to this task.
                                 unsafe {
-                                    let c = out.0.add(i0 * n + j0);
+                                    let c = out.0.add(i0 * ldc + j0);
                                     if rows == BLOCK && cols == BLOCK {
-                                        block(ai, bj, kc, c, c.add(16 * n), n * 4, load);
+                                        block(ai, bj, kc, c, c.add(16 * ldc), ldc * 4, load);
                                     } else {
                                         let cb = halves(&mut cbuf).as_mut_ptr().cast::<f32>();
                                         for r in 0..rows {
                                             for cc in 0..cols {
                                                 *cb.add(r * BLOCK + cc) =
-                                                    if load { *c.add(r * n + cc) } else { 0.0 };
+                                                    if load { *c.add(r * ldc + cc) } else { 0.0 };
                                             }
                                         }
                                         block(ai, bj, kc, cb, cb.add(16 * BLOCK), BLOCK * 4, true);
                                         for r in 0..rows {
                                             for cc in 0..cols {
-                                                *c.add(r * n + cc) = *cb.add(r * BLOCK + cc);
+                                                *c.add(r * ldc + cc) = *cb.add(r * BLOCK + cc);
                                             }
                                         }
                                     }
@@ -963,9 +1042,41 @@ mod tests {
         );
         assert!(!suits((4096, 256, 1536), (512, 2)));
         assert!(
-            !suits((4096, 256, 1 << 20), (256, 1)),
-            "B past MAX_PACKED_B"
+            suits((1080, 576, 49_152), (576, 1)),
+            "a large vocabulary's output layer, in pieces"
         );
+    }
+
+    /// A product whose packed B is over the bound runs in pieces (of B's columns where N is
+    /// the long side, of whole K chunks where K is) and gives the one-pass product's bits.
+    #[test]
+    fn pieces_are_the_one_pass_product_to_the_bit() {
+        if !available() {
+            eprintln!("skipped: this CPU or kernel has no AMX");
+            return;
+        }
+        for (m, k, n) in [(96, 70, 200), (96, 2100, 64)] {
+            let a = values(m * k, 8);
+            let b = values(k * n, 9);
+            let start = values(m * n, 10);
+            let (ao, bo) = (operand(&a, (m, k), false), operand(&b, (k, n), true));
+            for accumulate in [false, true] {
+                let run = |max_packed: usize| {
+                    let mut c = if accumulate {
+                        start.clone()
+                    } else {
+                        vec![f32::NAN; m * n]
+                    };
+                    // SAFETY: the operands hold their matrices; c is [m, n] and ours.
+                    unsafe {
+                        gemm_in_pieces(c.as_mut_ptr(), accumulate, (m, k, n), ao, bo, max_packed)
+                    };
+                    c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                // One byte: the smallest pieces (one column block, or one K chunk).
+                assert!(run(1) == run(usize::MAX), "{m}x{k}x{n} +{accumulate}");
+            }
+        }
     }
 
     /// The three parts hold an f32 exactly.

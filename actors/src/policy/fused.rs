@@ -37,6 +37,8 @@ pub(crate) enum Kind {
     AttentionBlock,
     /// Products on AMX tiles (`amx`), where the CPU has them.
     Amx,
+    /// The output layer's product on `gemm_new` ([`projection`]).
+    Projection,
 }
 
 pub(crate) fn enabled(kind: Kind) -> bool {
@@ -64,6 +66,7 @@ pub(crate) fn enabled(kind: Kind) -> bool {
         Kind::Amx => "amx",
         Kind::SwiGlu => "swiglu",
         Kind::AttentionBlock => "attention_block",
+        Kind::Projection => "projection",
     };
     !off.iter().any(|o| o == "all" || o == name)
 }
@@ -601,6 +604,69 @@ impl CustomOp2 for Linear {
 /// `x · wᵀ` over the rows of `x` `[.., K]`, w `[N, K]` -> `[.., N]` (one graph node).
 pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(w, Linear { heads: None })
+}
+
+/// `x · wᵀ` for f32 rows x `[M, K]` and w `[N, K]` -> `[M, N]` (one graph node), the product and
+/// both gradients through [`gemm_new`], so on AMX tiles where they suit: the output layer,
+/// whose products `Linear` leaves to candle's matmul (the same bits as the composed graph)
+/// and thus to gemm's AVX-512 kernels. Its results are f32-accurate, not those bits.
+pub(crate) fn projection(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, Projection)
+}
+
+struct Projection;
+
+impl Projection {
+    /// (m, k, n) of x `[M, K]` and w `[N, K]`.
+    fn dims(x: &[usize], w: &[usize]) -> Result<(usize, usize, usize)> {
+        match (x, w) {
+            (&[m, k], &[n, wk]) if k == wk => Ok((m, k, n)),
+            _ => candle_core::bail!("klong-projection: x {x:?} and w {w:?} do not agree"),
+        }
+    }
+}
+
+impl CustomOp2 for Projection {
+    fn name(&self) -> &'static str {
+        "klong-projection"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k, n) = Self::dims(lx.dims(), lw.dims())?;
+        let (x, w) = (slice::<f32>(x, lx)?, slice::<f32>(w, lw)?);
+        let y = gemm_new(m, k, n, Mat::rows(x, k), Mat::transposed(w, k))?;
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (m, k, n) = Self::dims(x.dims(), w.dims())?;
+        let (dx, dw) = with_data::<f32, _>(x, |xd| {
+            with_data::<f32, _>(w, |wd| {
+                with_data::<f32, _>(g, |gd| {
+                    // dx = g · w ([M, N] x [N, K]); dw = gᵀ · x ([N, M] x [M, K]).
+                    let dx = gemm_new(m, n, k, Mat::rows(gd, n), Mat::rows(wd, k))?;
+                    let dw = gemm_new(n, m, k, Mat::transposed(gd, n), Mat::rows(xd, k))?;
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, (m, k), x.device())?),
+            Some(Tensor::from_vec(dw, (n, k), w.device())?),
+        ))
+    }
 }
 
 /// `x · wᵀ` for x `[B, T, K]` split into `heads`: `[B, T, H, D]`, or `[B, H, T, D]` with
@@ -1233,6 +1299,37 @@ mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use crate::policy::hashed_values as values;
+
+    /// The output layer's product and both gradients match the composed matmul's within f32
+    /// accuracy: a shape whose products run on AMX tiles where the CPU has them, and a small
+    /// one on gemm's kernels.
+    #[test]
+    fn projection_matches_the_composed_matmul() {
+        let dev = Device::Cpu;
+        for (m, k, n) in [(256, 256, 2048), (3, 5, 7)] {
+            let x = Var::from_vec(values(m * k, 1), (m, k), &dev).expect("x");
+            let w = Var::from_vec(values(n * k, 2), (n, k), &dev).expect("w");
+            let g = Tensor::from_vec(values(m * n, 3), (m, n), &dev).expect("g");
+            let run = |y: Tensor| {
+                let grads = (&y * &g)
+                    .and_then(|p| p.sum_all())
+                    .and_then(|l| l.backward())
+                    .expect("backward");
+                [
+                    y,
+                    grads.get(&x).expect("dx").clone(),
+                    grads.get(&w).expect("dw").clone(),
+                ]
+            };
+            let ours = run(super::projection(&x, &w).expect("projection"));
+            let plain = run(x.matmul(&w.t().expect("t")).expect("matmul"));
+            for (what, (a, b)) in ["y", "dx", "dw"].iter().zip(ours.iter().zip(&plain)) {
+                assert_eq!(a.dims(), b.dims(), "{what}");
+                let diff = super::super::max_abs_diff(a, b);
+                assert!(diff < 1e-4, "{m}x{k}x{n} {what}: max diff {diff}");
+            }
+        }
+    }
 
     /// `written` hands out runs of whole rows that cover the output in order (one per
     /// thread, each run's result in run order), on one thread and on several; a run left

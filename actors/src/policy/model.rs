@@ -1083,6 +1083,13 @@ impl Llama {
             let x = x.reshape((b * t, hd))?;
             let y = match skinny::linear(&x, &self.lm_head)? {
                 Some(y) => y,
+                // f32 on the CPU: the products on tiles where they suit.
+                None if fused::supported(&x, fused::Kind::Projection)
+                    && x.dtype() == DType::F32
+                    && self.lm_head.dtype() == DType::F32 =>
+                {
+                    fused::projection(&x, &self.lm_head)?
+                }
                 None => x.matmul(&self.lm_head.t()?)?,
             };
             return y.reshape((b, t, self.cfg.vocab_size));
