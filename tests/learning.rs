@@ -4,7 +4,8 @@
 //!   `tests/fetch-models.sh`) on 16 trajectories of the scripted expert. Asserted: after SFT
 //!   it scores clearly higher on the held-out tasks than before (at least 0.75, and at least
 //!   0.5 above the untrained model; measured: 0.000 with no tool call -> 1.000 on 8 of 8).
-//!   About 7 minutes on 2 cores in a release build (7 min 10 s in session 24; an earlier session measured 22).
+//!   About 7 minutes on 2 cores in a release build (7 min 10 s in session 24; an earlier
+//!   session measured 22).
 //! - `examples/sft_compact.ron` trains the tiny byte-level model from scratch. Asserted is what
 //!   SFT reaches there today: the untrained model writes no well-formed tool call; the trained
 //!   one writes them (at least 40% of its turns; measured 72%, and 54% / 61% with seeds 8 /
