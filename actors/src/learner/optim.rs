@@ -316,12 +316,11 @@ impl<T: fused::Real> InplaceOp2 for Moment<T> {
         m.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .for_each(|(m, g)| {
-                for (m, &gi) in m.iter_mut().zip(g) {
-                    *m = if square {
-                        *m * keep + gi * gi * take
-                    } else {
-                        *m * keep + gi * take
-                    };
+                let pairs = m.iter_mut().zip(g);
+                if square {
+                    pairs.for_each(|(m, &gi)| *m = *m * keep + gi * gi * take);
+                } else {
+                    pairs.for_each(|(m, &gi)| *m = *m * keep + gi * take);
                 }
             });
         Ok(())

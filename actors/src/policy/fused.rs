@@ -229,17 +229,13 @@ pub(crate) fn written<T: Copy + Send + Sync, R: Send>(
         assert_eq!(fill.at, fill.out.len(), "an output run left unwritten");
         r
     };
-    let rows = n / row.max(1);
-    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
-    let results = if threads == 1 || n < PAR_MIN {
-        vec![run(0, spare)]
-    } else {
-        let per = rows.div_ceil(threads);
-        spare
+    let results = match rows_per_run(n, row) {
+        None => vec![run(0, spare)],
+        Some(per) => spare
             .par_chunks_mut(per * row)
             .enumerate()
             .map(|(i, c)| run(i * per, c))
-            .collect()
+            .collect(),
     };
     // SAFETY: the runs are chunks of `spare`, the first n elements of v's allocation, and
     // together cover them; each run's `Fill` wrote each of its elements once, in order, and
@@ -249,16 +245,22 @@ pub(crate) fn written<T: Copy + Send + Sync, R: Send>(
     (v, results)
 }
 
+/// Rows per thread's run when `len` elements in rows of `row` are shared out, one contiguous
+/// run per thread; `None` where one run on the calling thread does (one thread, or too little
+/// work to share).
+fn rows_per_run(len: usize, row: usize) -> Option<usize> {
+    let rows = len / row.max(1);
+    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    (threads > 1 && len >= PAR_MIN).then(|| rows.div_ceil(threads))
+}
+
 /// Splits `out` (rows of `row` elements) into one contiguous run of rows per thread and
 /// calls `f(first_row, rows)` on each, in parallel.
 pub(crate) fn par_rows<T: Send>(out: &mut [T], row: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    let rows = out.len() / row.max(1);
-    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
-    if threads == 1 || out.len() < PAR_MIN {
+    let Some(per) = rows_per_run(out.len(), row) else {
         f(0, out);
         return;
-    }
-    let per = rows.div_ceil(threads);
+    };
     out.par_chunks_mut(per * row)
         .enumerate()
         .for_each(|(i, c)| f(i * per, c));
