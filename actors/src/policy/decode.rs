@@ -24,14 +24,15 @@
 //! `KLONGD_FUSED_OFF=decode` switches it off.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use candle_core::{CpuStorage, DType, Layout, Result, Storage};
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, TensorId};
 
 use super::fused;
 use super::model::{KvCache, Llama, MASKED};
-use super::skinny;
+use super::pages;
+use super::skinny::{self, Panels};
 
 /// The most rows (sequences) a step may have: past this, gemm's blocked products beat the
 /// few-row kernels, and the graph path takes them.
@@ -141,6 +142,8 @@ pub struct Decoder {
     /// ran on): allocating them per step had the threads free each other's memory, and
     /// glibc's allocator then serialized them on its arena locks.
     parts: Option<Parts>,
+    /// The product weights the steps read: the model's frozen ones, or packed for this decoder.
+    packed: Arc<DecodeWeights>,
 }
 
 impl Decoder {
@@ -220,6 +223,7 @@ impl Decoder {
             inv_freq: model.weights().inv_freq.iter().map(|f| *f as f32).collect(),
             context: model.config().max_position_embeddings,
             parts: None,
+            packed: model.decode_weights()?,
         }))
     }
 
@@ -305,33 +309,23 @@ impl Decoder {
             })
             .collect();
 
-        let weights = model.weights();
-        // A tied head is the embedding itself: one read guard for both, since a second read
-        // of one lock can wait forever behind a writer queued between the two.
-        let tied = weights.lm_head.id() == weights.embed.id();
-        let mut tensors = vec![weights.embed, weights.norm];
-        if !tied {
-            tensors.push(weights.lm_head);
+        if !self.packed.of(model) {
+            candle_core::bail!(
+                "decoder: stepped with another model's weights than it was filled by"
+            );
         }
+        let weights = model.weights();
+        let mut tensors = vec![weights.embed, weights.norm];
         for l in &weights.layers {
-            tensors.extend([
-                l.input_norm,
-                l.q,
-                l.k,
-                l.v,
-                l.o,
-                l.post_norm,
-                l.gate,
-                l.up,
-                l.down,
-            ]);
+            tensors.extend([l.input_norm, l.post_norm]);
             tensors.extend(
                 [l.q_bias, l.k_bias, l.v_bias, l.q_norm, l.k_norm]
                     .into_iter()
                     .flatten(),
             );
         }
-        // Read guards on the weights for the step: an optimizer writing them waits for it.
+        // Read guards on the weights for the step: an optimizer writing them waits for it. (The
+        // products read their panels, packed when the decoder was filled.)
         let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
         let mut data = guards.iter().map(|(st, l)| cpu_f32(st, l));
         let mut next = |len: usize, what: &str| -> Result<&[f32]> {
@@ -346,23 +340,12 @@ impl Decoder {
         let (h, q_cols, kv_cols) = (d.hidden, d.heads * hd, d.kv_heads * hd);
         let embed = next(d.vocab * h, "the embedding")?;
         let norm = next(h, "the final norm")?;
-        let lm_head = if tied {
-            embed
-        } else {
-            next(d.vocab * h, "the LM head")?
-        };
         let mut layers = Vec::with_capacity(d.layers);
-        for l in &weights.layers {
+        for (l, p) in weights.layers.iter().zip(&self.packed.layers) {
             let mut lw = LayerData {
                 input_norm: next(h, "input_layernorm")?,
-                q: next(q_cols * h, "q_proj")?,
-                k: next(kv_cols * h, "k_proj")?,
-                v: next(kv_cols * h, "v_proj")?,
-                o: next(h * q_cols, "o_proj")?,
                 post_norm: next(h, "post_attention_layernorm")?,
-                gate: next(d.inter * h, "gate_proj")?,
-                up: next(d.inter * h, "up_proj")?,
-                down: next(h * d.inter, "down_proj")?,
+                p,
                 q_bias: None,
                 k_bias: None,
                 v_bias: None,
@@ -408,7 +391,7 @@ impl Decoder {
             masks: &masks,
             layers: &layers,
             norm,
-            lm_head,
+            lm_head: &self.packed.lm_head,
             cache: &self.cache,
             parts,
             barrier: Barrier::new(threads),
@@ -622,22 +605,96 @@ fn cpu_f32<'a>(st: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
-/// One layer's weights as slices (HF layouts, `[out, in]`).
+/// One layer's weights: the products' in panels, the rest as slices.
 struct LayerData<'a> {
     input_norm: &'a [f32],
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    o: &'a [f32],
     post_norm: &'a [f32],
-    gate: &'a [f32],
-    up: &'a [f32],
-    down: &'a [f32],
+    p: &'a LayerPanels,
     q_bias: Option<&'a [f32]>,
     k_bias: Option<&'a [f32]>,
     v_bias: Option<&'a [f32]>,
     q_norm: Option<&'a [f32]>,
     k_norm: Option<&'a [f32]>,
+}
+
+/// One layer's product weights in panels.
+struct LayerPanels {
+    q: Panels,
+    k: Panels,
+    v: Panels,
+    o: Panels,
+    gate: Panels,
+    up: Panels,
+    down: Panels,
+}
+
+/// A model's product weights (every layer's projections and the LM head) packed in panels for
+/// the engine: read by every step, packed once per model (see [`Llama`]'s frozen weights) or
+/// per decoder over a model that trains.
+pub(crate) struct DecodeWeights {
+    layers: Vec<LayerPanels>,
+    lm_head: Panels,
+    /// The ids of the tensors they came from (q, k, v, o, gate, up, down per layer, then the
+    /// head): a step checks that its model is still the one they were packed from.
+    ids: Vec<TensorId>,
+}
+
+impl DecodeWeights {
+    /// Packs `model`'s product weights (CPU f32), on 2 MiB pages where the kernel allows.
+    pub(crate) fn pack(model: &Llama) -> Result<DecodeWeights> {
+        let d = Dims::of(model);
+        let weights = model.weights();
+        let (h, q_cols, kv_cols) = (d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim);
+        let pack = |t: &Tensor, (n, k): (usize, usize), what: &str| -> Result<Panels> {
+            let (st, l) = t.storage_and_layout();
+            let w = cpu_f32(&st, l)?;
+            if w.len() != n * k {
+                candle_core::bail!(
+                    "decoder: {what} has {} numbers, expected {}",
+                    w.len(),
+                    n * k
+                );
+            }
+            Ok(Panels::pack(w, n, k))
+        };
+        let mut layers = Vec::with_capacity(d.layers);
+        let mut ids = Vec::with_capacity(7 * d.layers + 1);
+        for l in &weights.layers {
+            layers.push(LayerPanels {
+                q: pack(l.q, (q_cols, h), "q_proj")?,
+                k: pack(l.k, (kv_cols, h), "k_proj")?,
+                v: pack(l.v, (kv_cols, h), "v_proj")?,
+                o: pack(l.o, (h, q_cols), "o_proj")?,
+                gate: pack(l.gate, (d.inter, h), "gate_proj")?,
+                up: pack(l.up, (d.inter, h), "up_proj")?,
+                down: pack(l.down, (h, d.inter), "down_proj")?,
+            });
+            ids.extend([l.q, l.k, l.v, l.o, l.gate, l.up, l.down].map(Tensor::id));
+        }
+        let lm_head = pack(weights.lm_head, (d.vocab, h), "the LM head")?;
+        ids.push(weights.lm_head.id());
+        let mut slices: Vec<&[f32]> = vec![lm_head.data()];
+        for l in &layers {
+            slices.extend([&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].map(Panels::data));
+        }
+        pages::back_slices_with_huge_pages(&slices);
+        Ok(DecodeWeights {
+            layers,
+            lm_head,
+            ids,
+        })
+    }
+
+    /// Whether these were packed from `model`'s tensors.
+    fn of(&self, model: &Llama) -> bool {
+        let w = model.weights();
+        let now = w
+            .layers
+            .iter()
+            .flat_map(|l| [l.q, l.k, l.v, l.o, l.gate, l.up, l.down].map(Tensor::id))
+            .chain(std::iter::once(w.lm_head.id()));
+        now.eq(self.ids.iter().copied())
+    }
 }
 
 /// Each thread's outputs of a phase, `[rows, its columns]` (row-major, so that gathering a
@@ -695,9 +752,9 @@ fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
-/// Thread `i` of `t`'s share of `n` columns: blocks of a multiple of 8, the last one short.
+/// Thread `i` of `t`'s share of `n` columns: whole panels, the last share short.
 fn share(n: usize, t: usize, i: usize) -> (usize, usize) {
-    let per = n.div_ceil(t.max(1)).div_ceil(8) * 8;
+    let per = n.div_ceil(t.max(1)).div_ceil(skinny::PANEL) * skinny::PANEL;
     let a = (i * per).min(n);
     (a, (a + per).min(n))
 }
@@ -733,28 +790,28 @@ fn gather(parts: &[RwLock<Vec<f32>>], n: usize, rows: usize, t: usize, out: &mut
     }
 }
 
-/// Columns `n0 .. n0 + cols` of `x · wᵀ` (x `[rows, k]`, w `[n, k]`) into `out`, row-major
-/// with `ld` numbers per row.
+/// Columns `n0 .. n0 + cols` of `x · wᵀ` (x `[rows, k]`, w packed from `[n, k]`) into `out`,
+/// row-major with `ld` numbers per row.
 fn project(
     x: &[f32],
-    w: &[f32],
-    (rows, k, n0, cols): (usize, usize, usize, usize),
+    w: &Panels,
+    (rows, n0, cols): (usize, usize, usize),
     out: &mut [f32],
     ld: usize,
 ) {
-    skinny::columns_into(x, w, (rows, k, n0, cols), out, skinny::Dest::Rows { ld })
+    skinny::panel_columns_into(x, w, (rows, n0, cols), out, skinny::Dest::Rows { ld })
 }
 
 /// `project` plus each column's `bias` (`cols` numbers) on every row.
 fn project_with_bias(
     x: &[f32],
-    w: &[f32],
+    w: &Panels,
     bias: Option<&[f32]>,
-    (rows, k, n0, cols): (usize, usize, usize, usize),
+    (rows, n0, cols): (usize, usize, usize),
     out: &mut [f32],
     ld: usize,
 ) {
-    project(x, w, (rows, k, n0, cols), out, ld);
+    project(x, w, (rows, n0, cols), out, ld);
     if let Some(bias) = bias {
         for r in 0..rows {
             for (v, bv) in out[r * ld..r * ld + cols].iter_mut().zip(bias) {
@@ -872,7 +929,7 @@ struct Step<'a> {
     masks: &'a [Vec<f32>],
     layers: &'a [LayerData<'a>],
     norm: &'a [f32],
-    lm_head: &'a [f32],
+    lm_head: &'a Panels,
     cache: &'a [Mutex<PairCache>],
     parts: Parts,
     barrier: Barrier,
@@ -935,13 +992,13 @@ impl Step<'_> {
                 let k_own = sized(own_k, b * nkv);
                 let v_own = sized(own_v, b * nkv);
                 let jobs = [
-                    (lw.q, lw.q_bias, j0 * g * hd, nq, &mut *q_own),
-                    (lw.k, lw.k_bias, j0 * hd, nkv, &mut *k_own),
-                    (lw.v, lw.v_bias, j0 * hd, nkv, &mut *v_own),
+                    (&lw.p.q, lw.q_bias, j0 * g * hd, nq, &mut *q_own),
+                    (&lw.p.k, lw.k_bias, j0 * hd, nkv, &mut *k_own),
+                    (&lw.p.v, lw.v_bias, j0 * hd, nkv, &mut *v_own),
                 ];
                 for (w, bias, n0, cols, out) in jobs {
                     let bias = bias.map(|bv| &bv[n0..n0 + cols]);
-                    project_with_bias(normed, w, bias, (b, h, n0, cols), out, cols);
+                    project_with_bias(normed, w, bias, (b, n0, cols), out, cols);
                 }
                 let mut part = fresh(&self.parts.att[i], b * nq);
                 for r in 0..b {
@@ -964,9 +1021,9 @@ impl Step<'_> {
                     let (c0, c1) = share(nqkv, t, i);
                     let mut part = fresh(&self.parts.qkv[i], (c1 - c0) * b);
                     let segments = [
-                        (0, q_cols, lw.q, lw.q_bias),
-                        (q_cols, kv_cols, lw.k, lw.k_bias),
-                        (q_cols + kv_cols, kv_cols, lw.v, lw.v_bias),
+                        (0, q_cols, &lw.p.q, lw.q_bias),
+                        (q_cols, kv_cols, &lw.p.k, lw.k_bias),
+                        (q_cols + kv_cols, kv_cols, &lw.p.v, lw.v_bias),
                     ];
                     for (start, len, w, bias) in segments {
                         let (lo, hi) = (c0.max(start), c1.min(start + len));
@@ -975,7 +1032,7 @@ impl Step<'_> {
                         }
                         let ld = c1 - c0;
                         let bias = bias.map(|bv| &bv[lo - start..hi - start]);
-                        let at = (b, h, lo - start, hi - lo);
+                        let at = (b, lo - start, hi - lo);
                         project_with_bias(normed, w, bias, at, &mut part[lo - c0..], ld);
                     }
                 }
@@ -1024,7 +1081,7 @@ impl Step<'_> {
                         .copy_from_slice(&part[(p - a0) * g * hd..(p - a0 + 1) * g * hd]);
                 }
             }
-            self.residual(i, t, y, lw.o, q_cols, x);
+            self.residual(i, t, y, &lw.p.o, x);
             if !self.barrier.wait() {
                 return;
             }
@@ -1037,8 +1094,8 @@ impl Step<'_> {
                 let gate = sized(gate, (c1 - c0) * b);
                 let up = sized(up, (c1 - c0) * b);
                 let ld = c1 - c0;
-                project(normed, lw.gate, (b, h, c0, ld), gate, ld);
-                project(normed, lw.up, (b, h, c0, ld), up, ld);
+                project(normed, &lw.p.gate, (b, c0, ld), gate, ld);
+                project(normed, &lw.p.up, (b, c0, ld), up, ld);
                 fused::silu_mul_into(gate, up, e, &mut part);
             }
             if !self.barrier.wait() {
@@ -1046,7 +1103,7 @@ impl Step<'_> {
             }
             // Phase 5: the down projection plus the residual, this thread's columns.
             gather(&self.parts.act, d.inter, b, t, act);
-            self.residual(i, t, act, lw.down, d.inter, x);
+            self.residual(i, t, act, &lw.p.down, x);
             if !self.barrier.wait() {
                 return;
             }
@@ -1058,13 +1115,7 @@ impl Step<'_> {
         rms_norm(x, self.norm, d.eps, normed);
         let (c0, c1) = share(d.vocab, t, i);
         let mut part = fresh(&self.parts.logits[i], (c1 - c0) * b);
-        project(
-            normed,
-            self.lm_head,
-            (b, h, c0, c1 - c0),
-            &mut part,
-            c1 - c0,
-        );
+        project(normed, self.lm_head, (b, c0, c1 - c0), &mut part, c1 - c0);
     }
 
     /// Attention of layer `li`'s pair (row `r`, kv head `j`): RoPE (after the q and k norms
@@ -1129,12 +1180,12 @@ impl Step<'_> {
     }
 
     /// This thread's columns of `x + input · wᵀ` (w `[hidden, k]`) into its residual part.
-    fn residual(&self, i: usize, t: usize, input: &[f32], w: &[f32], k: usize, x: &[f32]) {
+    fn residual(&self, i: usize, t: usize, input: &[f32], w: &Panels, x: &[f32]) {
         let (b, h) = (self.b, self.d.hidden);
         let (c0, c1) = share(h, t, i);
         let mut part = fresh(&self.parts.resid[i], (c1 - c0) * b);
         let ld = c1 - c0;
-        project(input, w, (b, k, c0, ld), &mut part, ld);
+        project(input, w, (b, c0, ld), &mut part, ld);
         for r in 0..b {
             let xr = &x[r * h + c0..r * h + c1];
             for (v, xv) in part[r * ld..(r + 1) * ld].iter_mut().zip(xr) {
@@ -1315,6 +1366,11 @@ mod tests {
         assert!(err(dec.step(&m, &[1, 32], &[true, true], None)).contains("token id 32"));
         let other = model(&wide(), 5);
         assert!(err(dec.step(&other, &[1, 2], &[true, true], None)).contains("another model"));
+        // The same sizes, other weights: its panels are not the ones packed at the prefill.
+        let twin = model(&cfg, 6);
+        assert!(
+            err(dec.step(&twin, &[1, 2], &[true, true], None)).contains("another model's weights")
+        );
         for _ in 0..4 {
             dec.step(&m, &[1, 2], &[true, true], None).expect("step");
         }

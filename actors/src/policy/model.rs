@@ -13,7 +13,7 @@
 //! from basic tensor ops, which backpropagate everywhere. The finite-difference tests check
 //! the fused gradients (f64); the bf16 test (composed path) checks against them.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
@@ -854,6 +854,10 @@ pub struct Llama {
     inv_freq: Vec<f64>,
     dtype: DType,
     device: Device,
+    /// The decode engine's packed product weights, for a frozen model: built by its first
+    /// decoder and shared by its clones. `None` for a model over a `VarMap` (it trains, so each
+    /// decoder packs the weights as they are when it is filled).
+    decode_weights: Option<Arc<Mutex<Option<Arc<DecodeWeights>>>>>,
 }
 
 impl Llama {
@@ -865,6 +869,10 @@ impl Llama {
     /// pass record its graph, so a generation's prefill would keep every layer's activations
     /// and attention scores alive until its logits were dropped: with SmolLM2-135M, memory grew
     /// by ~0.6 GB per episode turn (17.7 GB after a few turns of two episodes).
+    ///
+    /// The tensors are the model's from then on, never written (callers pass copies, as the
+    /// learner's weight exports are): the decode engine packs the products' weights once per
+    /// model, so a later write to them would not reach its steps.
     pub fn from_tensors(
         cfg: &LlamaConfig,
         tensors: std::collections::HashMap<String, Tensor>,
@@ -876,7 +884,24 @@ impl Llama {
             .collect();
         // A frozen model is generation's: its decode steps read every weight each step.
         pages::back_with_huge_pages(&tensors.values().collect::<Vec<_>>());
-        Llama::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, device))
+        let mut model = Llama::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, device))?;
+        model.decode_weights = Some(Arc::default());
+        Ok(model)
+    }
+
+    /// The decode engine's packed product weights: a frozen model's, packed by the first call;
+    /// packed anew each call for a model that trains.
+    pub(crate) fn decode_weights(&self) -> Result<Arc<DecodeWeights>> {
+        let Some(cell) = &self.decode_weights else {
+            return Ok(Arc::new(DecodeWeights::pack(self)?));
+        };
+        let mut packed = cell.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(w) = &*packed {
+            return Ok(Arc::clone(w));
+        }
+        let w = Arc::new(DecodeWeights::pack(self)?);
+        *packed = Some(Arc::clone(&w));
+        Ok(w)
     }
 
     /// Builds the model from `vb` under HF names. Over a `VarMap` this creates the variables
@@ -932,6 +957,7 @@ impl Llama {
             inv_freq: cfg.inv_freq(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            decode_weights: None,
         })
     }
 
@@ -1100,6 +1126,7 @@ impl Llama {
 
 #[cfg(target_arch = "x86_64")]
 use super::attention_block;
+use super::decode::DecodeWeights;
 use super::{flash, fused, pages, skinny, swiglu};
 
 #[cfg(test)]

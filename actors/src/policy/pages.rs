@@ -32,6 +32,27 @@ pub(crate) fn back_with_huge_pages(tensors: &[&Tensor]) -> usize {
             }
         }
     }
+    back_ranges(ranges)
+}
+
+/// [`back_with_huge_pages`] for plain slices: the decode engine's packed weights.
+pub(crate) fn back_slices_with_huge_pages(slices: &[&[f32]]) -> usize {
+    back_ranges(
+        slices
+            .iter()
+            .map(|v| {
+                (
+                    v.as_ptr() as usize,
+                    v.as_ptr() as usize + std::mem::size_of_val(*v),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Joins `ranges` (start, end) less than a huge page apart and asks for each joined range's
+/// whole huge pages.
+fn back_ranges(mut ranges: Vec<(usize, usize)>) -> usize {
     ranges.sort_unstable();
     let mut spans: Vec<(usize, usize)> = Vec::new();
     for (start, end) in ranges {
