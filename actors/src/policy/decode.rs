@@ -14,10 +14,13 @@
 //!
 //! Results: every number is computed by the kernels, in the order, that the graph path
 //! ([`Llama::forward`] with a [`KvCache`], whose decode steps take `skinny`'s kernels) uses: the
-//! same projections (`skinny::columns_into`), RMSNorm, RoPE, attention (`skinny::attend_blocked`
-//! sums each score in the order of `attend_pair`'s) and SwiGLU arithmetic. So the logits are
-//! the same bits as that path's (tested), and each output element is computed by one thread in
-//! a fixed order, so they do not depend on the thread count.
+//! same products (each output `skinny`'s serial chain over a panel), RMSNorm, RoPE, attention
+//! (`skinny::attend_blocked` sums each score in the order of `attend_pair`'s) and SwiGLU
+//! arithmetic. So the logits are the same bits as that path's (tested), and each output element
+//! is computed by one thread in a fixed order, so they do not depend on the thread count.
+//!
+//! The products read [`DecodeWeights`]: every projection and the LM head packed in panels,
+//! once per frozen model (see [`Llama::from_tensors`]) or per decoder over a model that trains.
 //!
 //! Served: a CPU f32 model on x86_64 with AVX2 and FMA, at most [`MAX_ROWS`] rows. Anything
 //! else gets `None` from [`Decoder::after_prefill`], and the caller steps through the graph.

@@ -4,13 +4,15 @@
 //! gemm (behind candle's matmul) packs its whole right-hand operand on every call. With 1-16
 //! rows that packing costs about as much as the product: in `klongd bench model`'s batch-8
 //! decode a fifth of the time was gemm packing the weights, and another ~15% was waking the
-//! thread pool for products of a few microseconds. These kernels read the operands in their
-//! stored layout instead (each output is a dot product of two contiguous rows) and stay on
-//! the calling thread below [`PAR_MIN_FMAS`]; above it they split over the output columns.
+//! thread pool for products of a few microseconds. These kernels run on the weight in panels
+//! of 16 output columns ([`Panels`]: packed once by the decode engine, or panel by panel on the
+//! way by [`linear`]), stay on the calling thread below [`PAR_MIN_FMAS`], and above it split
+//! over the output columns.
 //!
-//! Determinism: every output element is computed by one thread in a fixed order, so results
-//! do not depend on the thread count. They differ from gemm's in the last bits (another
-//! summation order), as gemm's own kernels differ from each other.
+//! Determinism: every output element is one serial chain of multiply-adds in input order,
+//! computed by one thread, so results do not depend on the thread count, the row count, how
+//! the columns are split, or the CPU's vector width. They differ from gemm's in the last bits
+//! (another summation order), as gemm's own kernels differ from each other.
 //!
 //! Served: f32 on x86_64 CPUs with AVX2 and FMA (checked at run time, once). Anything else
 //! returns `None` and the caller takes the general path.
