@@ -34,7 +34,6 @@ use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, TensorId};
 
 use super::fused;
 use super::model::{KvCache, Llama, MASKED};
-use super::pages;
 use super::skinny::{self, Panels};
 
 /// The most rows (sequences) a step may have: past this, gemm's blocked products beat the
@@ -643,14 +642,29 @@ pub(crate) struct DecodeWeights {
 }
 
 impl DecodeWeights {
-    /// Packs `model`'s product weights (CPU f32), on 2 MiB pages where the kernel allows.
+    /// Packs `model`'s product weights (CPU f32) into one buffer, on 2 MiB pages where the
+    /// kernel allows (`Panels::pack_all`).
     pub(crate) fn pack(model: &Llama) -> Result<DecodeWeights> {
         let d = Dims::of(model);
         let weights = model.weights();
         let (h, q_cols, kv_cols) = (d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim);
-        let pack = |t: &Tensor, (n, k): (usize, usize), what: &str| -> Result<Panels> {
-            let (st, l) = t.storage_and_layout();
-            let w = cpu_f32(&st, l)?;
+        let mut named: Vec<(&Tensor, (usize, usize), &str)> = Vec::with_capacity(7 * d.layers + 1);
+        for l in &weights.layers {
+            named.extend([
+                (l.q, (q_cols, h), "q_proj"),
+                (l.k, (kv_cols, h), "k_proj"),
+                (l.v, (kv_cols, h), "v_proj"),
+                (l.o, (h, q_cols), "o_proj"),
+                (l.gate, (d.inter, h), "gate_proj"),
+                (l.up, (d.inter, h), "up_proj"),
+                (l.down, (h, d.inter), "down_proj"),
+            ]);
+        }
+        named.push((weights.lm_head, (d.vocab, h), "the LM head"));
+        let guards: Vec<_> = named.iter().map(|(t, ..)| t.storage_and_layout()).collect();
+        let mut ws = Vec::with_capacity(named.len());
+        for ((st, l), (_, (n, k), what)) in guards.iter().zip(&named) {
+            let w = cpu_f32(st, l)?;
             if w.len() != n * k {
                 candle_core::bail!(
                     "decoder: {what} has {} numbers, expected {}",
@@ -658,33 +672,26 @@ impl DecodeWeights {
                     n * k
                 );
             }
-            Ok(Panels::pack(w, n, k))
-        };
-        let mut layers = Vec::with_capacity(d.layers);
-        let mut ids = Vec::with_capacity(7 * d.layers + 1);
-        for l in &weights.layers {
-            layers.push(LayerPanels {
-                q: pack(l.q, (q_cols, h), "q_proj")?,
-                k: pack(l.k, (kv_cols, h), "k_proj")?,
-                v: pack(l.v, (kv_cols, h), "v_proj")?,
-                o: pack(l.o, (h, q_cols), "o_proj")?,
-                gate: pack(l.gate, (d.inter, h), "gate_proj")?,
-                up: pack(l.up, (d.inter, h), "up_proj")?,
-                down: pack(l.down, (h, d.inter), "down_proj")?,
-            });
-            ids.extend([l.q, l.k, l.v, l.o, l.gate, l.up, l.down].map(Tensor::id));
+            ws.push((w, *n, *k));
         }
-        let lm_head = pack(weights.lm_head, (d.vocab, h), "the LM head")?;
-        ids.push(weights.lm_head.id());
-        let mut slices: Vec<&[f32]> = vec![lm_head.data()];
-        for l in &layers {
-            slices.extend([&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].map(Panels::data));
-        }
-        pages::back_slices_with_huge_pages(&slices);
+        let mut packed = Panels::pack_all(&ws).into_iter();
+        let mut next = || packed.next().expect("one panel set per weight");
+        let layers = (0..d.layers)
+            .map(|_| LayerPanels {
+                q: next(),
+                k: next(),
+                v: next(),
+                o: next(),
+                gate: next(),
+                up: next(),
+                down: next(),
+            })
+            .collect();
+        let lm_head = next();
         Ok(DecodeWeights {
             layers,
             lm_head,
-            ids,
+            ids: named.iter().map(|(t, ..)| t.id()).collect(),
         })
     }
 

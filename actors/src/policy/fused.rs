@@ -217,11 +217,27 @@ pub(crate) fn written<T: Copy + Send + Sync, R: Send>(
     row: usize,
     f: impl Fn(usize, &mut Fill<'_, T>) -> R + Sync,
 ) -> (Vec<T>, Vec<R>) {
+    written_in(Vec::with_capacity(n), n, row, f)
+}
+
+/// [`written`] into the spare capacity of `v` (empty, with room for `n`): for memory prepared
+/// before its first write (the decode engine's weights ask for huge pages there).
+pub(crate) fn written_in<T: Copy + Send + Sync, R: Send>(
+    mut v: Vec<T>,
+    n: usize,
+    row: usize,
+    f: impl Fn(usize, &mut Fill<'_, T>) -> R + Sync,
+) -> (Vec<T>, Vec<R>) {
     assert!(
         n == 0 || (row > 0 && n.is_multiple_of(row)),
         "{n} elements in rows of {row}"
     );
-    let mut v: Vec<T> = Vec::with_capacity(n);
+    assert!(
+        v.is_empty() && v.capacity() >= n,
+        "written_in: a vector of {} elements with room for {}, asked for {n}",
+        v.len(),
+        v.capacity()
+    );
     let spare = &mut v.spare_capacity_mut()[..n];
     let run = |first: usize, out: &mut [MaybeUninit<T>]| {
         let mut fill = Fill { out, at: 0 };

@@ -882,8 +882,6 @@ impl Llama {
             .into_iter()
             .map(|(name, t)| (name, t.detach()))
             .collect();
-        // A frozen model is generation's: its decode steps read every weight each step.
-        pages::back_with_huge_pages(&tensors.values().collect::<Vec<_>>());
         let mut model = Llama::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, device))?;
         model.decode_weights = Some(Arc::default());
         Ok(model)
@@ -1127,7 +1125,7 @@ impl Llama {
 #[cfg(target_arch = "x86_64")]
 use super::attention_block;
 use super::decode::DecodeWeights;
-use super::{flash, fused, pages, skinny, swiglu};
+use super::{flash, fused, skinny, swiglu};
 
 #[cfg(test)]
 mod tests {

@@ -17,6 +17,8 @@
 //! Served: f32 on x86_64 CPUs with AVX2 and FMA (checked at run time, once). Anything else
 //! returns `None` and the caller takes the general path.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -152,49 +154,75 @@ const PANEL_PREFETCH: usize = 1024;
 /// cycles (two-thread harness of a step's products, weights in L3 as in a step).
 #[derive(Debug, Clone)]
 pub(crate) struct Panels {
-    data: Vec<f32>,
+    /// The buffer that holds these panels (and, from [`Panels::pack_all`], other weights').
+    buf: Arc<Vec<f32>>,
+    /// Where these panels start in `buf`.
+    at: usize,
     n: usize,
     k: usize,
 }
 
 impl Panels {
-    /// `w` (`[n, k]`, row-major) in panels, packed on the compute pool.
-    pub(crate) fn pack(w: &[f32], n: usize, k: usize) -> Panels {
-        assert_eq!(
-            w.len(),
-            n * k,
-            "panels: a [{n}, {k}] weight of {} numbers",
-            w.len()
-        );
-        let mut data = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
-        if k > 0 {
-            data.par_chunks_mut(k * PANEL)
-                .enumerate()
-                .for_each(|(p, panel)| pack_panel(w, (n, k), p, panel));
+    /// Each `(w, n, k)` (`[n, k]`, row-major) in panels, all one after another in one buffer,
+    /// packed on the compute pool into memory that asks for 2 MiB pages before its first
+    /// write: a decode step reads all of it, and a buffer per weight would mostly be too small
+    /// to hold a whole huge page (see `pages`).
+    pub(crate) fn pack_all(ws: &[(&[f32], usize, usize)]) -> Vec<Panels> {
+        // In rows of PANEL numbers: weight j's panel rows are `starts[j] .. starts[j + 1]`.
+        let mut starts = Vec::with_capacity(ws.len() + 1);
+        let mut total = 0;
+        for (w, n, k) in ws {
+            assert_eq!(
+                w.len(),
+                n * k,
+                "panels: a [{n}, {k}] weight of {} numbers",
+                w.len()
+            );
+            starts.push(total);
+            total += n.div_ceil(PANEL) * k;
         }
-        Panels { data, n, k }
+        starts.push(total);
+        let mut v = Vec::with_capacity(total * PANEL);
+        super::pages::ask_before_first_write(v.spare_capacity_mut());
+        let (buf, _) = fused::written_in(v, total * PANEL, PANEL, |first, fill| {
+            let mut j = 0;
+            for r in first..first + fill.len() / PANEL {
+                // Weights of no rows (k or n zero) are passed over.
+                while starts[j + 1] <= r {
+                    j += 1;
+                }
+                let (w, n, k) = ws[j];
+                let (p, i) = ((r - starts[j]) / k, (r - starts[j]) % k);
+                fill.extend(&panel_row(w, (n, k), p, i));
+            }
+        });
+        let buf = Arc::new(buf);
+        ws.iter()
+            .zip(&starts)
+            .map(|((_, n, k), at)| Panels {
+                buf: Arc::clone(&buf),
+                at: at * PANEL,
+                n: *n,
+                k: *k,
+            })
+            .collect()
     }
 
-    /// Every panel, one after another.
-    pub(crate) fn data(&self) -> &[f32] {
-        &self.data
+    /// The panels, one after another.
+    fn data(&self) -> &[f32] {
+        &self.buf[self.at..self.at + self.n.div_ceil(PANEL) * self.k * PANEL]
     }
 }
 
-/// Panel `p` of `w` (`[n, k]`) into `panel` (`k · PANEL` numbers), zero columns past `n`.
-fn pack_panel(w: &[f32], (n, k): (usize, usize), p: usize, panel: &mut [f32]) {
-    for j in 0..PANEL {
-        let c = p * PANEL + j;
-        if c < n {
-            for (i, v) in w[c * k..(c + 1) * k].iter().enumerate() {
-                panel[i * PANEL + j] = *v;
-            }
-        } else {
-            for i in 0..k {
-                panel[i * PANEL + j] = 0.0;
-            }
-        }
+/// Row `i` of panel `p` of `w` (`[n, k]`): the weights of input `i` for the panel's [`PANEL`]
+/// columns, zero past `n`.
+fn panel_row(w: &[f32], (n, k): (usize, usize), p: usize, i: usize) -> [f32; PANEL] {
+    let c0 = p * PANEL;
+    let mut row = [0f32; PANEL];
+    for (j, v) in row.iter_mut().enumerate().take(n.saturating_sub(c0)) {
+        *v = w[(c0 + j) * k + i];
     }
+    row
 }
 
 /// Which instructions the panel tiles run on.
@@ -474,7 +502,8 @@ fn panel_columns_on(
         return;
     }
     let size = k * PANEL;
-    let panel = |p: usize| &w.data[p * size..(p + 1) * size];
+    let data = w.data();
+    let panel = |p: usize| &data[p * size..(p + 1) * size];
     let mut block = Block {
         out,
         dest,
@@ -488,7 +517,7 @@ fn panel_columns_on(
 
 /// Columns `n0 .. n0 + cols` of `x · wᵀ` (x `[m, k]`, w `[n, k]` as stored) into `out` as
 /// `dest` says: the same chains, and so the same bits, as [`panel_columns_into`] on
-/// `Panels::pack(w)`; each group of panels is packed on the way, into a scratch of four.
+/// `Panels::pack_all`'s panels of w; each group of panels is packed on the way, into a scratch of four.
 pub(crate) fn columns_into(
     x: &[f32],
     w: &[f32],
@@ -519,7 +548,9 @@ pub(crate) fn columns_into(
     while p < end {
         let group = (end - p).min(4);
         for (j, chunk) in scratch.chunks_exact_mut(size).take(group).enumerate() {
-            pack_panel(w, (n, k), p + j, chunk);
+            for (i, dst) in chunk.chunks_exact_mut(PANEL).enumerate() {
+                dst.copy_from_slice(&panel_row(w, (n, k), p + j, i));
+            }
         }
         let scratch = &scratch;
         let panel = |q: usize| &scratch[(q - p) * size..(q - p + 1) * size];
@@ -1534,9 +1565,14 @@ mod tests {
         for k in [1usize, 16, 40, 256] {
             let x = randn(&[16 * k], k as u64).to_vec1::<f32>().expect("x");
             let w = randn(&[n * k], k as u64 + 1).to_vec1::<f32>().expect("w");
-            let packed = Panels::pack(&w, n, k);
-            assert_eq!((packed.n, packed.k), (n, k));
+            // Between two other weights in one buffer, as the decode engine packs them.
+            let (before, after) = (vec![1f32; 5 * k], vec![2f32; 17 * k]);
+            let all = Panels::pack_all(&[(&before, 5, k), (&w, n, k), (&after, 17, k)]);
+            let packed = all[1].clone();
+            assert_eq!((packed.n, packed.k, packed.at), (n, k, PANEL * k));
             assert_eq!(packed.data().len(), 3 * PANEL * k);
+            assert_eq!(packed.buf.len(), 6 * PANEL * k);
+            assert_eq!(Panels::pack_all(&[(&w, n, k)])[0].data(), packed.data());
             let chain = |r: usize, c: usize| {
                 let (xr, wc) = (&x[r * k..(r + 1) * k], &w[c * k..(c + 1) * k]);
                 xr.iter().zip(wc).fold(0f32, |s, (a, b)| a.mul_add(*b, s))
