@@ -300,6 +300,7 @@ fn panel_tile16<const R: usize, const P: usize>(
     k: usize,
 ) -> TileOut<R, P> {
     use std::arch::x86_64::*;
+    let xp = x.map(<[f32]>::as_ptr);
     let mut acc = [[_mm512_setzero_ps(); P]; R];
     for i in 0..k {
         let mut wv = [_mm512_setzero_ps(); P];
@@ -312,7 +313,9 @@ fn panel_tile16<const R: usize, const P: usize>(
             _mm_prefetch::<_MM_HINT_T0>(ahead.cast::<i8>());
         }
         for r in 0..R {
-            let xv = _mm512_set1_ps(x[r][i]);
+            // SAFETY: i < k and every row of x holds k floats (`panel_tile` asserts it); no
+            // bounds check per input keeps the row pointers in registers.
+            let xv = _mm512_set1_ps(unsafe { *xp[r].add(i) });
             for j in 0..P {
                 acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
             }
@@ -340,6 +343,7 @@ fn panel_tile8<const R: usize, const P: usize>(
     k: usize,
 ) -> TileOut<R, P> {
     use std::arch::x86_64::*;
+    let xp = x.map(<[f32]>::as_ptr);
     let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
     for i in 0..k {
         let mut wv = [[_mm256_setzero_ps(); 2]; P];
@@ -353,7 +357,8 @@ fn panel_tile8<const R: usize, const P: usize>(
             _mm_prefetch::<_MM_HINT_T0>(ahead.cast::<i8>());
         }
         for r in 0..R {
-            let xv = _mm256_set1_ps(x[r][i]);
+            // SAFETY: i < k and every row of x holds k floats (`panel_tile` asserts it).
+            let xv = _mm256_set1_ps(unsafe { *xp[r].add(i) });
             for j in 0..P {
                 for h in 0..2 {
                     acc[r][j][h] = _mm256_fmadd_ps(xv, wv[j][h], acc[r][j][h]);
