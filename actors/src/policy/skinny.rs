@@ -289,8 +289,6 @@ fn panel_tile<const R: usize, const P: usize>(
 
 /// [`panel_tile`] in 16-lane registers: one weight load per panel and input index, one
 /// broadcast per row, `R · P` multiply-adds.
-// `i` walks every row and every panel in step: an index, not an iterator.
-#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -332,8 +330,6 @@ fn panel_tile16<const R: usize, const P: usize>(
 }
 
 /// [`panel_tile`] in 8-lane registers: each panel as two halves.
-// `i` walks every row and every panel in step: an index, not an iterator.
-#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
