@@ -1,9 +1,10 @@
 //! One guest execution: a fresh `Store`, WASI preview 1 over the episode directory, and the
 //! limits that wasmtime-wasi does not enforce by itself.
 //!
-//! wasmtime gives us fuel, epochs and memory limits. Output caps, write quotas and a bounded
-//! `poll_oneoff` we add by shadowing a few `wasi_snapshot_preview1` imports with host functions
-//! that account first and then forward to wasmtime-wasi. The forwarding goes through a tiny
+//! wasmtime gives us fuel, epochs and memory limits. Output caps, write quotas, a bounded
+//! `poll_oneoff` and (in deterministic mode) fixed file times we add by shadowing a few
+//! `wasi_snapshot_preview1` imports with host functions that account first and then forward to
+//! wasmtime-wasi. The forwarding goes through a tiny
 //! "pass-through" wasm module that imports the guest's memory and re-exports it as `memory`,
 //! because wasmtime-wasi's functions find guest memory through their caller's exports.
 
@@ -150,6 +151,8 @@ struct Forward {
     fd_renumber: TypedFunc<(i32, i32), i32>,
     fd_close: TypedFunc<i32, i32>,
     poll_oneoff: TypedFunc<(i32, i32, i32, i32), i32>,
+    fd_filestat_get: TypedFunc<(i32, i32), i32>,
+    path_filestat_get: TypedFunc<(i32, i32, i32, i32, i32), i32>,
 }
 
 const PASS_THROUGH_WAT: &str = r#"
@@ -165,6 +168,8 @@ const PASS_THROUGH_WAT: &str = r#"
   (import "wasi_snapshot_preview1" "fd_renumber" (func $fd_renumber (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_close" (func $fd_close (param i32) (result i32)))
   (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_filestat_get" (func $fd_filestat_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "path_filestat_get" (func $path_filestat_get (param i32 i32 i32 i32 i32) (result i32)))
   (import "guest" "memory" (memory 0))
   (export "memory" (memory 0))
   (func (export "fd_write") (param i32 i32 i32 i32) (result i32)
@@ -190,6 +195,10 @@ const PASS_THROUGH_WAT: &str = r#"
     local.get 0 call $fd_close)
   (func (export "poll_oneoff") (param i32 i32 i32 i32) (result i32)
     local.get 0 local.get 1 local.get 2 local.get 3 call $poll_oneoff)
+  (func (export "fd_filestat_get") (param i32 i32) (result i32)
+    local.get 0 local.get 1 call $fd_filestat_get)
+  (func (export "path_filestat_get") (param i32 i32 i32 i32 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 local.get 3 local.get 4 call $path_filestat_get)
 )
 "#;
 
@@ -216,6 +225,8 @@ pub(crate) struct CallState {
     /// fds 0-2 still hold the captured streams (a guest may close or renumber over them).
     stdio_intact: [bool; 3],
     root: PathBuf,
+    /// File times read as the fixed clock's epoch (see [`fixed_times`]).
+    deterministic: bool,
     deadline: Instant,
     wall_limit: Limit,
     kit: Arc<CallKit>,
@@ -311,6 +322,7 @@ pub(crate) fn execute(
         created: 0,
         stdio_intact: [true; 3],
         root: req.root.to_path_buf(),
+        deterministic: req.deterministic,
         deadline: started + wall,
         wall_limit,
         kit: kit.clone(),
@@ -477,6 +489,8 @@ fn forward(caller: &mut Caller<'_, CallState>) -> wasmtime::Result<Forward> {
         fd_renumber: instance.get_typed_func(&mut *caller, "fd_renumber")?,
         fd_close: instance.get_typed_func(&mut *caller, "fd_close")?,
         poll_oneoff: instance.get_typed_func(&mut *caller, "poll_oneoff")?,
+        fd_filestat_get: instance.get_typed_func(&mut *caller, "fd_filestat_get")?,
+        path_filestat_get: instance.get_typed_func(&mut *caller, "path_filestat_get")?,
     };
     caller.data_mut().forward = Some(f.clone());
     Ok(f)
@@ -854,7 +868,62 @@ fn add_shadows(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
                 .call(&mut caller, (subs, events, count, nevents))
         },
     )?;
+    linker.func_wrap(
+        P1,
+        "fd_filestat_get",
+        |mut caller: Caller<'_, CallState>, fd: i32, buf: i32| -> wasmtime::Result<i32> {
+            let f = forward(&mut caller)?;
+            let errno = f.fd_filestat_get.call(&mut caller, (fd, buf))?;
+            Ok(fixed_times(&mut caller, errno, buf))
+        },
+    )?;
+    linker.func_wrap(
+        P1,
+        "path_filestat_get",
+        |mut caller: Caller<'_, CallState>,
+         fd: i32,
+         flags: i32,
+         path: i32,
+         path_len: i32,
+         buf: i32|
+         -> wasmtime::Result<i32> {
+            let f = forward(&mut caller)?;
+            let errno = f
+                .path_filestat_get
+                .call(&mut caller, (fd, flags, path, path_len, buf))?;
+            Ok(fixed_times(&mut caller, errno, buf))
+        },
+    )?;
     Ok(())
+}
+
+/// Byte offset of `atim` in a WASI p1 `filestat`; `mtim` and `ctim` follow (u64 ns each).
+const FILESTAT_ATIM: usize = 40;
+
+/// In deterministic mode, overwrites the three times of the `filestat` that a successful call
+/// wrote at `buf` with the fixed clock's epoch. Host file times differ between any two runs,
+/// and guests read them even when they print nothing of them (CPython's importer stats the
+/// working directory on every import; how much fuel its float arithmetic takes depends on the
+/// value), so passing them through made fuel, `ls -l` and `os.stat` differ run to run. The
+/// guest's world then has one instant, the one its wall clock starts at: files keep their
+/// sizes, kinds and contents, and all their times are equal. Returns `errno`, or `FAULT` if
+/// the struct lies outside guest memory.
+fn fixed_times(caller: &mut Caller<'_, CallState>, errno: i32, buf: i32) -> i32 {
+    if errno != ERRNO_SUCCESS || !caller.data().deterministic {
+        return errno;
+    }
+    let Some(mem) = guest_memory(caller) else {
+        return ERRNO_FAULT;
+    };
+    let at = buf as u32 as usize + FILESTAT_ATIM;
+    let Some(times) = mem.data_mut(&mut *caller).get_mut(at..at + 24) else {
+        return ERRNO_FAULT;
+    };
+    let epoch = (FIXED_EPOCH_SECS * 1_000_000_000).to_le_bytes();
+    for t in times.chunks_exact_mut(8) {
+        t.copy_from_slice(&epoch);
+    }
+    ERRNO_SUCCESS
 }
 
 /// How long a `poll_oneoff` may block: zero if any fd subscription (always ready here, as all

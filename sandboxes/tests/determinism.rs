@@ -95,6 +95,44 @@ fn same_seed_same_outcomes() {
     );
 }
 
+/// Host file times differ between any two runs; a deterministic guest sees none of them. The
+/// episode directory's own time mattered even to code that prints nothing of it: CPython's
+/// importer stats the working directory on every import, and the fuel its float arithmetic
+/// took depended on the nanoseconds (CI once saw 506 fuel apart between two runs).
+#[test]
+fn file_times_are_the_fixed_epoch_whatever_the_host_says() {
+    require_tools();
+    let stat = "import os\n\
+for p in ['.', 'a.txt']:\n    s = os.stat(p)\n    print(s.st_atime_ns, s.st_mtime_ns, s.st_ctime_ns)\n";
+    let host_times = [
+        std::time::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 999_999_999),
+        std::time::UNIX_EPOCH + std::time::Duration::new(1_000_000_000, 1_000),
+    ];
+    let outcomes: Vec<Outcome> = host_times
+        .iter()
+        .map(|&t| {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), "a.txt", "x\n");
+            for path in [dir.path().join("a.txt"), dir.path().to_path_buf()] {
+                let file = std::fs::File::open(&path).unwrap();
+                let times = std::fs::FileTimes::new().set_accessed(t).set_modified(t);
+                file.set_times(times).unwrap();
+            }
+            let mut sb = sandbox_in(
+                dir.path(),
+                CallLimits::default(),
+                EpisodeBudget::default(),
+                7,
+            );
+            call(&mut sb, "python", json!({ "code": stat }))
+        })
+        .collect();
+    let epoch_ns = "1767225600000000000";
+    let line = format!("{epoch_ns} {epoch_ns} {epoch_ns}");
+    assert_eq!(ok(outcomes[0].clone()), format!("{line}\n{line}\n"));
+    assert_eq!(comparable(&outcomes[0]), comparable(&outcomes[1]));
+}
+
 #[test]
 fn different_seed_different_random() {
     let a = run(1);
