@@ -348,15 +348,19 @@ fn train(
     let mut step_times = Vec::new();
     let mut parts = [0.0f64; 4];
     for i in 0..opts.warmup + opts.steps {
-        let t0 = Instant::now();
-        let logits = model.forward(&ids, None, None)?;
-        let t1 = Instant::now();
-        let (loss, _) = masked_cross_entropy(&logits, &targets, &mask)?;
-        let t2 = Instant::now();
-        let grads = loss.backward()?;
-        let t3 = Instant::now();
-        opt.step(&opt.grads_from(&grads))?;
-        let t4 = Instant::now();
+        // On the compute pool, as the learner's steps run (`sft_step`, `rl_step`).
+        let (t0, t1, t2, t3, t4, loss) = klong_actors::policy::on_compute_pool(|| -> Result<_> {
+            let t0 = Instant::now();
+            let logits = model.forward(&ids, None, None)?;
+            let t1 = Instant::now();
+            let (loss, _) = masked_cross_entropy(&logits, &targets, &mask)?;
+            let t2 = Instant::now();
+            let grads = loss.backward()?;
+            let t3 = Instant::now();
+            opt.step(&opt.grads_from(&grads))?;
+            let t4 = Instant::now();
+            Ok((t0, t1, t2, t3, t4, loss))
+        })?;
         // The loss is read after the step so that the timing has no extra sync point; it is a
         // scalar already computed.
         let loss = f64::from(loss.to_scalar::<f32>()?);

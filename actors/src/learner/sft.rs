@@ -162,7 +162,22 @@ pub struct StepStats {
 /// `lr`. Logits are cast to f32 before the loss. With `precision`, the model computes over
 /// its compute copies and the optimizer holds the f32 masters; the copies are re-synced after
 /// the update.
+///
+/// Runs on the compute pool (see [`crate::policy::on_compute_pool`]).
 pub fn sft_step(
+    model: &Llama,
+    opt: &mut AdamW,
+    precision: Option<&MixedPrecision>,
+    micro: &[Vec<&SubTrajectory>],
+    lr: f64,
+    max_grad_norm: f64,
+) -> Result<StepStats, SftError> {
+    crate::policy::on_compute_pool(|| {
+        sft_step_here(model, opt, precision, micro, lr, max_grad_norm)
+    })
+}
+
+fn sft_step_here(
     model: &Llama,
     opt: &mut AdamW,
     precision: Option<&MixedPrecision>,
