@@ -3,10 +3,11 @@
 //!
 //! wasmtime gives us fuel, epochs and memory limits. Output caps, write quotas, a bounded
 //! `poll_oneoff` and (in deterministic mode) fixed file times we add by shadowing a few
-//! `wasi_snapshot_preview1` imports with host functions that account first and then forward to
-//! wasmtime-wasi. The forwarding goes through a tiny
-//! "pass-through" wasm module that imports the guest's memory and re-exports it as `memory`,
-//! because wasmtime-wasi's functions find guest memory through their caller's exports.
+//! `wasi_snapshot_preview1` imports with host functions that account, forward to
+//! wasmtime-wasi, and (for file times) rewrite what it returned. The forwarding goes through a
+//! tiny "pass-through" wasm module that imports the guest's memory and re-exports it as
+//! `memory`, because wasmtime-wasi's functions find guest memory through their caller's
+//! exports.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
