@@ -227,6 +227,12 @@ fn scores<const N: usize>(
 /// An accumulation's weights: `at(r, j)` is output row r's weight on input row j.
 trait Weights {
     fn at(&self, r: usize, j: usize) -> f32;
+
+    /// Pointers to the weights `at(r, 0)` of rows `r < R` and the distance between `at(r, j)`
+    /// and `at(r, j + 1)`, after checking (panicking otherwise) that every `at(r, j)` with
+    /// `r < R`, `j < j_end` lies inside the weights: the 16-lane kernel reads them through
+    /// the pointers.
+    fn rows<const R: usize>(&self, j_end: usize) -> ([*const f32; R], usize);
 }
 
 /// Each output row's weights as a slice: `w[r][j]`.
@@ -234,6 +240,19 @@ impl<const N: usize> Weights for [&[f32]; N] {
     #[inline(always)]
     fn at(&self, r: usize, j: usize) -> f32 {
         self[r][j]
+    }
+
+    fn rows<const R: usize>(&self, j_end: usize) -> ([*const f32; R], usize) {
+        assert!(R <= N, "{R} weight rows of {N}");
+        let mut p = [std::ptr::null(); R];
+        for (r, p) in p.iter_mut().enumerate() {
+            assert!(
+                self[r].len() >= j_end,
+                "weight row {r} shorter than {j_end}"
+            );
+            *p = self[r].as_ptr();
+        }
+        (p, 1)
     }
 }
 
@@ -250,6 +269,19 @@ impl Weights for Columns<'_> {
     #[inline(always)]
     fn at(&self, r: usize, j: usize) -> f32 {
         self.t[j][self.c + r]
+    }
+
+    fn rows<const R: usize>(&self, j_end: usize) -> ([*const f32; R], usize) {
+        assert!(
+            j_end <= BR && self.c + R <= BC,
+            "columns {} + {R} of {j_end} rows",
+            self.c
+        );
+        // The block is BR rows of BC floats, contiguous: `t[j][c + r]` is float
+        // `j · BC + c + r` of it.
+        let base = self.t.as_ptr().cast::<f32>();
+        // `c + r < BC` (asserted): inside the block's first row.
+        (std::array::from_fn(|r| base.wrapping_add(self.c + r)), BC)
     }
 }
 
@@ -352,12 +384,34 @@ fn scores16<const N: usize>(
 ) {
     const W: usize = 16;
     let d = a[0].len();
+    // Every read of the loops lies inside these bounds, checked once: the loops read through
+    // raw pointers. (A bounds check per load and per row's element was a third of the inner
+    // loop's instructions.)
+    assert!(
+        a.iter().all(|row| row.len() >= d),
+        "query rows shorter than {d}"
+    );
+    assert!(
+        d == 0 || (d - 1) * stride + c0 + w8 <= kt.len(),
+        "keys [{d}, {stride}] from {c0} + {w8} past {}",
+        kt.len()
+    );
+    let rows = a.map(<[f32]>::as_ptr);
+    let x = |r: usize, dd: usize| -> f32 {
+        // SAFETY: dd < d <= the row's length (asserted above).
+        unsafe { *rows[r].add(dd) }
+    };
     // Columns c .. c + width (width 8 or 16) of key row dd: a load of `width` lanes.
     let load = |dd: usize, c: usize, width: usize| -> __m512 {
-        let s = &kt[dd * stride + c0 + c..dd * stride + c0 + c + width];
-        // SAFETY: the masked load reads exactly the `width` floats of the bounds-checked
-        // slice `s`; AVX-512F is enabled for this function.
-        unsafe { _mm512_maskz_loadu_ps(((1u32 << width) - 1) as u16, s.as_ptr()) }
+        // SAFETY: dd < d and c + width <= w8, so the floats read, dd · stride + c0 + c ..
+        // + width, lie inside kt (asserted above); the masked load reads only `width` lanes.
+        // AVX-512F is enabled for this function.
+        unsafe {
+            _mm512_maskz_loadu_ps(
+                ((1u32 << width) - 1) as u16,
+                kt.as_ptr().add(dd * stride + c0 + c),
+            )
+        }
     };
     let store = |o: &mut [f32; BC], c: usize, width: usize, v: __m512| {
         let s = &mut o[c..c + width];
@@ -373,7 +427,7 @@ fn scores16<const N: usize>(
         for dd in 0..d {
             let k = [0, 1, 2, 3].map(|v| load(dd, c + v * W, W));
             for r in 0..N {
-                let x = _mm512_set1_ps(a[r][dd]);
+                let x = _mm512_set1_ps(x(r, dd));
                 for v in 0..4 {
                     acc[r][v] = _mm512_fmadd_ps(x, k[v], acc[r][v]);
                 }
@@ -391,7 +445,7 @@ fn scores16<const N: usize>(
         for dd in 0..d {
             let (k0, k1) = (load(dd, c, W), load(dd, c + W, W));
             for r in 0..N {
-                let x = _mm512_set1_ps(a[r][dd]);
+                let x = _mm512_set1_ps(x(r, dd));
                 acc[r][0] = _mm512_fmadd_ps(x, k0, acc[r][0]);
                 acc[r][1] = _mm512_fmadd_ps(x, k1, acc[r][1]);
             }
@@ -408,7 +462,7 @@ fn scores16<const N: usize>(
         for dd in 0..d {
             let k0 = load(dd, c, width);
             for r in 0..N {
-                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r][dd]), k0, acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x(r, dd)), k0, acc[r]);
             }
         }
         for r in 0..N {
@@ -432,6 +486,23 @@ fn accumulate16<const N: usize>(
     d: usize,
 ) {
     const W: usize = 16;
+    // The inner loops read the weights and m through raw pointers, their bounds checked
+    // once here (per-element checks spilled the weight rows' pointers to the stack).
+    let (wp, js) = w.rows::<N>(j_end);
+    assert!(
+        d.is_multiple_of(W) && (j_end == 0 || (j_end - 1) * ms + d <= m.len()),
+        "m [{j_end}, {d}] at stride {ms} past {}",
+        m.len()
+    );
+    let weight = |r: usize, j: usize| -> f32 {
+        // SAFETY: r < N and j < j_end, inside the weights (`rows` checked).
+        unsafe { *wp[r].add(j * js) }
+    };
+    let m_at = |j: usize, c: usize| -> __m512 {
+        // SAFETY: j < j_end and c + 16 <= d, so the floats read, j · ms + c .. + 16, lie
+        // inside m (asserted above). AVX-512F is enabled for this function.
+        unsafe { _mm512_loadu_ps(m.as_ptr().add(j * ms + c)) }
+    };
     let ld16 = |s: &[f32], i: usize| -> __m512 {
         let s = &s[i..i + W];
         // SAFETY: `s` holds exactly the 16 floats read (bounds-checked slice above).
@@ -449,9 +520,9 @@ fn accumulate16<const N: usize>(
             acc[r] = [ld16(out, r * os + c), ld16(out, r * os + c + W)];
         }
         for j in 0..j_end {
-            let (m0, m1) = (ld16(m, j * ms + c), ld16(m, j * ms + c + W));
+            let (m0, m1) = (m_at(j, c), m_at(j, c + W));
             for r in 0..N {
-                let x = _mm512_set1_ps(w.at(r, j));
+                let x = _mm512_set1_ps(weight(r, j));
                 acc[r][0] = _mm512_fmadd_ps(x, m0, acc[r][0]);
                 acc[r][1] = _mm512_fmadd_ps(x, m1, acc[r][1]);
             }
@@ -468,9 +539,9 @@ fn accumulate16<const N: usize>(
             acc[r] = ld16(out, r * os + c);
         }
         for j in 0..j_end {
-            let m0 = ld16(m, j * ms + c);
+            let m0 = m_at(j, c);
             for r in 0..N {
-                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(w.at(r, j)), m0, acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(weight(r, j)), m0, acc[r]);
             }
         }
         for r in 0..N {
