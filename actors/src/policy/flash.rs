@@ -385,8 +385,8 @@ fn scores16<const N: usize>(
     const W: usize = 16;
     let d = a[0].len();
     // Every read of the loops lies inside these bounds, checked once: the loops read through
-    // raw pointers. (A bounds check per load and per row's element was a third of the inner
-    // loop's instructions.)
+    // raw pointers. (A bounds check per load and per row's element was over a third of the
+    // inner loop's instructions: 21 of 49.)
     assert!(
         a.iter().all(|row| row.len() >= d),
         "query rows shorter than {d}"
