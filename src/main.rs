@@ -210,7 +210,7 @@ struct SandboxRunArgs {
     /// Seed of the guest's randomness.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Real clocks and OS randomness instead of deterministic ones.
+    /// Real clocks, host file times and OS randomness instead of deterministic ones.
     #[arg(long)]
     nondeterministic: bool,
     /// File whose bytes are the tool's stdin.
