@@ -16,6 +16,7 @@ use super::sft::sft_step;
 use super::split::SubTrajectory;
 use crate::messages::{LearnerFailure, LearnerMsg};
 use crate::policy::model::Llama;
+use crate::policy::on_compute_pool;
 
 pub struct LearnerArgs {
     /// Built over the optimizer's variables (a `VarMap` model): a step changes it in place.
@@ -62,10 +63,14 @@ impl Actor for Learner {
                 max_grad_norm,
                 reply,
             } => {
+                // On the compute pool: the step's parallel loops run from a pool thread
+                // instead of parking this one on each (`on_compute_pool`).
                 let out = tokio::task::block_in_place(|| {
-                    let rows: Vec<Vec<&SubTrajectory>> =
-                        micro.iter().map(|m| m.iter().collect()).collect();
-                    sft_step(&state.model, &mut state.opt, None, &rows, lr, max_grad_norm)
+                    on_compute_pool(|| {
+                        let rows: Vec<Vec<&SubTrajectory>> =
+                            micro.iter().map(|m| m.iter().collect()).collect();
+                        sft_step(&state.model, &mut state.opt, None, &rows, lr, max_grad_norm)
+                    })
                 });
                 let _ = reply.send(out.map_err(|e| LearnerFailure::Step(e.to_string())));
             }
@@ -77,17 +82,19 @@ impl Actor for Learner {
                 reply,
             } => {
                 let out = tokio::task::block_in_place(|| {
-                    let rows: Vec<Vec<&SubTrajectory>> =
-                        micro.iter().map(|m| m.iter().collect()).collect();
-                    rl_step(
-                        &state.model,
-                        state.reference.as_ref(),
-                        &mut state.opt,
-                        &rows,
-                        &hyper,
-                        lr,
-                        max_grad_norm,
-                    )
+                    on_compute_pool(|| {
+                        let rows: Vec<Vec<&SubTrajectory>> =
+                            micro.iter().map(|m| m.iter().collect()).collect();
+                        rl_step(
+                            &state.model,
+                            state.reference.as_ref(),
+                            &mut state.opt,
+                            &rows,
+                            &hyper,
+                            lr,
+                            max_grad_norm,
+                        )
+                    })
                 });
                 let _ = reply.send(out.map_err(|e| LearnerFailure::Step(e.to_string())));
             }

@@ -220,23 +220,9 @@ fn logprobs(
 
 /// One optimizer step on `micro` (groups of sub-trajectories, each with behaviour logprobs
 /// and an advantage): the loss of the module docs, gradients accumulated over micro-batches,
-/// clipped to `max_grad_norm` (if > 0), AdamW at `lr`. Runs on the compute pool (see
-/// [`crate::policy::on_compute_pool`]).
+/// clipped to `max_grad_norm` (if > 0), AdamW at `lr`. Call it on the compute pool
+/// ([`crate::policy::on_compute_pool`]), as the learner does.
 pub fn rl_step(
-    model: &Llama,
-    reference: Option<&Llama>,
-    opt: &mut AdamW,
-    micro: &[Vec<&SubTrajectory>],
-    hp: &RlHyper,
-    lr: f64,
-    max_grad_norm: f64,
-) -> Result<RlStepStats, RlError> {
-    crate::policy::on_compute_pool(|| {
-        rl_step_here(model, reference, opt, micro, hp, lr, max_grad_norm)
-    })
-}
-
-fn rl_step_here(
     model: &Llama,
     reference: Option<&Llama>,
     opt: &mut AdamW,

@@ -163,21 +163,8 @@ pub struct StepStats {
 /// its compute copies and the optimizer holds the f32 masters; the copies are re-synced after
 /// the update.
 ///
-/// Runs on the compute pool (see [`crate::policy::on_compute_pool`]).
+/// Call it on the compute pool ([`crate::policy::on_compute_pool`]), as the learner does.
 pub fn sft_step(
-    model: &Llama,
-    opt: &mut AdamW,
-    precision: Option<&MixedPrecision>,
-    micro: &[Vec<&SubTrajectory>],
-    lr: f64,
-    max_grad_norm: f64,
-) -> Result<StepStats, SftError> {
-    crate::policy::on_compute_pool(|| {
-        sft_step_here(model, opt, precision, micro, lr, max_grad_norm)
-    })
-}
-
-fn sft_step_here(
     model: &Llama,
     opt: &mut AdamW,
     precision: Option<&MixedPrecision>,

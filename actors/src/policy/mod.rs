@@ -26,10 +26,10 @@ pub(crate) mod vexp;
 /// fused kernels' parallel loops run). A parallel loop started from outside the pool blocks
 /// its caller until a pool thread wakes, does the work and wakes the caller back; started from
 /// a pool thread, it works on its own share at once and the other threads steal the rest.
-/// Decoding and every training step (`sft_step`, `rl_step`, the model bench) run here: model
-/// R's training step has a few hundred parallel loops, and started from the caller's thread
-/// they cost ~1,800 context switches per step; on the pool ~370, and the step is ~4% shorter
-/// (`benches/peer/README.md`, session 26).
+/// Decoding and every training step (the learner's SFT and RL steps, the model bench) run
+/// here: model R's training step has a few hundred parallel loops, and started from the
+/// caller's thread they cost ~1,800 context switches per step; on the pool ~370, and the step
+/// is ~4% shorter (`benches/peer/README.md`, session 26).
 pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
