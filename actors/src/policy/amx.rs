@@ -803,7 +803,6 @@ unsafe fn gemm_pass(
             let r0 = t * TASK_ROWS;
             let rows = (m - r0).min(TASK_ROWS);
             let blocks = rows.div_ceil(BLOCK);
-            let mut cbuf = [Line([0; 32]); 2 * BLOCK];
             let mut k0 = 0;
             while k0 < kb {
                 let kc = K_CHUNK.min(kb - k0);
@@ -811,86 +810,31 @@ unsafe fn gemm_pass(
                 let load = accumulate || k0 > 0;
                 let group = (L2_BYTES / (chunk * 2)).max(1);
                 with_panels(&A_PANELS, blocks * chunk, |ap| {
-                    // SAFETY: the caller's contract; column k0 * 32 < k lies inside a's
-                    // matrix, and `ak` holds its `[m, k - k0 * 32]` rest.
-                    let ak = Operand {
-                        ptr: unsafe { a.ptr.add(k0 * BLOCK * a.cs) },
-                        ..a
-                    };
-                    let kk = (k - k0 * BLOCK).min(kc * BLOCK);
-                    if a.rs == 1 && rows == blocks * BLOCK {
-                        // Columns contiguous (an activation's transpose): a K block of all the
-                        // task's panels at a time, so that each of its 32 rows of the source
-                        // is read as one run of the task's columns, not a panel's 128 bytes.
-                        for blk in 0..kc {
-                            let at = Operand {
-                                // SAFETY: as above; column blk * 32 < kk of ak.
-                                ptr: unsafe { ak.ptr.add(blk * BLOCK * a.cs) },
-                                ..ak
-                            };
-                            // The next K block's 32 source rows (the task's 128 columns of
-                            // each), asked for while this one is packed: rows kilobytes apart
-                            // are beyond the hardware prefetcher.
-                            if blk + 1 < kc {
-                                let next = at.ptr.wrapping_add(BLOCK * a.cs + r0);
-                                for row in 0..BLOCK {
-                                    for line in 0..rows.div_ceil(16) {
-                                        let p = next.wrapping_add(row * a.cs + line * 16);
-                                        // SAFETY: a prefetch never faults.
-                                        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>()) };
-                                    }
-                                }
-                            }
-                            let width = BLOCK.min(kk - blk * BLOCK);
-                            for (i, p) in ap.chunks_mut(chunk).enumerate() {
-                                let dst = &mut p[blk * KBLOCK..(blk + 1) * KBLOCK];
-                                // SAFETY: `at` holds `[m, kk - blk * 32]`, of which this
-                                // K block's `width` columns are read.
-                                unsafe { pack_a(dst, at, r0 + i * BLOCK, m, width) };
-                            }
-                        }
-                    } else {
-                        for (i, p) in ap.chunks_mut(chunk).enumerate() {
-                            // SAFETY: as above.
-                            unsafe { pack_a(p, ak, r0 + i * BLOCK, m, kk) };
-                        }
-                    }
+                    // SAFETY: the caller's contract: a holds `[m, k]`, rows r0.. and K blocks
+                    // k0..k0 + kc lie inside it.
+                    unsafe { pack_a_panels(ap, a, (m, k), (r0, rows), (k0, kc)) };
                     // SAFETY: the caller's contract (`available`).
                     unsafe { configure() };
                     let mut g0 = 0;
                     while g0 < nb {
                         let g1 = (g0 + group).min(nb);
-                        for i in 0..blocks {
-                            let i0 = r0 + i * BLOCK;
-                            let rows = (m - i0).min(BLOCK);
-                            let ai = ap[i * chunk..].as_ptr();
-                            for j in g0..g1 {
-                                let j0 = j * BLOCK;
-                                let cols = (n - j0).min(BLOCK);
-                                let bj = bp[j * panel + k0 * KBLOCK..].as_ptr();
-                                // SAFETY: rows r0..r0 + TASK_ROWS of dst belong to this task.
-                                unsafe {
-                                    let c = out.0.add(i0 * ldc + j0);
-                                    if rows == BLOCK && cols == BLOCK {
-                                        block(ai, bj, kc, c, c.add(16 * ldc), ldc * 4, load);
-                                    } else {
-                                        let cb = halves(&mut cbuf).as_mut_ptr().cast::<f32>();
-                                        for r in 0..rows {
-                                            for cc in 0..cols {
-                                                *cb.add(r * BLOCK + cc) =
-                                                    if load { *c.add(r * ldc + cc) } else { 0.0 };
-                                            }
-                                        }
-                                        block(ai, bj, kc, cb, cb.add(16 * BLOCK), BLOCK * 4, true);
-                                        for r in 0..rows {
-                                            for cc in 0..cols {
-                                                *c.add(r * ldc + cc) = *cb.add(r * BLOCK + cc);
-                                            }
-                                        }
-                                    }
-                                }
-                            }
-                        }
+                        let panels = BPanels {
+                            first: bp[k0 * KBLOCK..].as_ptr(),
+                            stride: panel,
+                        };
+                        // SAFETY: rows r0..r0 + rows of dst belong to this task; the panels
+                        // hold kc K blocks from k0 for columns g0 * 32 .. g1 * 32.
+                        unsafe {
+                            run_blocks(
+                                out,
+                                ldc,
+                                (m, n),
+                                (ap, chunk, r0),
+                                panels,
+                                (g0, g1),
+                                (kc, load),
+                            )
+                        };
                         g0 = g1;
                     }
                     // SAFETY: as above.
@@ -900,6 +844,286 @@ unsafe fn gemm_pass(
             }
         });
     });
+}
+
+/// Output bytes per group of rows of a long product: the group's rows of its part's sum stay
+/// in L2 while the group's blocks run.
+const LONG_OUT_BYTES: usize = 256 << 10;
+/// Packed B bytes per K chunk of a long product (all of B's panels over the chunk).
+const LONG_B_BYTES: usize = 512 << 10;
+/// K blocks per part of a long product, at least (1,024 of K); at most [`LONG_PARTS`] parts.
+const LONG_PART: usize = 32;
+/// Parts of a long product, at most: each part's sum but the first is a buffer of its own.
+const LONG_PARTS: usize = 8;
+/// The most bytes of those buffers: a wide output has fewer, longer parts.
+const LONG_SUM_BYTES: usize = 64 << 20;
+/// The widest B of a long product: its packed chunk must stay small ([`LONG_B_BYTES`]).
+const LONG_MAX_N: usize = 1024;
+
+/// Whether a product with K long against its sides and B `n` columns wide runs as
+/// [`gemm_long`]: no wider than [`LONG_MAX_N`] (a task's packed chunk of B is one K block of
+/// all its panels at least).
+pub(crate) fn suits_long(n: usize) -> bool {
+    n <= LONG_MAX_N
+}
+
+/// `dst = a · b` for a `[m, k] x [k, n]` product whose K is long against m and n (a weight's
+/// gradient: a sum over every token of the batch): sums over parts of K, each task packing
+/// the panels it reads itself.
+///
+/// [`gemm`] packs B whole up front, spread over the threads, and each task of 128 output rows
+/// reads all of it: with m and n a few hundred, B is megabytes, and every task read it from
+/// L3, much of it packed by the other core (model R's weight gradients ran at 25-45 ns per
+/// `tdpbf16ps`, packing included, against 18-24 for its other products). Here a task is a
+/// part of K (1,024 at least): it walks its part in chunks, packs the chunk's B panels (at
+/// most [`LONG_B_BYTES`]), then, group of rows by group (each group's rows of the sum at
+/// most [`LONG_OUT_BYTES`]), the group's A panels, and runs the group's blocks, so that what
+/// the kernel reads was written by the same core moments before and is still in its L2. The
+/// parts' sums are added in K's order at the end. Alone, at model R's weight-gradient shapes
+/// with K 4,096 (2 threads, best of eight rounds): 1.25-1.4x faster than [`gemm`] where m is
+/// 256 or 512, the same where it is 1,536.
+///
+/// A part per task leaves threads idle where there are fewer parts than threads (4 for a K
+/// of 4,096): the parts, groups and chunks depend on the shapes only, each part's sum runs on
+/// one thread in a fixed order, and so the results do not depend on the thread count.
+///
+/// # Safety
+/// `available()`; `a`, `b` hold their matrices; `dst` points to `m · n` writable floats that
+/// nothing else touches during the call; m, n, k > 0 and `suits_long`.
+pub(crate) unsafe fn gemm_long(
+    dst: *mut f32,
+    (m, k, n): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+) {
+    let kb = k.div_ceil(BLOCK);
+    let nb = n.div_ceil(BLOCK);
+    let max_parts = (1 + LONG_SUM_BYTES / (4 * m * n).max(1)).min(LONG_PARTS);
+    let part = LONG_PART.max(kb.div_ceil(max_parts));
+    let parts = kb.div_ceil(part);
+    let group_rows = (LONG_OUT_BYTES / (4 * nb * BLOCK) / BLOCK).max(1) * BLOCK;
+    let kc_max = (LONG_B_BYTES / (nb * KBLOCK * 2)).clamp(1, K_CHUNK);
+    // Part 0 sums into dst, part p > 0 into a buffer of its own; every element of each is
+    // written (the first chunk of a part stores its blocks without reading them).
+    let mut sums: Vec<Vec<f32>> = (1..parts).map(|_| Vec::with_capacity(m * n)).collect();
+    let outs: Vec<Out> = std::iter::once(Out(dst))
+        .chain(sums.iter_mut().map(|v| Out(v.as_mut_ptr())))
+        .collect();
+    (0..parts).into_par_iter().for_each(|p| {
+        let (a, b) = (a, b);
+        let out = outs[p];
+        let (k_first, k_end) = (p * part, ((p + 1) * part).min(kb));
+        let mut k0 = k_first;
+        while k0 < k_end {
+            let kc = kc_max.min(k_end - k0);
+            let chunk = kc * KBLOCK;
+            let kk = (k - k0 * BLOCK).min(kc * BLOCK);
+            with_panels(&B_PANELS, nb * chunk, |bp| {
+                // A K block of every panel at a time: B's rows are read in order.
+                for blk in 0..kc {
+                    let bk = Operand {
+                        // SAFETY: the caller's contract; row (k0 + blk) * 32 < k lies inside
+                        // b's matrix, and `bk` holds its rest.
+                        ptr: unsafe { b.ptr.add((k0 + blk) * BLOCK * b.rs) },
+                        ..b
+                    };
+                    let width = BLOCK.min(kk - blk * BLOCK);
+                    for j in 0..nb {
+                        let at = j * chunk + blk * KBLOCK;
+                        // SAFETY: `bk` holds the block's `width` rows and columns j * 32.. .
+                        unsafe { pack_b(&mut bp[at..at + KBLOCK], bk, j * BLOCK, n, width) };
+                    }
+                }
+                for r0 in (0..m).step_by(group_rows) {
+                    let rows = (m - r0).min(group_rows);
+                    let blocks = rows.div_ceil(BLOCK);
+                    with_panels(&A_PANELS, blocks * chunk, |ap| {
+                        // SAFETY: the caller's contract; rows r0.. < m, K blocks k0.. < kb.
+                        unsafe { pack_a_panels(ap, a, (m, k), (r0, rows), (k0, kc)) };
+                        let panels = BPanels {
+                            first: bp.as_ptr(),
+                            stride: chunk,
+                        };
+                        // SAFETY: `available` (the caller's contract); part p's sum is this
+                        // task's, each block written by its first chunk before any reads it.
+                        unsafe {
+                            configure();
+                            let load = k0 > k_first;
+                            run_blocks(
+                                out,
+                                n,
+                                (m, n),
+                                (ap, chunk, r0),
+                                panels,
+                                (0, nb),
+                                (kc, load),
+                            );
+                            release();
+                        }
+                    });
+                }
+            });
+            k0 += kc;
+        }
+    });
+    // SAFETY: every element of each part's sum was written above (its tasks cover all rows,
+    // their blocks all columns, and a part's first chunk writes without reading).
+    unsafe {
+        for v in &mut sums {
+            v.set_len(m * n);
+        }
+    }
+    // SAFETY: the caller's contract: dst holds m · n floats, all written above.
+    let dst = unsafe { std::slice::from_raw_parts_mut(dst, m * n) };
+    dst.par_chunks_mut(n * 64).enumerate().for_each(|(i, d)| {
+        let at = i * n * 64;
+        let len = d.len();
+        for s in &sums {
+            for (x, y) in d.iter_mut().zip(&s[at..at + len]) {
+                *x += y;
+            }
+        }
+    });
+}
+
+/// A task's A panels: the `rows` rows from `r0` (a multiple of 32; zeros past `m`), over the
+/// `kc` K blocks from `k0`, packed into `ap` (one run of `kc` K blocks per panel).
+///
+/// # Safety
+/// `a` holds `[m, k]`; `r0 < m`, `k0 < k.div_ceil(32)`; `ap` holds `rows.div_ceil(32)` runs.
+unsafe fn pack_a_panels(
+    ap: &mut [u16],
+    a: Operand,
+    (m, k): (usize, usize),
+    (r0, rows): (usize, usize),
+    (k0, kc): (usize, usize),
+) {
+    let chunk = kc * KBLOCK;
+    let blocks = rows.div_ceil(BLOCK);
+    // SAFETY: the caller's contract; column k0 * 32 < k lies inside a's matrix, and `ak`
+    // holds its `[m, k - k0 * 32]` rest.
+    let ak = Operand {
+        ptr: unsafe { a.ptr.add(k0 * BLOCK * a.cs) },
+        ..a
+    };
+    let kk = (k - k0 * BLOCK).min(kc * BLOCK);
+    if a.rs == 1 && rows == blocks * BLOCK {
+        // Columns contiguous (an activation's transpose): a K block of all the task's panels
+        // at a time, so that each of its 32 rows of the source is read as one run of the
+        // task's columns, not a panel's 128 bytes.
+        for blk in 0..kc {
+            let at = Operand {
+                // SAFETY: as above; column blk * 32 < kk of ak.
+                ptr: unsafe { ak.ptr.add(blk * BLOCK * a.cs) },
+                ..ak
+            };
+            // The next K block's 32 source rows (the task's columns of each), asked for while
+            // this one is packed: rows kilobytes apart are beyond the hardware prefetcher.
+            if blk + 1 < kc {
+                let next = at.ptr.wrapping_add(BLOCK * a.cs + r0);
+                for row in 0..BLOCK {
+                    for line in 0..rows.div_ceil(16) {
+                        let p = next.wrapping_add(row * a.cs + line * 16);
+                        // SAFETY: a prefetch never faults.
+                        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>()) };
+                    }
+                }
+            }
+            let width = BLOCK.min(kk - blk * BLOCK);
+            for (i, p) in ap.chunks_mut(chunk).take(blocks).enumerate() {
+                let dst = &mut p[blk * KBLOCK..(blk + 1) * KBLOCK];
+                // SAFETY: `at` holds `[m, kk - blk * 32]`, of which this K block's `width`
+                // columns are read.
+                unsafe { pack_a(dst, at, r0 + i * BLOCK, m, width) };
+            }
+        }
+    } else {
+        for (i, p) in ap.chunks_mut(chunk).take(blocks).enumerate() {
+            // SAFETY: as above.
+            unsafe { pack_a(p, ak, r0 + i * BLOCK, m, kk) };
+        }
+    }
+}
+
+/// Packed B panels: panel j's K blocks start at `first + j * stride` (u16s).
+#[derive(Clone, Copy)]
+struct BPanels {
+    first: *const u16,
+    stride: usize,
+}
+
+/// The output blocks of a task's rows `r0..` (A's packed panels `ap`, `chunk` u16s apart)
+/// and B's panels `g0..g1`, each `c (+)= a · b` over `kc` K blocks (`load`: add to dst).
+/// Blocks past dst's edge (`m`, `n`) run on a copy.
+///
+/// # Safety
+/// `available()` and [`configure`] on this thread; dst's rows `r0..` (`ap`'s panels' rows,
+/// below m) and columns `g0 * 32..` (below n) are this caller's, `ldc` floats apart, and
+/// initialized with `load`; the panels hold `kc` K blocks.
+unsafe fn run_blocks(
+    out: Out,
+    ldc: usize,
+    (m, n): (usize, usize),
+    (ap, chunk, r0): (&[u16], usize, usize),
+    panels: BPanels,
+    (g0, g1): (usize, usize),
+    (kc, load): (usize, bool),
+) {
+    let mut cbuf = [Line([0; 32]); 2 * BLOCK];
+    let blocks = ap.len() / chunk;
+    for i in 0..blocks {
+        let i0 = r0 + i * BLOCK;
+        if i0 >= m {
+            break;
+        }
+        let rows = (m - i0).min(BLOCK);
+        let ai = ap[i * chunk..].as_ptr();
+        for j in g0..g1 {
+            let j0 = j * BLOCK;
+            let cols = (n - j0).min(BLOCK);
+            let bj = panels.first.wrapping_add(j * panels.stride);
+            // The next block's output lines, asked for while this block runs: its stores
+            // (and, with `load`, its loads) otherwise wait on lines of an output that is
+            // megabytes, not in cache (a K of 256 is 192 `tdpbf16ps` per 4 KiB of output).
+            let (ni, nj) = if j + 1 < g1 {
+                (i0, j0 + BLOCK)
+            } else {
+                (i0 + BLOCK, g0 * BLOCK)
+            };
+            // Only this caller's blocks: another task may be writing the rows past them.
+            let end = (r0 + blocks * BLOCK).min(m);
+            if ni < end {
+                let next = out.0.wrapping_add(ni * ldc + nj);
+                for r in 0..BLOCK.min(end - ni) {
+                    let p = next.wrapping_add(r * ldc);
+                    // A prefetch never faults (a row's second line may lie past the block's
+                    // columns; it is then a stray fetch).
+                    _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>());
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(16).cast::<i8>());
+                }
+            }
+            // SAFETY: the caller's contract: block (i0, j0) of dst is this caller's.
+            unsafe {
+                let c = out.0.add(i0 * ldc + j0);
+                if rows == BLOCK && cols == BLOCK {
+                    block(ai, bj, kc, c, c.add(16 * ldc), ldc * 4, load);
+                } else {
+                    let cb = halves(&mut cbuf).as_mut_ptr().cast::<f32>();
+                    for r in 0..rows {
+                        for cc in 0..cols {
+                            *cb.add(r * BLOCK + cc) = if load { *c.add(r * ldc + cc) } else { 0.0 };
+                        }
+                    }
+                    block(ai, bj, kc, cb, cb.add(16 * BLOCK), BLOCK * 4, true);
+                    for r in 0..rows {
+                        for cc in 0..cols {
+                            *c.add(r * ldc + cc) = *cb.add(r * BLOCK + cc);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1130,32 +1354,91 @@ mod tests {
                 for accumulate in [false, true] {
                     let two = run(2, accumulate);
                     assert!(two == run(1, accumulate), "threads: {m}x{k}x{n} {ta} {tb}");
-                    let (mut err, mut plain_err, mut sum_err, mut sum_plain) =
-                        (0f64, 0f64, 0f64, 0f64);
-                    for i in 0..m {
-                        for j in 0..n {
-                            let base = if accumulate { start[i * n + j] } else { 0.0 };
-                            let (mut exact, mut plain) = (base as f64, base);
-                            for kk in 0..k {
-                                let (x, y) = (at(ao, i, kk), at(bo, kk, j));
-                                exact += x as f64 * y as f64;
-                                plain = x.mul_add(y, plain);
-                            }
-                            let e = (two[i * n + j] as f64 - exact).abs();
-                            let pe = (plain as f64 - exact).abs();
-                            err = err.max(e);
-                            plain_err = plain_err.max(pe);
-                            sum_err += e;
-                            sum_plain += pe;
-                        }
-                    }
+                    let base = |i: usize| if accumulate { start[i] } else { 0.0 };
                     let what = format!("{m}x{k}x{n} {ta} {tb} +{accumulate}");
-                    assert!(
-                        err <= 2.0 * plain_err && sum_err <= 1.5 * sum_plain,
-                        "{what}: max {err:e} (plain {plain_err:e}), sum {sum_err:e} (plain {sum_plain:e})"
-                    );
+                    assert_f32_accurate(&two, base, (m, k, n), (ao, bo), &what);
                 }
             }
+        }
+    }
+
+    /// `c` (`[m, n]`, `base(i)` plus `a · b` at element i) against an f64 reference, next to a
+    /// plain f32 sum's error: within 2x at the worst element and 1.5x summed over all.
+    fn assert_f32_accurate(
+        c: &[f32],
+        base: impl Fn(usize) -> f32,
+        (m, k, n): (usize, usize, usize),
+        (ao, bo): (Operand, Operand),
+        what: &str,
+    ) {
+        let (mut err, mut plain_err, mut sum_err, mut sum_plain) = (0f64, 0f64, 0f64, 0f64);
+        for i in 0..m {
+            for j in 0..n {
+                let b0 = base(i * n + j);
+                let (mut exact, mut plain) = (b0 as f64, b0);
+                for kk in 0..k {
+                    let (x, y) = (at(ao, i, kk), at(bo, kk, j));
+                    exact += x as f64 * y as f64;
+                    plain = x.mul_add(y, plain);
+                }
+                let e = (c[i * n + j] as f64 - exact).abs();
+                let pe = (plain as f64 - exact).abs();
+                err = err.max(e);
+                plain_err = plain_err.max(pe);
+                sum_err += e;
+                sum_plain += pe;
+            }
+        }
+        assert!(
+            err <= 2.0 * plain_err && sum_err <= 1.5 * sum_plain,
+            "{what}: max {err:e} (plain {plain_err:e}), sum {sum_err:e} (plain {sum_plain:e})"
+        );
+    }
+
+    /// A long product: parts of K (the last one short, and the last K block too), groups of
+    /// rows, chunks of K within a part, and blocks past the edges of m and n. Its results are
+    /// f32-accurate and the same bits on any number of threads.
+    #[test]
+    fn long_products_are_f32_accurate_and_thread_independent() {
+        if !available() {
+            eprintln!("skipped: this CPU or kernel has no AMX");
+            return;
+        }
+        // (300, 2100, 200): three parts (32, 32 and 2 K blocks), two groups of rows (288 and
+        // 12), chunks of 12, 12 and 8 K blocks; (70, 1100, 40): two parts, one group.
+        for ((m, k, n), (ta, tb)) in [
+            ((300, 2100, 200), (true, false)),
+            ((70, 1100, 40), (false, true)),
+        ] {
+            assert!(suits_long(n));
+            let a = values(m * k, 11);
+            let b = values(k * n, 12);
+            let (ao, bo) = (operand(&a, (m, k), ta), operand(&b, (k, n), tb));
+            let run = |threads: usize| {
+                let mut c = vec![f32::NAN; m * n];
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("pool");
+                // SAFETY: the operands hold their matrices; c is [m, n] and ours.
+                pool.install(|| unsafe { gemm_long(c.as_mut_ptr(), (m, k, n), ao, bo) });
+                c
+            };
+            let two = run(2);
+            let bits = |c: &[f32]| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            for threads in [1, 3] {
+                assert!(
+                    bits(&two) == bits(&run(threads)),
+                    "{m}x{k}x{n} on {threads} threads"
+                );
+            }
+            assert_f32_accurate(
+                &two,
+                |_| 0.0,
+                (m, k, n),
+                (ao, bo),
+                &format!("long {m}x{k}x{n}"),
+            );
         }
     }
 }

@@ -376,7 +376,9 @@ const SPLIT_K_MIN: usize = 2048;
 /// an output of a few hundred rows and columns leaves its threads short of work (model R's
 /// weight gradients ran at ~180-215 GFLOP/s whole, ~235-275 in halves, on this 2-core host;
 /// on AMX tiles, 210-360 whole and 315-400 in halves, each half's B packed by its own thread).
-/// Always two halves, whatever the thread count, so results do not depend on it.
+/// Always two halves, whatever the thread count, so results do not depend on it. On AMX tiles
+/// the product runs as [`super::amx::gemm_long`] instead: parts of K, each packed and summed
+/// by one task.
 pub(crate) fn gemm_new(m: usize, k: usize, n: usize, a: Mat, b: Mat) -> Result<Vec<f32>> {
     let Some(len) = m.checked_mul(n) else {
         candle_core::bail!("gemm: [{m}, {n}] overflows");
@@ -390,6 +392,24 @@ pub(crate) fn gemm_new(m: usize, k: usize, n: usize, a: Mat, b: Mat) -> Result<V
     let threads = candle_core::utils::get_num_threads().max(1);
     if k < SPLIT_K_MIN || k < 2 * m.max(n) || len == 0 {
         return Ok(gemm_fresh(len, (m, k, n), a, b, threads));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if on_amx((m, k, n), &a) && super::amx::suits_long(n) {
+        // The halves, each an AMX product of its own, read B packed by both threads from L3
+        // (model R's weight gradients ran 1.15-1.4x slower so, `benches/peer/README.md`).
+        let mut dst: Vec<f32> = Vec::with_capacity(len);
+        let operand = |x: Mat| super::amx::Operand {
+            ptr: x.data.as_ptr(),
+            rs: x.rs,
+            cs: x.cs,
+        };
+        // SAFETY: the operands hold their matrices (checked above), k > 0, `dst` has room
+        // for `m · n` floats, and `gemm_long` writes every one of them.
+        unsafe {
+            super::amx::gemm_long(dst.as_mut_ptr(), (m, k, n), operand(a), operand(b));
+            dst.set_len(len);
+        }
+        return Ok(dst);
     }
     let h = k / 2;
     // The halves of the sum: a's first h columns and b's first h rows, then the rest (both
