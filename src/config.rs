@@ -485,7 +485,8 @@ pub struct SandboxConfig {
     /// How long a queued call waits before it is refused.
     #[serde(deserialize_with = "klong_sandbox::limits::positive::duration")]
     pub queue_timeout: HumanDuration,
-    /// Fixed ticking clocks, fixed file times and seeded randomness in guests.
+    /// Fixed ticking clocks, fixed file times and inode numbers, and seeded randomness in
+    /// guests.
     pub deterministic: bool,
     /// Limits of every tool call.
     pub call: CallLimits,

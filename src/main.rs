@@ -210,7 +210,8 @@ struct SandboxRunArgs {
     /// Seed of the guest's randomness.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Real clocks, host file times and OS randomness instead of deterministic ones.
+    /// Real clocks, host file times and inode numbers, and OS randomness instead of
+    /// deterministic ones.
     #[arg(long)]
     nondeterministic: bool,
     /// File whose bytes are the tool's stdin.

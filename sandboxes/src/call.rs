@@ -2,9 +2,9 @@
 //! limits that wasmtime-wasi does not enforce by itself.
 //!
 //! wasmtime gives us fuel, epochs and memory limits. Output caps, write quotas, a bounded
-//! `poll_oneoff` and (in deterministic mode) fixed file times we add by shadowing a few
-//! `wasi_snapshot_preview1` imports with host functions that account, forward to
-//! wasmtime-wasi, and (for file times) rewrite what it returned. The forwarding goes through a
+//! `poll_oneoff` and (in deterministic mode) fixed file times and inode numbers we add by
+//! shadowing a few `wasi_snapshot_preview1` imports with host functions that account, forward
+//! to wasmtime-wasi, and (for file times and inode numbers) rewrite what it returned. The forwarding goes through a
 //! tiny "pass-through" wasm module that imports the guest's memory and re-exports it as
 //! `memory`, because wasmtime-wasi's functions find guest memory through their caller's
 //! exports.
@@ -154,6 +154,7 @@ struct Forward {
     poll_oneoff: TypedFunc<(i32, i32, i32, i32), i32>,
     fd_filestat_get: TypedFunc<(i32, i32), i32>,
     path_filestat_get: TypedFunc<(i32, i32, i32, i32, i32), i32>,
+    fd_readdir: TypedFunc<(i32, i32, i32, i64, i32), i32>,
 }
 
 const PASS_THROUGH_WAT: &str = r#"
@@ -171,6 +172,7 @@ const PASS_THROUGH_WAT: &str = r#"
   (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_filestat_get" (func $fd_filestat_get (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "path_filestat_get" (func $path_filestat_get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_readdir" (func $fd_readdir (param i32 i32 i32 i64 i32) (result i32)))
   (import "guest" "memory" (memory 0))
   (export "memory" (memory 0))
   (func (export "fd_write") (param i32 i32 i32 i32) (result i32)
@@ -200,6 +202,8 @@ const PASS_THROUGH_WAT: &str = r#"
     local.get 0 local.get 1 call $fd_filestat_get)
   (func (export "path_filestat_get") (param i32 i32 i32 i32 i32) (result i32)
     local.get 0 local.get 1 local.get 2 local.get 3 local.get 4 call $path_filestat_get)
+  (func (export "fd_readdir") (param i32 i32 i32 i64 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 local.get 3 local.get 4 call $fd_readdir)
 )
 "#;
 
@@ -226,8 +230,10 @@ pub(crate) struct CallState {
     /// fds 0-2 still hold the captured streams (a guest may close or renumber over them).
     stdio_intact: [bool; 3],
     root: PathBuf,
-    /// File times read as the fixed clock's epoch (see [`fixed_times`]).
+    /// File times read as the fixed clock's epoch and inode numbers as the order the call
+    /// first saw them in (see [`deterministic_filestat`]).
     deterministic: bool,
+    inodes: GuestInodes,
     deadline: Instant,
     wall_limit: Limit,
     kit: Arc<CallKit>,
@@ -324,6 +330,7 @@ pub(crate) fn execute(
         stdio_intact: [true; 3],
         root: req.root.to_path_buf(),
         deterministic: req.deterministic,
+        inodes: GuestInodes::default(),
         deadline: started + wall,
         wall_limit,
         kit: kit.clone(),
@@ -492,6 +499,7 @@ fn forward(caller: &mut Caller<'_, CallState>) -> wasmtime::Result<Forward> {
         poll_oneoff: instance.get_typed_func(&mut *caller, "poll_oneoff")?,
         fd_filestat_get: instance.get_typed_func(&mut *caller, "fd_filestat_get")?,
         path_filestat_get: instance.get_typed_func(&mut *caller, "path_filestat_get")?,
+        fd_readdir: instance.get_typed_func(&mut *caller, "fd_readdir")?,
     };
     caller.data_mut().forward = Some(f.clone());
     Ok(f)
@@ -875,7 +883,7 @@ fn add_shadows(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
         |mut caller: Caller<'_, CallState>, fd: i32, buf: i32| -> wasmtime::Result<i32> {
             let f = forward(&mut caller)?;
             let errno = f.fd_filestat_get.call(&mut caller, (fd, buf))?;
-            Ok(fixed_times(&mut caller, errno, buf))
+            Ok(deterministic_filestat(&mut caller, errno, buf))
         },
     )?;
     linker.func_wrap(
@@ -892,37 +900,128 @@ fn add_shadows(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
             let errno = f
                 .path_filestat_get
                 .call(&mut caller, (fd, flags, path, path_len, buf))?;
-            Ok(fixed_times(&mut caller, errno, buf))
+            Ok(deterministic_filestat(&mut caller, errno, buf))
+        },
+    )?;
+    linker.func_wrap(
+        P1,
+        "fd_readdir",
+        |mut caller: Caller<'_, CallState>,
+         fd: i32,
+         buf: i32,
+         buf_len: i32,
+         cookie: i64,
+         used: i32|
+         -> wasmtime::Result<i32> {
+            let f = forward(&mut caller)?;
+            let errno = f
+                .fd_readdir
+                .call(&mut caller, (fd, buf, buf_len, cookie, used))?;
+            Ok(deterministic_dirents(&mut caller, errno, buf, used))
         },
     )?;
     Ok(())
 }
 
-/// Byte offset of `atim` in a WASI p1 `filestat`; `mtim` and `ctim` follow (u64 ns each).
+/// Byte offsets in a WASI p1 `filestat`: `ino` (u64), and `atim`, which `mtim` and `ctim`
+/// follow (u64 ns each).
+const FILESTAT_INO: usize = 8;
 const FILESTAT_ATIM: usize = 40;
+/// Byte offsets in a WASI p1 `dirent` header: `d_ino` (u64) and `d_namlen` (u32); the name
+/// follows the 24-byte header.
+const DIRENT_INO: usize = 8;
+const DIRENT_NAMLEN: usize = 16;
+const DIRENT_HEADER: usize = 24;
 
-/// In deterministic mode, overwrites the three times of the `filestat` that a successful call
-/// wrote at `buf` with the fixed clock's epoch. Host file times differ between any two runs,
-/// and guests read them even when they print nothing of them (CPython's importer stats the
-/// working directory on every import; how much fuel its float arithmetic takes depends on the
-/// value), so passing them through made fuel, `ls -l` and `os.stat` differ run to run. The
-/// guest's world then has one instant, the one its wall clock starts at: files keep their
-/// sizes, kinds and contents, and all their times are equal. Returns `errno`, or `FAULT` if
-/// the struct lies outside guest memory.
-fn fixed_times(caller: &mut Caller<'_, CallState>, errno: i32, buf: i32) -> i32 {
+/// The most inode numbers one call maps (one per file or directory it stats or lists): past
+/// it, host numbers pass through, and runs that see more files may differ in them.
+const MAX_GUEST_INODES: usize = 1 << 20;
+
+/// Inode numbers as the guest sees them in deterministic mode: 1, 2, 3, ... in the order the
+/// call first meets each host number. The host's (what wasmtime-wasi reports, derived from the
+/// host file system's) differ between two episode directories, and guests read them without
+/// printing them: CPython builds an int from every `stat`'s `st_ino`, and the fuel that takes
+/// depends on the value (two runs of the same call in two directories were 506 fuel apart).
+/// Distinct files keep distinct numbers within a call, so `os.path.samefile` still holds.
+#[derive(Default)]
+pub(crate) struct GuestInodes(std::collections::HashMap<u64, u64>);
+
+impl GuestInodes {
+    fn guest(&mut self, host: u64) -> u64 {
+        let next = self.0.len() as u64 + 1;
+        match self.0.get(&host) {
+            Some(&ino) => ino,
+            None if self.0.len() < MAX_GUEST_INODES => {
+                self.0.insert(host, next);
+                next
+            }
+            None => host,
+        }
+    }
+}
+
+/// In deterministic mode, rewrites the `filestat` that a successful call wrote at `buf`: its
+/// three times read as the fixed clock's epoch, its inode number as [`GuestInodes`] maps it.
+/// Host file times differ between any two runs, and guests read them even when they print
+/// nothing of them (CPython's importer stats the working directory on every import; how much
+/// fuel its float arithmetic takes depends on the value), so passing them through made fuel,
+/// `ls -l` and `os.stat` differ run to run. The guest's world then has one instant, the one
+/// its wall clock starts at: files keep their sizes, kinds and contents, and all their times
+/// are equal. Returns `errno`, or `FAULT` if the struct lies outside guest memory.
+fn deterministic_filestat(caller: &mut Caller<'_, CallState>, errno: i32, buf: i32) -> i32 {
     if errno != ERRNO_SUCCESS || !caller.data().deterministic {
         return errno;
     }
     let Some(mem) = guest_memory(caller) else {
         return ERRNO_FAULT;
     };
-    let at = buf as u32 as usize + FILESTAT_ATIM;
-    let Some(times) = mem.data_mut(&mut *caller).get_mut(at..at + 24) else {
+    let (data, state) = mem.data_and_store_mut(&mut *caller);
+    let at = buf as u32 as usize;
+    let Some(stat) = data.get_mut(at..at + FILESTAT_ATIM + 24) else {
         return ERRNO_FAULT;
     };
+    let ino = &mut stat[FILESTAT_INO..FILESTAT_INO + 8];
+    let host = u64::from_le_bytes(ino.try_into().unwrap_or([0; 8]));
+    ino.copy_from_slice(&state.inodes.guest(host).to_le_bytes());
     let epoch = (FIXED_EPOCH_SECS * 1_000_000_000).to_le_bytes();
-    for t in times.chunks_exact_mut(8) {
+    for t in stat[FILESTAT_ATIM..].chunks_exact_mut(8) {
         t.copy_from_slice(&epoch);
+    }
+    ERRNO_SUCCESS
+}
+
+/// In deterministic mode, rewrites the `d_ino` of every entry that a successful `fd_readdir`
+/// wrote whole enough to hold it (`*used` bytes at `buf`; the last entry may be cut short) as
+/// [`GuestInodes`] maps it, as `stat` reports it. Returns `errno`, or `FAULT` if the buffer
+/// lies outside guest memory.
+fn deterministic_dirents(
+    caller: &mut Caller<'_, CallState>,
+    errno: i32,
+    buf: i32,
+    used: i32,
+) -> i32 {
+    if errno != ERRNO_SUCCESS || !caller.data().deterministic {
+        return errno;
+    }
+    let Some(mem) = guest_memory(caller) else {
+        return ERRNO_FAULT;
+    };
+    let (data, state) = mem.data_and_store_mut(&mut *caller);
+    let Some(len) = read_u32(data, used as u32 as usize) else {
+        return ERRNO_FAULT;
+    };
+    let start = buf as u32 as usize;
+    let Some(entries) = data.get_mut(start..start.saturating_add(len as usize)) else {
+        return ERRNO_FAULT;
+    };
+    let mut at = 0;
+    while let Some(ino) = entries.get_mut(at + DIRENT_INO..at + DIRENT_INO + 8) {
+        let host = u64::from_le_bytes(ino.try_into().unwrap_or([0; 8]));
+        ino.copy_from_slice(&state.inodes.guest(host).to_le_bytes());
+        let Some(namlen) = read_u32(entries, at + DIRENT_NAMLEN) else {
+            break;
+        };
+        at += DIRENT_HEADER + namlen as usize;
     }
     ERRNO_SUCCESS
 }

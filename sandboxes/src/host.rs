@@ -23,8 +23,9 @@ pub struct HostSettings {
     pub max_queued: usize,
     /// How long a queued call waits before it is refused.
     pub queue_timeout: Duration,
-    /// Fixed, ticking clocks, file times read as the clock's epoch and seeded randomness, so
-    /// that the same calls give the same run.
+    /// Fixed, ticking clocks, file times read as the clock's epoch, inode numbers in the
+    /// order a call meets its files, and seeded randomness, so that the same calls give the
+    /// same run.
     pub deterministic: bool,
 }
 

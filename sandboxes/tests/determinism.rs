@@ -133,6 +133,48 @@ for p in ['.', 'a.txt']:\n    s = os.stat(p)\n    print(s.st_atime_ns, s.st_mtim
     assert_eq!(comparable(&outcomes[0]), comparable(&outcomes[1]));
 }
 
+/// Host inode numbers differ between any two episode directories; a deterministic guest sees
+/// numbers in the order its call first met each file, the same in both, and the same from
+/// `stat` as from a directory listing. CPython builds an int from every `stat`'s `st_ino`, and
+/// the fuel that took depended on the value (this test's two runs, and CI's, were 506 apart).
+/// Distinct files keep distinct numbers and a hard link shares its file's, so `samefile`
+/// still tells them apart.
+#[test]
+fn inode_numbers_are_the_order_the_call_meets_them() {
+    require_tools();
+    let code = "import os\n\
+os.link('a.txt', 'b.txt')\n\
+d, a, b = (os.stat(p).st_ino for p in ['.', 'a.txt', 'b.txt'])\n\
+print(d, a, b)\n\
+print(sorted((e.name, e.inode() == os.stat(e.name).st_ino) for e in os.scandir('.')))\n\
+print(os.path.samefile('a.txt', 'b.txt'), os.path.samefile('a.txt', '.'))\n";
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let outcomes: Vec<Outcome> = dirs
+        .iter()
+        .map(|dir| {
+            write(dir.path(), "a.txt", "x\n");
+            let mut sb = sandbox_in(
+                dir.path(),
+                CallLimits::default(),
+                EpisodeBudget::default(),
+                7,
+            );
+            call(&mut sb, "python", json!({ "code": code }))
+        })
+        .collect();
+    let out = ok(outcomes[0].clone());
+    let lines: Vec<&str> = out.lines().collect();
+    let inos: Vec<u64> = lines[0].split(' ').map(|n| n.parse().unwrap()).collect();
+    assert!(inos[0] != inos[1] && inos[1] == inos[2], "{inos:?}");
+    assert!(
+        inos.iter().all(|&i| i < 1_000),
+        "host numbers passed through: {inos:?}"
+    );
+    assert_eq!(lines[1], "[('a.txt', True), ('b.txt', True)]");
+    assert_eq!(lines[2], "True False");
+    assert_eq!(comparable(&outcomes[0]), comparable(&outcomes[1]));
+}
+
 #[test]
 fn different_seed_different_random() {
     let a = run(1);
