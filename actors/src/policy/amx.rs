@@ -857,6 +857,10 @@ const LONG_PART: usize = 32;
 const LONG_PARTS: usize = 8;
 /// The most bytes of those buffers: a wide output has fewer, longer parts.
 const LONG_SUM_BYTES: usize = 64 << 20;
+/// Output rows per task of a long product, at most (whole groups of rows): a tall output (a
+/// large vocabulary's output layer) runs as tasks of rows as well as parts, each packing B's
+/// chunks again.
+const LONG_TASK_ROWS: usize = 2048;
 /// The widest B of a long product: its packed chunk must stay small ([`LONG_B_BYTES`]).
 const LONG_MAX_N: usize = 1024;
 
@@ -875,26 +879,37 @@ pub(crate) fn suits_long(n: usize) -> bool {
 /// reads all of it: with m and n a few hundred, B is megabytes, and every task read it from
 /// L3, much of it packed by the other core (model R's weight gradients ran at 25-45 ns per
 /// `tdpbf16ps`, packing included, against 18-24 for its other products). Here a task is a
-/// part of K (1,024 at least): it walks its part in chunks, packs the chunk's B panels (at
-/// most [`LONG_B_BYTES`]), then, group of rows by group (each group's rows of the sum at
-/// most [`LONG_OUT_BYTES`]), the group's A panels, and runs the group's blocks, so that what
-/// the kernel reads was written by the same core moments before and is still in its L2. The
-/// parts' sums are added in K's order at the end. Alone, at model R's weight-gradient shapes
-/// with K 4,096 (2 threads, best of eight rounds): 1.25-1.4x faster than [`gemm`] where m is
-/// 256 or 512, the same where it is 1,536.
+/// part of K (1,024 at least) for up to [`LONG_TASK_ROWS`] rows: it walks its part in chunks,
+/// packs the chunk's B panels (at most [`LONG_B_BYTES`]), then, group of rows by group (each
+/// group's rows of the sum at most [`LONG_OUT_BYTES`]), the group's A panels, and runs the
+/// group's blocks, so that what the kernel reads was written by the same core moments before
+/// and is still in its L2. The parts' sums are added in K's order at the end. Alone, at model
+/// R's weight-gradient shapes with K 4,096 (2 threads, best of eight rounds): 1.25-1.4x
+/// faster than [`gemm`] where m is 256 or 512, the same where it is 1,536.
 ///
-/// A part per task leaves threads idle where there are fewer parts than threads (4 for a K
-/// of 4,096): the parts, groups and chunks depend on the shapes only, each part's sum runs on
-/// one thread in a fixed order, and so the results do not depend on the thread count.
+/// The parts, tasks, groups and chunks depend on the shapes only and each element's sum in a
+/// part runs on one thread in a fixed order, so the results do not depend on the thread
+/// count; the price is threads left idle where there are fewer tasks than threads (4 for
+/// model R's K of 4,096).
 ///
 /// # Safety
 /// `available()`; `a`, `b` hold their matrices; `dst` points to `m · n` writable floats that
 /// nothing else touches during the call; m, n, k > 0 and `suits_long`.
-pub(crate) unsafe fn gemm_long(
+pub(crate) unsafe fn gemm_long(dst: *mut f32, mkn: (usize, usize, usize), a: Operand, b: Operand) {
+    // SAFETY: the caller's contract.
+    unsafe { gemm_long_in_tasks(dst, mkn, a, b, LONG_TASK_ROWS) }
+}
+
+/// [`gemm_long`] with tasks of at most `max_task_rows` rows (whole groups).
+///
+/// # Safety
+/// As [`gemm_long`].
+unsafe fn gemm_long_in_tasks(
     dst: *mut f32,
     (m, k, n): (usize, usize, usize),
     a: Operand,
     b: Operand,
+    max_task_rows: usize,
 ) {
     let kb = k.div_ceil(BLOCK);
     let nb = n.div_ceil(BLOCK);
@@ -909,8 +924,11 @@ pub(crate) unsafe fn gemm_long(
     let outs: Vec<Out> = std::iter::once(Out(dst))
         .chain(sums.iter_mut().map(|v| Out(v.as_mut_ptr())))
         .collect();
-    (0..parts).into_par_iter().for_each(|p| {
+    let task_rows = (max_task_rows / group_rows).max(1) * group_rows;
+    let row_tasks = m.div_ceil(task_rows);
+    (0..parts * row_tasks).into_par_iter().for_each(|t| {
         let (a, b) = (a, b);
+        let (p, first_row) = (t % parts, (t / parts) * task_rows);
         let out = outs[p];
         let (k_first, k_end) = (p * part, ((p + 1) * part).min(kb));
         let mut k0 = k_first;
@@ -934,8 +952,9 @@ pub(crate) unsafe fn gemm_long(
                         unsafe { pack_b(&mut bp[at..at + KBLOCK], bk, j * BLOCK, n, width) };
                     }
                 }
-                for r0 in (0..m).step_by(group_rows) {
-                    let rows = (m - r0).min(group_rows);
+                let task_end = (first_row + task_rows).min(m);
+                for r0 in (first_row..task_end).step_by(group_rows) {
+                    let rows = (task_end - r0).min(group_rows);
                     let blocks = rows.div_ceil(BLOCK);
                     with_panels(&A_PANELS, blocks * chunk, |ap| {
                         // SAFETY: the caller's contract; rows r0.. < m, K blocks k0.. < kb.
@@ -944,8 +963,9 @@ pub(crate) unsafe fn gemm_long(
                             first: bp.as_ptr(),
                             stride: chunk,
                         };
-                        // SAFETY: `available` (the caller's contract); part p's sum is this
-                        // task's, each block written by its first chunk before any reads it.
+                        // SAFETY: `available` (the caller's contract); rows first_row..task_end
+                        // of part p's sum are this task's, each block written by its first
+                        // chunk before any reads it.
                         unsafe {
                             configure();
                             let load = k0 > k_first;
@@ -1439,6 +1459,12 @@ mod tests {
                 (ao, bo),
                 &format!("long {m}x{k}x{n}"),
             );
+            // Tasks of one group of rows each (a tall output's split) change no bit: each
+            // element's sum in a part runs the same chunks in the same order.
+            let mut c = vec![f32::NAN; m * n];
+            // SAFETY: as above.
+            unsafe { gemm_long_in_tasks(c.as_mut_ptr(), (m, k, n), ao, bo, 1) };
+            assert!(bits(&two) == bits(&c), "{m}x{k}x{n} in tasks of one group");
         }
     }
 }
