@@ -4,10 +4,10 @@
 //! wasmtime gives us fuel, epochs and memory limits. Output caps, write quotas, a bounded
 //! `poll_oneoff` and (in deterministic mode) fixed file times and inode numbers we add by
 //! shadowing a few `wasi_snapshot_preview1` imports with host functions that account, forward
-//! to wasmtime-wasi, and (for file times and inode numbers) rewrite what it returned. The forwarding goes through a
-//! tiny "pass-through" wasm module that imports the guest's memory and re-exports it as
-//! `memory`, because wasmtime-wasi's functions find guest memory through their caller's
-//! exports.
+//! to wasmtime-wasi, and (for file times and inode numbers) rewrite what it returned. The
+//! forwarding goes through a tiny "pass-through" wasm module that imports the guest's memory
+//! and re-exports it as `memory`, because wasmtime-wasi's functions find guest memory through
+//! their caller's exports.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -934,7 +934,8 @@ const DIRENT_NAMLEN: usize = 16;
 const DIRENT_HEADER: usize = 24;
 
 /// The most inode numbers one call maps (one per file or directory it stats or lists): past
-/// it, host numbers pass through, and runs that see more files may differ in them.
+/// it, host numbers pass through, and runs that see more files may differ in them (a host
+/// number is a 64-bit hash, so it meeting one of the small guest numbers is not a concern).
 const MAX_GUEST_INODES: usize = 1 << 20;
 
 /// Inode numbers as the guest sees them in deterministic mode: 1, 2, 3, ... in the order the
@@ -944,7 +945,7 @@ const MAX_GUEST_INODES: usize = 1 << 20;
 /// depends on the value (two runs of the same call in two directories were 506 fuel apart).
 /// Distinct files keep distinct numbers within a call, so `os.path.samefile` still holds.
 #[derive(Default)]
-pub(crate) struct GuestInodes(std::collections::HashMap<u64, u64>);
+struct GuestInodes(std::collections::HashMap<u64, u64>);
 
 impl GuestInodes {
     fn guest(&mut self, host: u64) -> u64 {

@@ -395,8 +395,9 @@ pub(crate) fn gemm_new(m: usize, k: usize, n: usize, a: Mat, b: Mat) -> Result<V
     }
     #[cfg(target_arch = "x86_64")]
     if on_amx((m, k, n), &a) && super::amx::suits_long(n) {
-        // The halves, each an AMX product of its own, read B packed by both threads from L3
-        // (model R's weight gradients ran 1.15-1.4x slower so, `benches/peer/README.md`).
+        // The halves, each an AMX product of its own, read B packed by both threads from L3;
+        // gemm_long's tasks pack what they read (model R's step ~5% shorter, session 27 in
+        // `benches/peer/README.md`).
         let mut dst: Vec<f32> = Vec::with_capacity(len);
         let operand = |x: Mat| super::amx::Operand {
             ptr: x.data.as_ptr(),
