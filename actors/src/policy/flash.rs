@@ -706,8 +706,14 @@ fn mask_block(
             for v in &mut row[..w] {
                 *v += MASKED;
             }
-        } else if clean && sp.lo <= s0 && s1 <= sp.hi {
-            // Every key of the block is real and in the row's span: nothing to do.
+        } else if clean {
+            // Every key of the block is real (its bias is 0, so the keys in the row's span
+            // keep their scores, as in a block wholly inside it): the keys outside the span
+            // are -inf. A row's span is one run, so they are the block's two ends (the
+            // causal edge of a diagonal block).
+            let (a, z) = (sp.lo.clamp(s0, s1) - s0, sp.hi.clamp(s0, s1) - s0);
+            row[..a].fill(f32::NEG_INFINITY);
+            row[z.max(a)..w].fill(f32::NEG_INFINITY);
         } else {
             for (c, v) in row[..w].iter_mut().enumerate() {
                 let s = s0 + c;
