@@ -95,6 +95,12 @@ fn same_seed_same_outcomes() {
     );
 }
 
+/// One `python` call with seed 7 in a fresh sandbox over episode directory `dir`.
+fn python_in(dir: &std::path::Path, code: &str) -> Outcome {
+    let mut sb = sandbox_in(dir, CallLimits::default(), EpisodeBudget::default(), 7);
+    call(&mut sb, "python", json!({ "code": code }))
+}
+
 /// Host file times differ between any two runs; a deterministic guest sees none of them. The
 /// episode directory's own time mattered even to code that prints nothing of it: CPython's
 /// importer stats the working directory on every import, and the fuel its float arithmetic
@@ -118,13 +124,7 @@ for p in ['.', 'a.txt']:\n    s = os.stat(p)\n    print(s.st_atime_ns, s.st_mtim
                 let times = std::fs::FileTimes::new().set_accessed(t).set_modified(t);
                 file.set_times(times).unwrap();
             }
-            let mut sb = sandbox_in(
-                dir.path(),
-                CallLimits::default(),
-                EpisodeBudget::default(),
-                7,
-            );
-            call(&mut sb, "python", json!({ "code": stat }))
+            python_in(dir.path(), stat)
         })
         .collect();
     let epoch_ns = "1767225600000000000";
@@ -153,13 +153,7 @@ print(os.path.samefile('a.txt', 'b.txt'), os.path.samefile('a.txt', '.'))\n";
         .iter()
         .map(|dir| {
             write(dir.path(), "a.txt", "x\n");
-            let mut sb = sandbox_in(
-                dir.path(),
-                CallLimits::default(),
-                EpisodeBudget::default(),
-                7,
-            );
-            call(&mut sb, "python", json!({ "code": code }))
+            python_in(dir.path(), code)
         })
         .collect();
     let out = ok(outcomes[0].clone());

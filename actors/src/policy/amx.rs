@@ -1089,7 +1089,6 @@ unsafe fn run_blocks(
     (g0, g1): (usize, usize),
     (kc, load): (usize, bool),
 ) {
-    let mut cbuf = [Line([0; 32]); 2 * BLOCK];
     let blocks = ap.len() / chunk;
     for i in 0..blocks {
         let i0 = r0 + i * BLOCK;
@@ -1128,6 +1127,8 @@ unsafe fn run_blocks(
                 if rows == BLOCK && cols == BLOCK {
                     block(ai, bj, kc, c, c.add(16 * ldc), ldc * 4, load);
                 } else {
+                    // A block past dst's edge (only where m or n is not whole blocks).
+                    let mut cbuf = [Line([0; 32]); 2 * BLOCK];
                     let cb = halves(&mut cbuf).as_mut_ptr().cast::<f32>();
                     for r in 0..rows {
                         for cc in 0..cols {
@@ -1363,12 +1364,10 @@ mod tests {
                     } else {
                         vec![f32::NAN; m * n]
                     };
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .expect("pool");
                     // SAFETY: the operands hold their matrices; c is [m, n] and ours.
-                    pool.install(|| unsafe { gemm(c.as_mut_ptr(), accumulate, (m, k, n), ao, bo) });
+                    on_threads(threads, || unsafe {
+                        gemm(c.as_mut_ptr(), accumulate, (m, k, n), ao, bo)
+                    });
                     c
                 };
                 for accumulate in [false, true] {
@@ -1380,6 +1379,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Runs `f` on a pool of `threads` threads of its own.
+    fn on_threads(threads: usize, f: impl FnOnce() + Send) {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool");
+        pool.install(f);
     }
 
     /// `c` (`[m, n]`, `base(i)` plus `a · b` at element i) against an f64 reference, next to a
@@ -1436,12 +1444,10 @@ mod tests {
             let (ao, bo) = (operand(&a, (m, k), ta), operand(&b, (k, n), tb));
             let run = |threads: usize| {
                 let mut c = vec![f32::NAN; m * n];
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .expect("pool");
                 // SAFETY: the operands hold their matrices; c is [m, n] and ours.
-                pool.install(|| unsafe { gemm_long(c.as_mut_ptr(), (m, k, n), ao, bo) });
+                on_threads(threads, || unsafe {
+                    gemm_long(c.as_mut_ptr(), (m, k, n), ao, bo)
+                });
                 c
             };
             let two = run(2);
