@@ -58,6 +58,11 @@ pub struct ModelBenchOptions {
     pub prompt: usize,
     pub new_tokens: usize,
     pub decode_runs: usize,
+    /// Rounds of klongd's side then the peer's (at least 1). The host's speed drifts over
+    /// minutes (model R's step here read 364-667 ms within one session, the peer's 626-801,
+    /// not together), so a ratio of two sides measured a minute apart carries that drift:
+    /// several rounds pair each klongd measurement with the peer's that follows it.
+    pub rounds: usize,
 }
 
 impl Default for ModelBenchOptions {
@@ -74,6 +79,7 @@ impl Default for ModelBenchOptions {
             prompt: 16,
             new_tokens: 256,
             decode_runs: 7,
+            rounds: 1,
         }
     }
 }
@@ -129,6 +135,43 @@ pub struct SideNumbers {
     pub decode_b8: DecodeNumbers,
 }
 
+impl SideNumbers {
+    /// One side's numbers over rounds: per figure the median of the rounds' (each a mean of
+    /// steps or a median of runs), the fastest step of all, every decode run, and the first
+    /// round's losses (every round trains the same seeded model on the same tokens); `None`
+    /// for no rounds.
+    fn median_of(rounds: &[SideNumbers]) -> Option<SideNumbers> {
+        let first = rounds.first()?;
+        let m = |f: fn(&SideNumbers) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+        let runs = |f: fn(&SideNumbers) -> &DecodeNumbers| {
+            rounds
+                .iter()
+                .flat_map(|r| f(r).runs_tok_s.iter().copied())
+                .collect()
+        };
+        Some(SideNumbers {
+            train: TrainNumbers {
+                tok_s: m(|r| r.train.tok_s),
+                step_ms_mean: m(|r| r.train.step_ms_mean),
+                step_ms_min: rounds
+                    .iter()
+                    .map(|r| r.train.step_ms_min)
+                    .fold(f64::INFINITY, f64::min),
+                loss_first: first.train.loss_first,
+                loss_last: first.train.loss_last,
+            },
+            decode_b1: DecodeNumbers {
+                tok_s: m(|r| r.decode_b1.tok_s),
+                runs_tok_s: runs(|r| &r.decode_b1),
+            },
+            decode_b8: DecodeNumbers {
+                tok_s: m(|r| r.decode_b8.tok_s),
+                runs_tok_s: runs(|r| &r.decode_b8),
+            },
+        })
+    }
+}
+
 /// Where klongd's training step spends its time (means over the timed steps, ms).
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainBreakdown {
@@ -136,6 +179,19 @@ pub struct TrainBreakdown {
     pub loss_ms: f64,
     pub backward_ms: f64,
     pub optimizer_ms: f64,
+}
+
+impl TrainBreakdown {
+    /// Per phase, the median over rounds; `None` for no rounds.
+    fn median_of(rounds: &[TrainBreakdown]) -> Option<TrainBreakdown> {
+        let m = |f: fn(&TrainBreakdown) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+        (!rounds.is_empty()).then(|| TrainBreakdown {
+            forward_ms: m(|b| b.forward_ms),
+            loss_ms: m(|b| b.loss_ms),
+            backward_ms: m(|b| b.backward_ms),
+            optimizer_ms: m(|b| b.optimizer_ms),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -157,6 +213,37 @@ pub struct Ratios {
     pub meets_decode_b8_goal: bool,
 }
 
+impl Ratios {
+    /// klongd ÷ peer for one pair of measurements.
+    fn of(k: &SideNumbers, p: &SideNumbers) -> Ratios {
+        let div = |a: f64, b: f64| a / b.max(f64::MIN_POSITIVE);
+        Ratios::judged(
+            div(k.train.tok_s, p.train.tok_s),
+            div(k.decode_b1.tok_s, p.decode_b1.tok_s),
+            div(k.decode_b8.tok_s, p.decode_b8.tok_s),
+        )
+    }
+
+    fn judged(train: f64, decode_b1: f64, decode_b8: f64) -> Ratios {
+        Ratios {
+            train,
+            decode_b1,
+            decode_b8,
+            meets_train_goal: train >= GOAL_TRAIN_RATIO,
+            meets_decode_b1_goal: decode_b1 >= GOAL_DECODE_RATIO,
+            meets_decode_b8_goal: decode_b8 >= GOAL_DECODE_RATIO,
+        }
+    }
+
+    /// Per ratio, the median over paired rounds, and the goals judged on those medians;
+    /// `None` for no rounds.
+    fn median_of(rounds: &[Ratios]) -> Option<Ratios> {
+        let m = |f: fn(&Ratios) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+        (!rounds.is_empty())
+            .then(|| Ratios::judged(m(|r| r.train), m(|r| r.decode_b1), m(|r| r.decode_b8)))
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelBenchReport {
     pub machine: String,
@@ -168,14 +255,18 @@ pub struct ModelBenchReport {
     pub prompt: usize,
     pub new_tokens: usize,
     pub steps: usize,
+    /// Rounds of klongd's side then the peer's: the sides' figures are medians over them.
+    pub rounds: usize,
     pub klongd: SideNumbers,
     pub klongd_train_breakdown: TrainBreakdown,
     pub peer: Option<SideNumbers>,
     pub peer_info: Option<PeerInfo>,
     /// Why there are no peer numbers (the peer failed, timed out, or was skipped).
     pub peer_error: Option<String>,
-    /// klongd ÷ peer, when the peer ran.
+    /// klongd ÷ peer, when the peer ran: per ratio, the median over the rounds' ratios.
     pub ratios: Option<Ratios>,
+    /// Each round's ratios (klongd's side against the peer's that ran right after it).
+    pub round_ratios: Vec<Ratios>,
 }
 
 impl ModelBenchReport {
@@ -260,6 +351,29 @@ impl ModelBenchReport {
             "",
             "",
         );
+        if self.rounds > 1 {
+            s.push_str(&format!(
+                "\n{} rounds of klongd's side, then the peer's: each side's figures are its medians \
+                 over them, each ratio the median of the rounds' ratios\n",
+                self.rounds
+            ));
+            if !self.round_ratios.is_empty() {
+                let per_round = |f: fn(&Ratios) -> f64| {
+                    let v: Vec<String> = self
+                        .round_ratios
+                        .iter()
+                        .map(|r| format!("{:.2}", f(r)))
+                        .collect();
+                    v.join(", ")
+                };
+                s.push_str(&format!(
+                    "ratios per round: train {}; decode b1 {}; decode b8 {}\n",
+                    per_round(|r| r.train),
+                    per_round(|r| r.decode_b1),
+                    per_round(|r| r.decode_b8)
+                ));
+            }
+        }
         let b = &self.klongd_train_breakdown;
         s.push_str(&format!(
             "\nklongd train step: forward {:.0} ms, loss {:.0} ms, backward {:.0} ms, AdamW {:.0} ms\n",
@@ -511,9 +625,54 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Runs klongd's side, then the peer's.
+/// The most rounds one bench runs (each is a minute or so with the peer).
+pub const MAX_ROUNDS: usize = 20;
+
+/// klongd's side of one round: training, then decode at batch 1 and 8.
+fn klongd_side(
+    cfg: &LlamaConfig,
+    opts: &ModelBenchOptions,
+    seed: u64,
+    round: usize,
+) -> Result<(SideNumbers, TrainBreakdown)> {
+    tracing::info!(
+        round = round + 1,
+        steps = opts.steps,
+        warmup = opts.warmup,
+        threads = opts.threads,
+        "klongd: training"
+    );
+    let (train_numbers, breakdown) = train(cfg, opts, seed)?;
+    tracing::info!("klongd: decode");
+    // Generation in klongd runs on a frozen copy of the weights (`Llama::from_tensors`: no
+    // graph is recorded), as transformers' `generate` runs under `no_grad`.
+    let (vm, _) = build_model(cfg, seed)?;
+    let weights = vm
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("model R's variables: lock poisoned"))?
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+        .collect();
+    let m = Llama::from_tensors(cfg, weights, &Device::Cpu).context("freezing model R")?;
+    let decode_b1 = decode(&m, cfg, opts, 1, seed)?;
+    let decode_b8 = decode(&m, cfg, opts, 8, seed)?;
+    let side = SideNumbers {
+        train: train_numbers,
+        decode_b1,
+        decode_b8,
+    };
+    Ok((side, breakdown))
+}
+
+/// Runs klongd's side, then the peer's, `opts.rounds` times.
 pub fn model(opts: &ModelBenchOptions) -> Result<ModelBenchReport> {
     ensure!(opts.steps > 0, "steps must be at least 1");
+    ensure!(
+        (1..=MAX_ROUNDS).contains(&opts.rounds),
+        "rounds must be 1 to {MAX_ROUNDS}, not {}",
+        opts.rounds
+    );
     ensure!(opts.threads > 0, "threads must be at least 1");
     ensure!(
         opts.batch > 0 && opts.seq > 0 && opts.prompt > 0 && opts.new_tokens > 0,
@@ -541,55 +700,40 @@ pub fn model(opts: &ModelBenchOptions) -> Result<ModelBenchReport> {
     );
     let seed = 0;
 
-    tracing::info!(
-        steps = opts.steps,
-        warmup = opts.warmup,
-        threads,
-        "klongd: training"
-    );
-    let (train_numbers, breakdown) = train(&cfg, opts, seed)?;
-    tracing::info!("klongd: decode");
-    // Generation in klongd runs on a frozen copy of the weights (`Llama::from_tensors`: no
-    // graph is recorded), as transformers' `generate` runs under `no_grad`.
-    let (vm, _) = build_model(&cfg, seed)?;
-    let weights = vm
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("model R's variables: lock poisoned"))?
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
-        .collect();
-    let m = Llama::from_tensors(&cfg, weights, &Device::Cpu).context("freezing model R")?;
-    let decode_b1 = decode(&m, &cfg, opts, 1, seed)?;
-    let decode_b8 = decode(&m, &cfg, opts, 8, seed)?;
-    drop(m);
-    let klongd = SideNumbers {
-        train: train_numbers,
-        decode_b1,
-        decode_b8,
-    };
-
-    let (peer, peer_info, peer_error) = match &opts.peer_python {
-        None => (None, None, None),
-        Some(python) => match run_peer(python, opts) {
-            Ok((numbers, info)) => (Some(numbers), Some(info), None),
-            Err(e) => (None, None, Some(format!("{e:#}"))),
-        },
-    };
-    let ratios = peer.as_ref().map(|p| {
-        let div = |a: f64, b: f64| a / b.max(f64::MIN_POSITIVE);
-        let train = div(klongd.train.tok_s, p.train.tok_s);
-        let decode_b1 = div(klongd.decode_b1.tok_s, p.decode_b1.tok_s);
-        let decode_b8 = div(klongd.decode_b8.tok_s, p.decode_b8.tok_s);
-        Ratios {
-            train,
-            decode_b1,
-            decode_b8,
-            meets_train_goal: train >= GOAL_TRAIN_RATIO,
-            meets_decode_b1_goal: decode_b1 >= GOAL_DECODE_RATIO,
-            meets_decode_b8_goal: decode_b8 >= GOAL_DECODE_RATIO,
+    let (mut klongd_rounds, mut breakdowns, mut peer_rounds) = (vec![], vec![], vec![]);
+    let (mut peer_info, mut peer_error) = (None, None);
+    for round in 0..opts.rounds {
+        let (side, breakdown) = klongd_side(&cfg, opts, seed, round)?;
+        klongd_rounds.push(side);
+        breakdowns.push(breakdown);
+        let Some(python) = &opts.peer_python else {
+            continue;
+        };
+        match run_peer(python, opts) {
+            Ok((numbers, info)) => {
+                peer_rounds.push(numbers);
+                peer_info = Some(info);
+            }
+            Err(e) => {
+                // No peer numbers at all, rather than some rounds' (the report says why).
+                peer_error = Some(format!("round {} of {}: {e:#}", round + 1, opts.rounds));
+                peer_rounds.clear();
+                peer_info = None;
+                break;
+            }
         }
-    });
+    }
+    let round_ratios: Vec<Ratios> = klongd_rounds
+        .iter()
+        .zip(&peer_rounds)
+        .map(|(k, p)| Ratios::of(k, p))
+        .collect();
+    let (Some(klongd), Some(breakdown)) = (
+        SideNumbers::median_of(&klongd_rounds),
+        TrainBreakdown::median_of(&breakdowns),
+    ) else {
+        bail!("no rounds were measured");
+    };
     Ok(ModelBenchReport {
         machine: machine_description(),
         model: format!(
@@ -607,12 +751,14 @@ pub fn model(opts: &ModelBenchOptions) -> Result<ModelBenchReport> {
         prompt: opts.prompt,
         new_tokens: opts.new_tokens,
         steps: opts.steps,
+        rounds: klongd_rounds.len(),
         klongd,
         klongd_train_breakdown: breakdown,
-        peer,
+        peer: SideNumbers::median_of(&peer_rounds),
         peer_info,
         peer_error,
-        ratios,
+        ratios: Ratios::median_of(&round_ratios),
+        round_ratios,
     })
 }
 
@@ -886,10 +1032,12 @@ mod tests {
                 backward_ms: 1.0,
                 optimizer_ms: 1.0,
             },
+            rounds: 1,
             peer: None,
             peer_info: None,
             peer_error: Some("torch missing".into()),
             ratios: None,
+            round_ratios: vec![],
         };
         assert!(report.peer_failed());
         let text = report.render();
@@ -911,5 +1059,111 @@ mod tests {
         assert!(!report.peer_failed());
         let text = report.render();
         assert!(text.contains("6.00x") && text.contains("MISSED") && text.contains("met"));
+        assert!(!text.contains("rounds"), "{text}");
+    }
+
+    /// A side whose figures are `train`, `b1` and `b8` tokens/s.
+    fn side(train: f64, b1: f64, b8: f64) -> SideNumbers {
+        SideNumbers {
+            train: TrainNumbers {
+                tok_s: train,
+                step_ms_mean: 4096.0 / train * 1e3,
+                step_ms_min: 4000.0 / train * 1e3,
+                loss_first: 6.2,
+                loss_last: 6.0,
+            },
+            decode_b1: DecodeNumbers {
+                tok_s: b1,
+                runs_tok_s: vec![b1],
+            },
+            decode_b8: DecodeNumbers {
+                tok_s: b8,
+                runs_tok_s: vec![b8 - 1.0, b8],
+            },
+        }
+    }
+
+    #[test]
+    fn rounds_pair_each_klongd_side_with_the_peer_after_it() {
+        // The host slows down in round 2 and klongd with it; the peer's slow round is 3.
+        let klongd = [
+            side(9000.0, 3000.0, 15000.0),
+            side(6000.0, 2600.0, 11000.0),
+            side(9400.0, 3100.0, 15500.0),
+        ];
+        let peer = [
+            side(5400.0, 500.0, 2800.0),
+            side(5500.0, 320.0, 1700.0),
+            side(4000.0, 300.0, 1600.0),
+        ];
+        let rounds: Vec<Ratios> = klongd
+            .iter()
+            .zip(&peer)
+            .map(|(k, p)| Ratios::of(k, p))
+            .collect();
+        let r = Ratios::median_of(&rounds).expect("three rounds");
+        // Paired: 1.667, 1.091, 2.35 -> 1.667. The medians' ratio would be 9000 / 5400 too, but
+        // not for decode b8: paired 5.36, 6.47, 9.69 -> 6.47; medians 15000 / 1700 = 8.8.
+        assert!((r.train - 9000.0 / 5400.0).abs() < 1e-9, "{}", r.train);
+        assert!(
+            (r.decode_b8 - 11000.0 / 1700.0).abs() < 1e-9,
+            "{}",
+            r.decode_b8
+        );
+        assert!(r.meets_train_goal && r.meets_decode_b8_goal);
+        let k = SideNumbers::median_of(&klongd).expect("three rounds");
+        assert_eq!(
+            (k.train.tok_s, k.decode_b1.tok_s, k.decode_b8.tok_s),
+            (9000.0, 3000.0, 15000.0)
+        );
+        assert_eq!(k.train.step_ms_min, 4000.0 / 9400.0 * 1e3);
+        assert_eq!(k.decode_b8.runs_tok_s.len(), 6);
+        assert!(SideNumbers::median_of(&[]).is_none() && Ratios::median_of(&[]).is_none());
+        let median_of_two = Ratios::median_of(&rounds[..2]).expect("two rounds");
+        assert!((median_of_two.train - (rounds[0].train + rounds[1].train) / 2.0).abs() < 1e-12);
+
+        let report = ModelBenchReport {
+            machine: "test".into(),
+            model: "R".into(),
+            threads: 2,
+            batch: 8,
+            seq: 512,
+            prompt: 16,
+            new_tokens: 256,
+            steps: 5,
+            rounds: 3,
+            klongd: k,
+            klongd_train_breakdown: TrainBreakdown::median_of(&[TrainBreakdown {
+                forward_ms: 1.0,
+                loss_ms: 1.0,
+                backward_ms: 1.0,
+                optimizer_ms: 1.0,
+            }])
+            .expect("one round"),
+            peer: SideNumbers::median_of(&peer),
+            peer_info: None,
+            peer_error: None,
+            ratios: Some(r),
+            round_ratios: rounds,
+        };
+        let text = report.render();
+        assert!(
+            text.contains("3 rounds") && text.contains("train 1.67, 1.09, 2.35"),
+            "{text}"
+        );
+        assert!(text.contains("6.47x"), "{text}");
+    }
+
+    #[test]
+    fn rounds_out_of_range_are_refused_before_any_work() {
+        for rounds in [0, MAX_ROUNDS + 1] {
+            let opts = ModelBenchOptions {
+                rounds,
+                peer_python: None,
+                ..Default::default()
+            };
+            let err = model(&opts).expect_err("refused");
+            assert!(format!("{err:#}").contains("rounds must be"), "{err:#}");
+        }
     }
 }

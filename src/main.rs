@@ -270,6 +270,12 @@ enum BenchCommand {
         /// Decode: new tokens per row (the benchmark: 256).
         #[arg(long, default_value_t = 256)]
         new_tokens: usize,
+        /// Rounds of klongd's side, then the peer's (1 to 20). The host's speed drifts over
+        /// minutes, and a ratio of two sides measured apart carries the drift: with several
+        /// rounds each side reports its medians and each ratio is the median of the rounds'
+        /// paired ratios (each round's ratios are listed).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -614,6 +620,7 @@ fn main() -> ExitCode {
             decode_runs,
             prompt,
             new_tokens,
+            rounds,
             json,
         }) => {
             let opts = bench_model::ModelBenchOptions {
@@ -626,6 +633,7 @@ fn main() -> ExitCode {
                 decode_runs,
                 prompt,
                 new_tokens,
+                rounds,
                 ..Default::default()
             };
             let result = bench_model::model(&opts);
