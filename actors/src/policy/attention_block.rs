@@ -49,7 +49,7 @@ impl Heads {
 /// pre-scaled queries `[B, Hkv, R, D]`, the roped keys and the values `[B, Hkv, T, D]` (the
 /// kernels' operands), the kernels' state and the rows the output projection read
 /// (`[B·T, H·D]`).
-struct Saved {
+pub(crate) struct Saved {
     normed: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
@@ -60,7 +60,7 @@ struct Saved {
 
 /// The op: x `[B, T, K]`, q/k/v and the norm's weight stacked `[(H + 2·Hkv)·D + 1, K]`, o
 /// `[K, H·D]` -> `[B, T, K]`.
-struct AttentionBlock {
+pub(crate) struct AttentionBlock {
     heads: Heads,
     /// The norm's epsilon.
     eps: f64,
@@ -73,7 +73,12 @@ struct AttentionBlock {
 
 impl AttentionBlock {
     /// `(B, T, K)` of the operands, checked against the heads, the angles and the mask.
-    fn dims(&self, x: &[usize], qkv: &[usize], o: &[usize]) -> Result<(usize, usize, usize)> {
+    pub(crate) fn dims(
+        &self,
+        x: &[usize],
+        qkv: &[usize],
+        o: &[usize],
+    ) -> Result<(usize, usize, usize)> {
         let h = self.heads;
         let (&[b, t, k], &[n, kq], &[ko, no]) = (x, qkv, o) else {
             candle_core::bail!(
@@ -104,7 +109,7 @@ impl AttentionBlock {
 
     /// `x + o(attention(rope(q, k, v of norm(x))))` `[B·T, K]` over the operands' data (x
     /// `[B·T, K]`, the stacked q/k/v and norm weights, o), and what its backward needs.
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &[f32],
         w_stacked: &[f32],
@@ -141,6 +146,68 @@ impl AttentionBlock {
             rows,
         };
         Ok((out, saved))
+    }
+
+    /// The gradients of x, of the stacked q/k/v/norm weight and of o from the forward's state
+    /// and the output's gradient `g` `[B·T, K]`.
+    pub(crate) fn backward(
+        &self,
+        saved: Saved,
+        x: &[f32],
+        w_stacked: &[f32],
+        w_o: &[f32],
+        g: &[f32],
+        (b, t, k): (usize, usize, usize),
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let dims = self.flash_dims(b, t)?;
+        let (n, hd, m) = (self.heads.qkv(), self.heads.q * self.heads.dim, b * t);
+        let Saved {
+            normed,
+            q,
+            k: kk,
+            v,
+            state,
+            rows,
+        } = saved;
+        if rows.len() != m * hd || normed.len() != m * k {
+            candle_core::bail!("klong-attention: the forward's rows are not [{m}, {hd}]");
+        }
+        if x.len() != m * k
+            || g.len() != m * k
+            || w_stacked.len() != (n + 1) * k
+            || w_o.len() != k * hd
+        {
+            candle_core::bail!("klong-attention: backward operands do not match [{b}, {t}, {k}]");
+        }
+        let (w_qkv, w_norm) = w_stacked.split_at(n * k);
+        // d o [K, H·D] = gᵀ · rows
+        let d_o = gemm_new(k, m, hd, Mat::transposed(g, k), Mat::rows(&rows, hd))?;
+        // d rows [M, H·D] = g · o, into the rows' memory (now spent).
+        let mut d_rows = rows;
+        gemm_into(
+            &mut d_rows,
+            false,
+            (m, k, hd),
+            Mat::rows(g, k),
+            Mat::rows(w_o, hd),
+        )?;
+        let (dq, dk, dv) = flash::backward_rows(&self.mask, dims, (&q, &kk, &v), &state, &d_rows)?;
+        let d_proj = self.merge_heads([&dq, &dk, &dv], (b, t));
+        // d (q; k; v) [N, K] = d_projᵀ · normed
+        let mut d_qkv = gemm_new(n, m, k, Mat::transposed(&d_proj, n), Mat::rows(&normed, k))?;
+        // d normed [M, K] = d_proj · (q; k; v), into normed's memory.
+        let mut d_normed = normed;
+        gemm_into(
+            &mut d_normed,
+            false,
+            (m, n, k),
+            Mat::rows(&d_proj, n),
+            Mat::rows(w_qkv, k),
+        )?;
+        let norm = (w_norm, self.eps);
+        let (dx, d_norm) = fused::pre_norm_residual_backward(x, norm, &d_normed, g);
+        d_qkv.extend_from_slice(&d_norm);
+        Ok((dx, d_qkv, d_o))
     }
 
     /// The projections' rows `[B·T, (H + 2·Hkv)·D]` -> roped queries (times `scale`) `[B,
@@ -267,63 +334,20 @@ impl CustomOp3 for AttentionBlock {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, t, k) = self.dims(x.dims(), qkv.dims(), o.dims())?;
-        let dims = self.flash_dims(b, t)?;
-        let (n, hd, m) = (self.heads.qkv(), self.heads.q * self.heads.dim, b * t);
+        let btk = self.dims(x.dims(), qkv.dims(), o.dims())?;
         let saved = self
             .saved
             .lock()
             .map_err(|_| candle_core::Error::msg("klong-attention: state lock poisoned"))?
             .take();
-        let Some(Saved {
-            normed,
-            q,
-            k: kk,
-            v,
-            state,
-            rows,
-        }) = saved
-        else {
+        let Some(saved) = saved else {
             candle_core::bail!("klong-attention: backward without its forward's state (or twice)");
         };
-        if rows.len() != m * hd || normed.len() != m * k {
-            candle_core::bail!("klong-attention: the forward's rows are not [{m}, {hd}]");
-        }
         let (dx, d_qkv, d_o) = fused::with_data::<f32, _>(x, |x| {
             fused::with_data::<f32, _>(qkv, |w_stacked| {
-                let (w_qkv, w_norm) = w_stacked.split_at(n * k);
                 fused::with_data::<f32, _>(o, |w_o| {
                     fused::with_data::<f32, _>(g, |g| {
-                        // d o [K, H·D] = gᵀ · rows
-                        let d_o = gemm_new(k, m, hd, Mat::transposed(g, k), Mat::rows(&rows, hd))?;
-                        // d rows [M, H·D] = g · o, into the rows' memory (now spent).
-                        let mut d_rows = rows;
-                        gemm_into(
-                            &mut d_rows,
-                            false,
-                            (m, k, hd),
-                            Mat::rows(g, k),
-                            Mat::rows(w_o, hd),
-                        )?;
-                        let (dq, dk, dv) =
-                            flash::backward_rows(&self.mask, dims, (&q, &kk, &v), &state, &d_rows)?;
-                        let d_proj = self.merge_heads([&dq, &dk, &dv], (b, t));
-                        // d (q; k; v) [N, K] = d_projᵀ · normed
-                        let mut d_qkv =
-                            gemm_new(n, m, k, Mat::transposed(&d_proj, n), Mat::rows(&normed, k))?;
-                        // d normed [M, K] = d_proj · (q; k; v), into normed's memory.
-                        let mut d_normed = normed;
-                        gemm_into(
-                            &mut d_normed,
-                            false,
-                            (m, n, k),
-                            Mat::rows(&d_proj, n),
-                            Mat::rows(w_qkv, k),
-                        )?;
-                        let norm = (w_norm, self.eps);
-                        let (dx, d_norm) = fused::pre_norm_residual_backward(x, norm, &d_normed, g);
-                        d_qkv.extend_from_slice(&d_norm);
-                        Ok((dx, d_qkv, d_o))
+                        self.backward(saved, x, w_stacked, w_o, g, btk)
                     })
                 })
             })
@@ -337,18 +361,17 @@ impl CustomOp3 for AttentionBlock {
     }
 }
 
-/// The op for these operands and the q/k/v and norm weights stacked, or `None` where it does
-/// not serve them: x `[B, T, K]` f32 on a CPU with the attention kernels, norm `[K]`, q/k/v and
-/// o weights `[H·D, K]`, `[Hkv·D, K]` (twice) and `[K, H·D]`, cos/sin `[B, T, D]`, and a mask
-/// with no past keys.
-fn op_for(
+/// The op for these operands, or `None` where it does not serve them: x `[B, T, K]` f32 on a
+/// CPU with the attention kernels, norm `[K]`, q/k/v and o weights `[H·D, K]`, `[Hkv·D, K]`
+/// (twice) and `[K, H·D]`, cos/sin `[B, T, D]`, and a mask with no past keys.
+pub(crate) fn op(
     x: &Tensor,
     (norm, eps): (&Tensor, f64),
     [wq, wk, wv, wo]: [&Tensor; 4],
     heads: Heads,
     (cos, sin): (&Tensor, &Tensor),
     mask: &Arc<KeyMask>,
-) -> Result<Option<(AttentionBlock, Tensor)>> {
+) -> Result<Option<AttentionBlock>> {
     let tensors = [x, norm, wq, wk, wv, wo, cos, sin];
     let served = fused::supported(x, fused::Kind::AttentionBlock)
         && flash::serves(x)
@@ -362,17 +385,38 @@ fn op_for(
     if !served {
         return Ok(None);
     }
-    let stacked = Tensor::cat(&[wq, wk, wv, &norm.reshape((1, ()))?], 0)?;
     let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-    let op = AttentionBlock {
+    Ok(Some(AttentionBlock {
         heads,
         eps,
         mask: mask.clone(),
         cos: flat(cos)?,
         sin: flat(sin)?,
         saved: Mutex::new(None),
+    }))
+}
+
+/// q's, k's and v's weights and the norm's stacked `[(H + 2·Hkv)·D + 1, K]` (a `cat` node,
+/// whose backward splits their gradient).
+pub(crate) fn stacked(norm: &Tensor, [wq, wk, wv]: [&Tensor; 3]) -> Result<Tensor> {
+    Tensor::cat(&[wq, wk, wv, &norm.reshape((1, ()))?], 0)
+}
+
+/// The op for these operands and the q/k/v and norm weights stacked, or `None` where it does
+/// not serve them (see `op`).
+fn op_for(
+    x: &Tensor,
+    norm: (&Tensor, f64),
+    weights: [&Tensor; 4],
+    heads: Heads,
+    angles: (&Tensor, &Tensor),
+    mask: &Arc<KeyMask>,
+) -> Result<Option<(AttentionBlock, Tensor)>> {
+    let Some(op) = op(x, norm, weights, heads, angles, mask)? else {
+        return Ok(None);
     };
-    Ok(Some((op, stacked)))
+    let [wq, wk, wv, _] = weights;
+    Ok(Some((op, stacked(norm.0, [wq, wk, wv])?)))
 }
 
 /// `x + attention(rms_norm(x; norm, eps))` as one node, or `None` where this op does not serve

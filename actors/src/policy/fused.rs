@@ -35,6 +35,8 @@ pub(crate) enum Kind {
     SwiGlu,
     /// A decoder layer's self-attention as one graph node (`attention_block`).
     AttentionBlock,
+    /// All of a decoder's layers as one graph node (`decoder_stack`).
+    DecoderStack,
     /// Products on AMX tiles (`amx`), where the CPU has them.
     Amx,
     /// The output layer's product on `gemm_new` ([`projection`]).
@@ -66,6 +68,7 @@ pub(crate) fn enabled(kind: Kind) -> bool {
         Kind::Amx => "amx",
         Kind::SwiGlu => "swiglu",
         Kind::AttentionBlock => "attention_block",
+        Kind::DecoderStack => "decoder_stack",
         Kind::Projection => "projection",
     };
     !off.iter().any(|o| o == "all" || o == name)

@@ -7,6 +7,8 @@ pub(crate) mod amx;
 pub(crate) mod attention_block;
 pub mod chat;
 pub mod decode;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod decoder_stack;
 pub(crate) mod flash;
 pub(crate) mod fused;
 pub mod generate;

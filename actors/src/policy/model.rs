@@ -1001,6 +1001,48 @@ impl Llama {
         &self.device
     }
 
+    /// Every layer over x as one graph node (`decoder_stack`), for a forward without a cache
+    /// that a backward may follow; `None` where a layer's halves would not each be one node
+    /// (`Attention::block_operands`), the norms' epsilons differ, or the stack declines.
+    #[cfg(target_arch = "x86_64")]
+    fn stack(
+        &self,
+        x: &Tensor,
+        angles: (&Tensor, &Tensor),
+        mask: &AttnMask,
+    ) -> Result<Option<Tensor>> {
+        let Some(eps) = self.layers.first().map(|l| l.input_layernorm.eps) else {
+            return Ok(None);
+        };
+        let mut heads = None;
+        let mut operands = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let Some((h, [q, k, v, o])) = layer.self_attn.block_operands(x)? else {
+                return Ok(None);
+            };
+            let norms = [&layer.input_layernorm, &layer.post_attention_layernorm];
+            if norms.iter().any(|n| n.eps != eps) {
+                return Ok(None);
+            }
+            heads = Some(h);
+            operands.push(decoder_stack::LayerOperands {
+                input_norm: &layer.input_layernorm.weight,
+                q,
+                k,
+                v,
+                o,
+                post_norm: &layer.post_attention_layernorm.weight,
+                gate: layer.mlp.gate_proj.weight(),
+                up: layer.mlp.up_proj.weight(),
+                down: layer.mlp.down_proj.weight(),
+            });
+        }
+        let Some(heads) = heads else {
+            return Ok(None);
+        };
+        decoder_stack::stack(x, &operands, eps, heads, angles, &mask.keys)
+    }
+
     /// Logits `[B, T, V]` for `input_ids` `[B, T]` (u32).
     ///
     /// `attention_mask` `[B, T]` (1 = token, 0 = pad; any numeric dtype) covers the new tokens
@@ -1087,14 +1129,27 @@ impl Llama {
             }
         }
         let mut x = self.embed_tokens.forward(input_ids)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| LayerSlot {
-                kv: &mut c.layers[i],
-                buf: &mut c.bufs[i],
-                detached: c.detached,
-            });
-            x = layer.attention_half(&x, &cos, &sin, &mask, slot)?;
-            x = layer.mlp_half(&x)?;
+        #[cfg(target_arch = "x86_64")]
+        let stacked = if cache.is_none() {
+            self.stack(&x, (&cos, &sin), &mask)?
+        } else {
+            None
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let stacked: Option<Tensor> = None;
+        match stacked {
+            Some(y) => x = y,
+            None => {
+                for (i, layer) in self.layers.iter().enumerate() {
+                    let slot = cache.as_deref_mut().map(|c| LayerSlot {
+                        kv: &mut c.layers[i],
+                        buf: &mut c.bufs[i],
+                        detached: c.detached,
+                    });
+                    x = layer.attention_half(&x, &cos, &sin, &mask, slot)?;
+                    x = layer.mlp_half(&x)?;
+                }
+            }
         }
         if let Some(c) = cache {
             c.key_mask = mask.rows;
@@ -1125,6 +1180,8 @@ impl Llama {
 #[cfg(target_arch = "x86_64")]
 use super::attention_block;
 use super::decode::DecodeWeights;
+#[cfg(target_arch = "x86_64")]
+use super::decoder_stack;
 use super::{flash, fused, skinny, swiglu};
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use super::fused::{self, gemm_into, gemm_new, Mat};
 /// What the forward leaves for the backward: the normalized input (`[M, K]`), the gate and up
 /// pre-activations (`[M, 2F]`, a row's gate then its up) and the product `silu(gate) · up`
 /// (`[M, F]`).
-struct Saved {
+pub(crate) struct Saved {
     normed: Vec<f32>,
     gate_up: Vec<f32>,
     hidden: Vec<f32>,
@@ -36,7 +36,7 @@ struct Saved {
 
 /// The op: x `[.., K]`, gate, up and the norm's weight stacked `[2F + 1, K]`, down `[K, F]`
 /// -> `[.., K]`.
-struct SwiGlu {
+pub(crate) struct SwiGlu {
     /// The norm's epsilon.
     eps: f64,
     saved: Mutex<Option<Saved>>,
@@ -61,24 +61,29 @@ fn dims(x: &[usize], gate_up: &[usize], down: &[usize]) -> Result<(usize, usize,
 /// Rows of the `[M, 2F]` pre-activations handed to one elementwise unit.
 const ROWS_PER_UNIT: usize = 8;
 
-impl CustomOp3 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "klong-swiglu"
+impl SwiGlu {
+    /// An op with the norm's epsilon.
+    pub(crate) fn new(eps: f64) -> SwiGlu {
+        SwiGlu {
+            eps,
+            saved: Mutex::new(None),
+        }
     }
 
-    fn cpu_fwd(
+    /// `x + down(silu(gate(n)) · up(n))` `[M, K]` over the operands' data (x `[M, K]`, gate,
+    /// up and the norm's weight stacked `[2F + 1, K]`, down `[K, F]`), and what its backward
+    /// needs.
+    pub(crate) fn forward(
         &self,
-        x: &CpuStorage,
-        lx: &Layout,
-        gate_up: &CpuStorage,
-        lgu: &Layout,
-        down: &CpuStorage,
-        ld: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (m, k, f) = dims(lx.dims(), lgu.dims(), ld.dims())?;
-        let x = fused::slice::<f32>(x, lx)?;
-        let (w_gu, w_norm) = fused::slice::<f32>(gate_up, lgu)?.split_at(2 * f * k);
-        let w_down = fused::slice::<f32>(down, ld)?;
+        x: &[f32],
+        w_stacked: &[f32],
+        w_down: &[f32],
+        (m, k, f): (usize, usize, usize),
+    ) -> Result<(Vec<f32>, Saved)> {
+        if x.len() != m * k || w_stacked.len() != (2 * f + 1) * k || w_down.len() != k * f {
+            candle_core::bail!("klong-swiglu: operands' data do not match [{m}, {k}] and {f}");
+        }
+        let (w_gu, w_norm) = w_stacked.split_at(2 * f * k);
         let normed = fused::rms_forward(x, w_norm, self.eps);
         // [M, K] · [K, 2F]: both pre-activations in one product.
         let gate_up = gemm_new(m, k, 2 * f, Mat::rows(&normed, k), Mat::transposed(w_gu, k))?;
@@ -100,15 +105,111 @@ impl CustomOp3 for SwiGlu {
             Mat::rows(&hidden, f),
             Mat::transposed(w_down, f),
         )?;
+        Ok((
+            out,
+            Saved {
+                normed,
+                gate_up,
+                hidden,
+            },
+        ))
+    }
+
+    /// The gradients of x, of the stacked gate/up/norm weight and of down from the forward's
+    /// state and the output's gradient `g` `[M, K]`.
+    pub(crate) fn backward(
+        &self,
+        saved: Saved,
+        x: &[f32],
+        w_stacked: &[f32],
+        w_down: &[f32],
+        g: &[f32],
+        (m, k, f): (usize, usize, usize),
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let Saved {
+            normed,
+            gate_up: mut d_gate_up,
+            hidden,
+        } = saved;
+        if d_gate_up.len() != m * 2 * f || hidden.len() != m * f || normed.len() != m * k {
+            candle_core::bail!("klong-swiglu: the forward's state is not [{m}, 2·{f}]");
+        }
+        if x.len() != m * k
+            || g.len() != m * k
+            || w_stacked.len() != (2 * f + 1) * k
+            || w_down.len() != k * f
+        {
+            candle_core::bail!("klong-swiglu: backward operands do not match [{m}, {k}] and {f}");
+        }
+        let (w_gu, w_norm) = w_stacked.split_at(2 * f * k);
+        // d down [K, F] = gᵀ · hidden
+        let d_down = gemm_new(k, m, f, Mat::transposed(g, k), Mat::rows(&hidden, f))?;
+        // d hidden [M, F] = g · down, into hidden's memory (now spent).
+        let mut d_hidden = hidden;
+        gemm_into(
+            &mut d_hidden,
+            false,
+            (m, k, f),
+            Mat::rows(g, k),
+            Mat::rows(w_down, f),
+        )?;
+        // The pre-activations become their gradients, row by row.
+        fused::par_rows(&mut d_gate_up, 2 * f * ROWS_PER_UNIT, |unit, rows| {
+            let mut e = Vec::with_capacity(f);
+            let first = unit * ROWS_PER_UNIT;
+            for (i, row) in rows.chunks_exact_mut(2 * f).enumerate() {
+                let dh = &d_hidden[(first + i) * f..(first + i + 1) * f];
+                silu_mul_grads(row, dh, &mut e);
+            }
+        });
+        // d (gate; up) [2F, K] = d_gate_upᵀ · normed
+        let mut d_w_gu = gemm_new(
+            2 * f,
+            m,
+            k,
+            Mat::transposed(&d_gate_up, 2 * f),
+            Mat::rows(&normed, k),
+        )?;
+        // d normed [M, K] = d_gate_up · (gate; up), into normed's memory.
+        let mut d_normed = normed;
+        gemm_into(
+            &mut d_normed,
+            false,
+            (m, 2 * f, k),
+            Mat::rows(&d_gate_up, 2 * f),
+            Mat::rows(w_gu, k),
+        )?;
+        let norm = (w_norm, self.eps);
+        let (dx, d_norm) = fused::pre_norm_residual_backward(x, norm, &d_normed, g);
+        d_w_gu.extend_from_slice(&d_norm);
+        Ok((dx, d_w_gu, d_down))
+    }
+}
+
+impl CustomOp3 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "klong-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        gate_up: &CpuStorage,
+        lgu: &Layout,
+        down: &CpuStorage,
+        ld: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let mkf = dims(lx.dims(), lgu.dims(), ld.dims())?;
+        let x = fused::slice::<f32>(x, lx)?;
+        let w_stacked = fused::slice::<f32>(gate_up, lgu)?;
+        let w_down = fused::slice::<f32>(down, ld)?;
+        let (out, saved) = self.forward(x, w_stacked, w_down, mkf)?;
         *self
             .saved
             .lock()
             .map_err(|_| candle_core::Error::msg("klong-swiglu: state lock poisoned"))? =
-            Some(Saved {
-                normed,
-                gate_up,
-                hidden,
-            });
+            Some(saved);
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
 
@@ -120,70 +221,20 @@ impl CustomOp3 for SwiGlu {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, k, f) = dims(x.dims(), gate_up.dims(), down.dims())?;
+        let mkf = dims(x.dims(), gate_up.dims(), down.dims())?;
         let saved = self
             .saved
             .lock()
             .map_err(|_| candle_core::Error::msg("klong-swiglu: state lock poisoned"))?
             .take();
-        let Some(Saved {
-            normed,
-            gate_up: mut d_gate_up,
-            hidden,
-        }) = saved
-        else {
+        let Some(saved) = saved else {
             candle_core::bail!("klong-swiglu: backward without its forward's state (or twice)");
         };
-        if d_gate_up.len() != m * 2 * f || hidden.len() != m * f || normed.len() != m * k {
-            candle_core::bail!("klong-swiglu: the forward's state is not [{m}, 2·{f}]");
-        }
         let (dx, d_w_gu, d_down) = fused::with_data::<f32, _>(x, |x| {
             fused::with_data::<f32, _>(gate_up, |w_stacked| {
-                let (w_gu, w_norm) = w_stacked.split_at(2 * f * k);
                 fused::with_data::<f32, _>(down, |w_down| {
                     fused::with_data::<f32, _>(g, |g| {
-                        // d down [K, F] = gᵀ · hidden
-                        let d_down =
-                            gemm_new(k, m, f, Mat::transposed(g, k), Mat::rows(&hidden, f))?;
-                        // d hidden [M, F] = g · down, into hidden's memory (now spent).
-                        let mut d_hidden = hidden;
-                        gemm_into(
-                            &mut d_hidden,
-                            false,
-                            (m, k, f),
-                            Mat::rows(g, k),
-                            Mat::rows(w_down, f),
-                        )?;
-                        // The pre-activations become their gradients, row by row.
-                        fused::par_rows(&mut d_gate_up, 2 * f * ROWS_PER_UNIT, |unit, rows| {
-                            let mut e = Vec::with_capacity(f);
-                            let first = unit * ROWS_PER_UNIT;
-                            for (i, row) in rows.chunks_exact_mut(2 * f).enumerate() {
-                                let dh = &d_hidden[(first + i) * f..(first + i + 1) * f];
-                                silu_mul_grads(row, dh, &mut e);
-                            }
-                        });
-                        // d (gate; up) [2F, K] = d_gate_upᵀ · normed
-                        let mut d_w_gu = gemm_new(
-                            2 * f,
-                            m,
-                            k,
-                            Mat::transposed(&d_gate_up, 2 * f),
-                            Mat::rows(&normed, k),
-                        )?;
-                        // d normed [M, K] = d_gate_up · (gate; up), into normed's memory.
-                        let mut d_normed = normed;
-                        gemm_into(
-                            &mut d_normed,
-                            false,
-                            (m, 2 * f, k),
-                            Mat::rows(&d_gate_up, 2 * f),
-                            Mat::rows(w_gu, k),
-                        )?;
-                        let norm = (w_norm, self.eps);
-                        let (dx, d_norm) = fused::pre_norm_residual_backward(x, norm, &d_normed, g);
-                        d_w_gu.extend_from_slice(&d_norm);
-                        Ok((dx, d_w_gu, d_down))
+                        self.backward(saved, x, w_stacked, w_down, g, mkf)
                     })
                 })
             })
@@ -233,15 +284,17 @@ pub(crate) fn block(
     up: &Tensor,
     down: &Tensor,
 ) -> Result<Tensor> {
-    let stacked = Tensor::cat(&[gate, up, &norm.reshape((1, ()))?], 0)?;
     x.contiguous()?.apply_op3(
-        &stacked,
+        &stacked(norm, gate, up)?,
         &down.contiguous()?,
-        SwiGlu {
-            eps,
-            saved: Mutex::new(None),
-        },
+        SwiGlu::new(eps),
     )
+}
+
+/// Gate's, up's and the norm's weights stacked `[2F + 1, K]` (a `cat` node, whose backward
+/// splits their gradient).
+pub(crate) fn stacked(norm: &Tensor, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Tensor::cat(&[gate, up, &norm.reshape((1, ()))?], 0)
 }
 
 #[cfg(test)]
