@@ -735,7 +735,11 @@ pub fn model(opts: &ModelBenchOptions) -> Result<ModelBenchReport> {
         bail!("no rounds were measured");
     };
     Ok(ModelBenchReport {
-        machine: machine_description(),
+        machine: format!(
+            "{}; products on {}",
+            machine_description(),
+            klong_actors::policy::cpu_products()
+        ),
         model: format!(
             "tiny Llama R: {} layers, d_model {}, {} heads / {} kv, ffn {}, vocab {}",
             cfg.num_hidden_layers,

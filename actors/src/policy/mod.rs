@@ -60,6 +60,25 @@ pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> 
         .expect("diff")
 }
 
+/// What the CPU products of a training step run on here (for reports: it decides most of a
+/// step's time): AMX tiles where the CPU exposes them and they are not switched off
+/// (`KLONGD_FUSED_OFF=amx`), else gemm's AVX-512 or AVX2 f32 kernels.
+pub fn cpu_products() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if fused::enabled(fused::Kind::Amx) && amx::available() {
+            return "AMX bf16 tiles (f32-accurate)";
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "AVX-512 f32";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return "AVX2 f32";
+        }
+    }
+    "portable f32"
+}
+
 /// The device a model runs on, from its name: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`. Without
 /// the `cuda` feature a CUDA name is an error that says so, never a silent fall back to CPU.
 pub fn device(name: &str) -> Result<candle_core::Device, String> {
