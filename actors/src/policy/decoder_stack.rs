@@ -4,10 +4,12 @@
 //!
 //! Layer by layer, each half is its own node, and candle's backward zeroes a gradient buffer
 //! for every node's input before adding the op's gradient into it: for the residual stream
-//! that is a `[B·T, K]` memset (serial) and add per half, sixteen MiB of traffic each for
-//! model R's training batch, about 4% of its step. Here the stream enters once: the halves'
-//! forwards and backwards run back to back over the same functions the per-half ops call, so
-//! the results are those of the per-half path to the bit (`the_stack_is_the_layers`).
+//! that is a `[B·T, K]` memset (serial) and add per half, 4 MiB written and 12 MiB moved for
+//! model R's training batch. Here the stream enters once: the halves' forwards and backwards
+//! run back to back over the same functions the per-half ops call, so the results are those
+//! of the per-half path to the bit (`the_stack_is_the_layers`). Measured: about 1% of model
+//! R's step (steps alternating with and without it in one process, median of paired ratios
+//! 0.989 and 0.987; session 28 in `benches/peer/README.md`).
 //!
 //! The operands: x `[B, T, K]`; every layer's weights but the MLP's down projection, stacked
 //! by one `cat` node `[L·(N + 1 + K + 2F + 1), K]` (per layer: q, k, v and the input norm's
@@ -267,8 +269,8 @@ impl CustomOp3 for DecoderStack {
 /// The decoder's layers over x `[B, T, K]` as one node, or `None` where the op does not serve
 /// them (the caller runs them layer by layer): no layers, nothing a backward could reach (x and
 /// every weight untracked: without a backward, one layer's state at a time is all a forward
-/// needs to hold), `H·D ≠ K`, norms of different epsilons, or what `attention_block::op` and
-/// `swiglu::serves` decline.
+/// needs to hold), `H·D ≠ K`, or what `attention_block::op` and `swiglu::serves` decline.
+/// Every norm takes `eps` (the caller checks that the layers' norms agree).
 pub(crate) fn stack(
     x: &Tensor,
     layers: &[LayerOperands<'_>],
