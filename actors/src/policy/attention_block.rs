@@ -17,7 +17,7 @@
 //! the composed path to rounding, not to the bit (`the_fused_attention_is_the_composed_one`);
 //! every sum runs in a fixed order, so runs repeat exactly.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -68,7 +68,7 @@ pub(crate) struct AttentionBlock {
     /// RoPE's `[B, T, D]` angles.
     cos: Vec<f32>,
     sin: Vec<f32>,
-    saved: Mutex<Option<Saved>>,
+    saved: fused::ForwardState<Saved>,
 }
 
 impl AttentionBlock {
@@ -323,11 +323,7 @@ impl CustomOp3 for AttentionBlock {
             fused::slice::<f32>(o, lo)?,
         );
         let (out, saved) = self.forward(x, qkv, o, dims)?;
-        *self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::msg("klong-attention: state lock poisoned"))? =
-            Some(saved);
+        self.saved.put(saved)?;
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
 
@@ -340,28 +336,14 @@ impl CustomOp3 for AttentionBlock {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let btk = self.dims(x.dims(), qkv.dims(), o.dims())?;
-        let saved = self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::msg("klong-attention: state lock poisoned"))?
-            .take();
-        let Some(saved) = saved else {
-            candle_core::bail!("klong-attention: backward without its forward's state (or twice)");
-        };
-        let (dx, d_qkv, d_o) = fused::with_data::<f32, _>(x, |x| {
-            fused::with_data::<f32, _>(qkv, |w_stacked| {
-                fused::with_data::<f32, _>(o, |w_o| {
-                    fused::with_data::<f32, _>(g, |g| {
-                        self.backward(saved, x, w_stacked, w_o, g, btk)
-                    })
-                })
-            })
+        let saved = self.saved.take()?;
+        let (dx, d_qkv, d_o) = fused::with_f32s([x, qkv, o, g], |[x, w_stacked, w_o, g]| {
+            self.backward(saved, x, w_stacked, w_o, g, btk)
         })?;
-        let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(d_qkv, qkv.shape(), dev)?),
-            Some(Tensor::from_vec(d_o, o.shape(), dev)?),
+            fused::like(dx, x)?,
+            fused::like(d_qkv, qkv)?,
+            fused::like(d_o, o)?,
         ))
     }
 }
@@ -397,7 +379,7 @@ pub(crate) fn op(
         mask: mask.clone(),
         cos: flat(cos)?,
         sin: flat(sin)?,
-        saved: Mutex::new(None),
+        saved: fused::ForwardState::new("klong-attention"),
     }))
 }
 

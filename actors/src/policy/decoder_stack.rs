@@ -17,7 +17,7 @@
 //! weight as `swiglu` stacks them; o's rows are K wide only where `H·D = K`, which `stack`
 //! checks); the down projections stacked `[L·K, F]`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -57,7 +57,7 @@ struct DecoderStack {
     layers: usize,
     /// The MLP's width F.
     ffn: usize,
-    saved: Mutex<Option<Vec<LayerSaved>>>,
+    saved: fused::ForwardState<Vec<LayerSaved>>,
 }
 
 /// Where one layer's weights lie in the stacked operand, in elements: the attention half's
@@ -171,13 +171,19 @@ impl DecoderStack {
         // Each layer's weight gradients, last layer first: concatenated in the operands'
         // order once all are known.
         let mut d_layers = Vec::with_capacity(self.layers);
-        let mut d = g.to_vec();
+        // The gradient flowing down: the output's for the last layer, then each layer's dx.
+        let mut d: Option<Vec<f32>> = None;
         for (layer, state) in saved.into_iter().enumerate().rev() {
             let spans = self.spans(layer, k);
             let down = &downs[layer * k * f..(layer + 1) * k * f];
-            let (d_mid, d_mlp, d_down) =
-                self.mlp
-                    .backward(state.mlp, &state.mid, &main[spans.mlp], down, &d, (m, k, f))?;
+            let (d_mid, d_mlp, d_down) = self.mlp.backward(
+                state.mlp,
+                &state.mid,
+                &main[spans.mlp],
+                down,
+                d.as_deref().unwrap_or(g),
+                (m, k, f),
+            )?;
             let x_l = state.x.as_deref().unwrap_or(x);
             let (dx, d_attention, d_o) = self.attention.backward(
                 state.attention,
@@ -187,7 +193,7 @@ impl DecoderStack {
                 &d_mid,
                 (b, t, k),
             )?;
-            d = dx;
+            d = Some(dx);
             d_layers.push((d_attention, d_o, d_mlp, d_down));
         }
         let mut d_main = Vec::with_capacity(main.len());
@@ -198,7 +204,10 @@ impl DecoderStack {
             d_main.extend_from_slice(&d_mlp);
             d_downs.extend_from_slice(&d_down);
         }
-        Ok((d, d_main, d_downs))
+        match d {
+            Some(dx) => Ok((dx, d_main, d_downs)),
+            None => candle_core::bail!("klong-decoder-stack: no layers"),
+        }
     }
 }
 
@@ -223,11 +232,7 @@ impl CustomOp3 for DecoderStack {
             fused::slice::<f32>(downs, ld)?,
         );
         let (out, saved) = self.forward(x, main, downs, dims)?;
-        *self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::msg("klong-decoder-stack: state lock poisoned"))? =
-            Some(saved);
+        self.saved.put(saved)?;
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
 
@@ -240,28 +245,14 @@ impl CustomOp3 for DecoderStack {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = self.dims(x.dims(), main.dims(), downs.dims())?;
-        let saved = self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::msg("klong-decoder-stack: state lock poisoned"))?
-            .take();
-        let Some(saved) = saved else {
-            candle_core::bail!(
-                "klong-decoder-stack: backward without its forward's state (or twice)"
-            );
-        };
-        let (dx, d_main, d_downs) = fused::with_data::<f32, _>(x, |x| {
-            fused::with_data::<f32, _>(main, |main| {
-                fused::with_data::<f32, _>(downs, |downs| {
-                    fused::with_data::<f32, _>(g, |g| self.backward(saved, x, main, downs, g, dims))
-                })
-            })
+        let saved = self.saved.take()?;
+        let (dx, d_main, d_downs) = fused::with_f32s([x, main, downs, g], |[x, main, downs, g]| {
+            self.backward(saved, x, main, downs, g, dims)
         })?;
-        let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(d_main, main.shape(), dev)?),
-            Some(Tensor::from_vec(d_downs, downs.shape(), dev)?),
+            fused::like(dx, x)?,
+            fused::like(d_main, main)?,
+            fused::like(d_downs, downs)?,
         ))
     }
 }
@@ -345,7 +336,7 @@ pub(crate) fn stack(
         heads,
         layers: layers.len(),
         ffn,
-        saved: Mutex::new(None),
+        saved: fused::ForwardState::new("klong-decoder-stack"),
     };
     Ok(Some(x.contiguous()?.apply_op3(&main, &downs, op)?))
 }

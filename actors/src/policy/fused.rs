@@ -159,6 +159,75 @@ pub(crate) fn with_data<T: WithDType, R>(
     }
 }
 
+/// Runs `f` over several f32 tensors' contiguous CPU data at once (an op's operands and the
+/// output's gradient, in a backward).
+pub(crate) fn with_f32s<const N: usize, R>(
+    ts: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> Result<R>,
+) -> Result<R> {
+    let owned = ts.map(Tensor::contiguous);
+    let mut tensors = Vec::with_capacity(N);
+    for t in owned {
+        tensors.push(t?);
+    }
+    let guards: Vec<_> = tensors.iter().map(Tensor::storage_and_layout).collect();
+    let mut data = Vec::with_capacity(N);
+    for (st, l) in &guards {
+        match &**st {
+            Storage::Cpu(c) => data.push(slice::<f32>(c, l)?),
+            _ => candle_core::bail!("fused op: CPU tensors only"),
+        }
+    }
+    match <[&[f32]; N]>::try_from(data) {
+        Ok(data) => f(data),
+        Err(_) => candle_core::bail!("fused op: {N} operands expected"),
+    }
+}
+
+/// A gradient's data as a tensor shaped like its operand, for an op's `bwd`.
+pub(crate) fn like(data: Vec<f32>, operand: &Tensor) -> Result<Option<Tensor>> {
+    Tensor::from_vec(data, operand.shape(), operand.device()).map(Some)
+}
+
+/// What an op's forward keeps for its backward, handed over once: a second backward over one
+/// forward (or one without a forward) is an error that names the op.
+pub(crate) struct ForwardState<S> {
+    op: &'static str,
+    slot: std::sync::Mutex<Option<S>>,
+}
+
+impl<S> ForwardState<S> {
+    pub(crate) fn new(op: &'static str) -> Self {
+        ForwardState {
+            op,
+            slot: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Keeps the forward's state (a later forward's replaces it).
+    pub(crate) fn put(&self, state: S) -> Result<()> {
+        *self.lock()? = Some(state);
+        Ok(())
+    }
+
+    /// Takes the forward's state back.
+    pub(crate) fn take(&self) -> Result<S> {
+        match self.lock()?.take() {
+            Some(state) => Ok(state),
+            None => candle_core::bail!(
+                "{}: backward without its forward's state (or twice)",
+                self.op
+            ),
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Option<S>>> {
+        self.slot
+            .lock()
+            .map_err(|_| candle_core::Error::msg(format!("{}: state lock poisoned", self.op)))
+    }
+}
+
 /// Below this many elements an op runs on the calling thread alone.
 const PAR_MIN: usize = 1 << 15;
 

@@ -19,8 +19,6 @@
 //! (`the_fused_mlp_is_the_composed_one`). Every sum runs in a fixed order, so runs repeat
 //! exactly.
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::fused::{self, gemm_into, gemm_new, Mat};
@@ -39,7 +37,7 @@ pub(crate) struct Saved {
 pub(crate) struct SwiGlu {
     /// The norm's epsilon.
     eps: f64,
-    saved: Mutex<Option<Saved>>,
+    saved: fused::ForwardState<Saved>,
 }
 
 /// `(M, K, F)` from the operands' shapes.
@@ -66,7 +64,7 @@ impl SwiGlu {
     pub(crate) fn new(eps: f64) -> SwiGlu {
         SwiGlu {
             eps,
-            saved: Mutex::new(None),
+            saved: fused::ForwardState::new("klong-swiglu"),
         }
     }
 
@@ -205,11 +203,7 @@ impl CustomOp3 for SwiGlu {
         let w_stacked = fused::slice::<f32>(gate_up, lgu)?;
         let w_down = fused::slice::<f32>(down, ld)?;
         let (out, saved) = self.forward(x, w_stacked, w_down, mkf)?;
-        *self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::msg("klong-swiglu: state lock poisoned"))? =
-            Some(saved);
+        self.saved.put(saved)?;
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
 
@@ -222,28 +216,15 @@ impl CustomOp3 for SwiGlu {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let mkf = dims(x.dims(), gate_up.dims(), down.dims())?;
-        let saved = self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::msg("klong-swiglu: state lock poisoned"))?
-            .take();
-        let Some(saved) = saved else {
-            candle_core::bail!("klong-swiglu: backward without its forward's state (or twice)");
-        };
-        let (dx, d_w_gu, d_down) = fused::with_data::<f32, _>(x, |x| {
-            fused::with_data::<f32, _>(gate_up, |w_stacked| {
-                fused::with_data::<f32, _>(down, |w_down| {
-                    fused::with_data::<f32, _>(g, |g| {
-                        self.backward(saved, x, w_stacked, w_down, g, mkf)
-                    })
-                })
-            })
-        })?;
-        let dev = x.device();
+        let saved = self.saved.take()?;
+        let (dx, d_w_gu, d_down) =
+            fused::with_f32s([x, gate_up, down, g], |[x, w_stacked, w_down, g]| {
+                self.backward(saved, x, w_stacked, w_down, g, mkf)
+            })?;
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(d_w_gu, gate_up.shape(), dev)?),
-            Some(Tensor::from_vec(d_down, down.shape(), dev)?),
+            fused::like(dx, x)?,
+            fused::like(d_w_gu, gate_up)?,
+            fused::like(d_down, down)?,
         ))
     }
 }
