@@ -37,8 +37,14 @@ use super::model::MASKED;
 
 /// Query rows per tile: the rows that share one walk over the key blocks.
 const BR: usize = 16;
-/// Keys per block: one block's scores for a tile stay in L1 (`BR · BC` floats).
+/// Keys per block in the backward: a block's scores and their gradients for a tile stay in
+/// L1 (`2 · BR · BC` floats).
 const BC: usize = 64;
+/// Keys per block in the forward: the whole causal span of a query up to this many keys in
+/// one block, so that rows of up to 512 keys need no online rescaling, and the per-row work
+/// of a block (its max, the exponentials' sum, the rescaling) comes once per tile, not once
+/// per 64 keys (`BR · FORWARD_BC` floats, 32 KiB).
+const FORWARD_BC: usize = 512;
 /// f32 lanes of an AVX2 register.
 const LANES: usize = 8;
 
@@ -179,17 +185,17 @@ fn st(s: &mut [f32], i: usize, v: __m256) {
     unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) }
 }
 
-/// `out[r][c] = a[r] · kt[·, c0 + c]` for `c < w8` (a multiple of 8): kt is `[D, stride]`
+/// `out[r][oc + c] = a[r] · kt[·, c0 + c]` for `c < w8` (a multiple of 8): kt is `[D, stride]`
 /// (keys transposed, so that 8 keys are one load). 4 rows x 16 keys per step: 8 accumulators.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn scores<const N: usize>(
+fn scores<const N: usize, const BW: usize>(
     a: [&[f32]; N],
     kt: &[f32],
     stride: usize,
-    c0: usize,
-    w8: usize,
-    out: &mut [[f32; BC]],
+    (c0, w8): (usize, usize),
+    oc: usize,
+    out: &mut [[f32; BW]],
 ) {
     let d = a[0].len();
     let mut c = 0;
@@ -205,8 +211,8 @@ fn scores<const N: usize>(
             }
         }
         for r in 0..N {
-            st(&mut out[r], c, acc[r][0]);
-            st(&mut out[r], c + LANES, acc[r][1]);
+            st(&mut out[r], oc + c, acc[r][0]);
+            st(&mut out[r], oc + c + LANES, acc[r][1]);
         }
         c += 2 * LANES;
     }
@@ -219,7 +225,7 @@ fn scores<const N: usize>(
             }
         }
         for r in 0..N {
-            st(&mut out[r], c, acc[r]);
+            st(&mut out[r], oc + c, acc[r]);
         }
     }
 }
@@ -260,12 +266,12 @@ impl<const N: usize> Weights for [&[f32]; N] {
 /// rows: output row r (key `c + r`) weighs input row j (query j) by `t[j][c + r]`. The
 /// backward's key and value gradients read their weights so, with no transposed copy.
 #[derive(Clone, Copy)]
-struct Columns<'a> {
-    t: &'a [[f32; BC]; BR],
+struct Columns<'a, const BW: usize> {
+    t: &'a [[f32; BW]; BR],
     c: usize,
 }
 
-impl Weights for Columns<'_> {
+impl<const BW: usize> Weights for Columns<'_, BW> {
     #[inline(always)]
     fn at(&self, r: usize, j: usize) -> f32 {
         self.t[j][self.c + r]
@@ -273,15 +279,15 @@ impl Weights for Columns<'_> {
 
     fn rows<const R: usize>(&self, j_end: usize) -> ([*const f32; R], usize) {
         assert!(
-            j_end <= BR && self.c + R <= BC,
+            j_end <= BR && self.c + R <= BW,
             "columns {} + {R} of {j_end} rows",
             self.c
         );
-        // The block is BR rows of BC floats, contiguous: `t[j][c + r]` is float
-        // `j · BC + c + r` of it.
+        // The block is BR rows of BW floats, contiguous: `t[j][c + r]` is float
+        // `j · BW + c + r` of it.
         let base = self.t.as_ptr().cast::<f32>();
-        // `c + r < BC` (asserted): inside the block's first row.
-        (std::array::from_fn(|r| base.wrapping_add(self.c + r)), BC)
+        // `c + r < BW` (asserted): inside the block's first row.
+        (std::array::from_fn(|r| base.wrapping_add(self.c + r)), BW)
     }
 }
 
@@ -374,13 +380,13 @@ pub(crate) fn avx512() -> bool {
 /// in `scores` (only more of them run side by side), so the results are the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn scores16<const N: usize>(
+fn scores16<const N: usize, const BW: usize>(
     a: [&[f32]; N],
     kt: &[f32],
     stride: usize,
-    c0: usize,
-    w8: usize,
-    out: &mut [[f32; BC]],
+    (c0, w8): (usize, usize),
+    oc: usize,
+    out: &mut [[f32; BW]],
 ) {
     const W: usize = 16;
     let d = a[0].len();
@@ -413,8 +419,8 @@ fn scores16<const N: usize>(
             )
         }
     };
-    let store = |o: &mut [f32; BC], c: usize, width: usize, v: __m512| {
-        let s = &mut o[c..c + width];
+    let store = |o: &mut [f32; BW], c: usize, width: usize, v: __m512| {
+        let s = &mut o[oc + c..oc + c + width];
         // SAFETY: the masked store writes exactly the `width` floats of the bounds-checked
         // slice `s`.
         unsafe { _mm512_mask_storeu_ps(s.as_mut_ptr(), ((1u32 << width) - 1) as u16, v) }
@@ -550,38 +556,45 @@ fn accumulate16<const N: usize>(
     }
 }
 
-/// `scores` over `n <= BR` rows (`row(i)` is row i), 4 at a time.
+/// `scores` over `n <= BR` rows (`row(i)` is row i), 4 at a time, [`BC`] keys at a time:
+/// every row's scores against one run of keys before the next, so that the run's keys
+/// (`D · BC` floats) are read from L1 by each group of rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn scores_rows<'a>(
+fn scores_rows<'a, const BW: usize>(
     n: usize,
     row: impl Fn(usize) -> &'a [f32],
     kt: &[f32],
     stride: usize,
     c0: usize,
     w8: usize,
-    out: &mut [[f32; BC]; BR],
+    out: &mut [[f32; BW]; BR],
 ) {
     let wide = avx512();
-    let mut i = 0;
-    while i + 4 <= n {
-        let rows = [row(i), row(i + 1), row(i + 2), row(i + 3)];
-        if wide {
-            // SAFETY: `avx512()` found AVX-512F on this CPU.
-            unsafe { scores16::<4>(rows, kt, stride, c0, w8, &mut out[i..i + 4]) };
-        } else {
-            scores::<4>(rows, kt, stride, c0, w8, &mut out[i..i + 4]);
+    for oc in (0..w8).step_by(BC) {
+        let cols = (c0 + oc, BC.min(w8 - oc));
+        let mut i = 0;
+        while i + 4 <= n {
+            let rows = [row(i), row(i + 1), row(i + 2), row(i + 3)];
+            let out = &mut out[i..i + 4];
+            if wide {
+                // SAFETY: `avx512()` found AVX-512F on this CPU.
+                unsafe { scores16::<4, BW>(rows, kt, stride, cols, oc, out) };
+            } else {
+                scores::<4, BW>(rows, kt, stride, cols, oc, out);
+            }
+            i += 4;
         }
-        i += 4;
-    }
-    while i < n {
-        if wide {
-            // SAFETY: as above.
-            unsafe { scores16::<1>([row(i)], kt, stride, c0, w8, &mut out[i..i + 1]) };
-        } else {
-            scores::<1>([row(i)], kt, stride, c0, w8, &mut out[i..i + 1]);
+        while i < n {
+            let out = &mut out[i..i + 1];
+            if wide {
+                // SAFETY: as above.
+                unsafe { scores16::<1, BW>([row(i)], kt, stride, cols, oc, out) };
+            } else {
+                scores::<1, BW>([row(i)], kt, stride, cols, oc, out);
+            }
+            i += 1;
         }
-        i += 1;
     }
 }
 
@@ -635,11 +648,11 @@ fn accumulate_rows<'a>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-fn accumulate_cols(
+fn accumulate_cols<const BW: usize>(
     n: usize,
     out: &mut [f32],
     os: usize,
-    t: &[[f32; BC]; BR],
+    t: &[[f32; BW]; BR],
     m: &[f32],
     ms: usize,
     j_end: usize,
@@ -690,13 +703,13 @@ fn transpose(x: &[f32], s: usize, d: usize, stride: usize) -> Vec<f32> {
 /// row does not read become -inf (weight exactly 0), pads get [`MASKED`] added, and a dead row
 /// gets [`MASKED`] added everywhere (the general path's additive mask, entry for entry).
 #[cfg(target_arch = "x86_64")]
-fn mask_block(
+fn mask_block<const BW: usize>(
     mask: &KeyMask,
     b: usize,
     spans: &[Span],
     s0: usize,
     w: usize,
-    sc: &mut [[f32; BC]; BR],
+    sc: &mut [[f32; BW]; BR],
 ) {
     let s1 = s0 + w;
     let bias = &mask.bias[b * mask.s..(b + 1) * mask.s];
@@ -860,20 +873,20 @@ pub(crate) struct Dims {
 }
 
 /// The masked scores of a tile's rows (`spans`, `qrow(i)`) against the key block from `s0`
-/// (at most [`BC`] keys, not past `hi`); returns the block's width and that width rounded up
+/// (at most BW keys, not past `hi`); returns the block's width and that width rounded up
 /// to 8 (the columns filled).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn block_scores<'a>(
+fn block_scores<'a, const BW: usize>(
     p: &Pair,
     mask: &KeyMask,
     spans: &[Span],
     qrow: impl Fn(usize) -> &'a [f32],
     stride: usize,
     (s0, hi): (usize, usize),
-    sc: &mut [[f32; BC]; BR],
+    sc: &mut [[f32; BW]; BR],
 ) -> (usize, usize) {
-    let w = (hi - s0).min(BC);
+    let w = (hi - s0).min(BW);
     let w8 = w.div_ceil(LANES) * LANES;
     scores_rows(spans.len(), qrow, p.kt, stride, s0, w8, sc);
     mask_block(mask, p.b, spans, s0, w, sc);
@@ -884,10 +897,10 @@ fn block_scores<'a>(
 /// output (D), the row max and the inverse normalizer (`[T, D + 2]`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn forward_head(p: &Pair, mask: &KeyMask, dm: Dims, r0: usize, out: &mut [f32]) {
+fn forward_head<const BW: usize>(p: &Pair, mask: &KeyMask, dm: Dims, r0: usize, out: &mut [f32]) {
     let Dims { t, stride, d, .. } = dm;
     let ow = d + 2;
-    let mut sc = [[0f32; BC]; BR];
+    let mut sc = [[0f32; BW]; BR];
     let mut acc = vec![0f32; BR * d];
     for t0 in (0..t).step_by(BR) {
         let n = (t - t0).min(BR);
@@ -908,16 +921,22 @@ fn forward_head(p: &Pair, mask: &KeyMask, dm: Dims, r0: usize, out: &mut [f32]) 
                     continue;
                 }
                 let m_new = mx[i].max(block_max);
-                let alpha = (mx[i] - m_new).exp(); // 0 on the first visible block
                 let s = exp_shifted(row, w, m_new, 1.0);
-                sum[i] = sum[i] * alpha + s;
-                mx[i] = m_new;
-                if alpha != 1.0 {
+                // The first visible block finds the sum and the row's output 0, and a max
+                // that stays gives e⁰ = 1: neither needs the rescaling (nor `exp`, ~1% of
+                // the forward when it ran once per row and block).
+                if mx[i] != f32::NEG_INFINITY && m_new != mx[i] {
+                    let alpha = (mx[i] - m_new).exp();
+                    sum[i] *= alpha;
                     for a in &mut acc[i * d..(i + 1) * d] {
                         *a *= alpha;
                     }
                 }
+                sum[i] += s;
+                mx[i] = m_new;
             }
+            // BC keys at a time, as the scores: the run's values stay in L1 for every
+            // group of rows. Each output element's sum runs over the keys in the same order.
             accumulate_rows(n, &mut acc, d, |i| &sc[i][..], &p.v[s0 * d..], d, w, d);
             s0 += w;
         }
@@ -938,7 +957,7 @@ fn forward_head(p: &Pair, mask: &KeyMask, dm: Dims, r0: usize, out: &mut [f32]) 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-fn backward_pair(
+fn backward_pair<const BW: usize>(
     p: &Pair,
     mask: &KeyMask,
     dm: Dims,
@@ -952,8 +971,8 @@ fn backward_pair(
     let ow = d + 2;
     let vt = transpose(p.v, s, d, stride);
     let rows = p.q.len() / d;
-    let mut sc = [[0f32; BC]; BR];
-    let mut dp = [[0f32; BC]; BR];
+    let mut sc = [[0f32; BW]; BR];
+    let mut dp = [[0f32; BW]; BR];
     let mut dq_tile = vec![0f32; BR * d];
     for r0 in (0..rows).step_by(t) {
         for t0 in (0..t).step_by(BR) {
@@ -1070,7 +1089,7 @@ pub(crate) fn forward_rows(
             // found both on this CPU.
             #[allow(unused_unsafe)]
             unsafe {
-                forward_head(&pair, mask, dm, (u % n_rep) * t, &mut o)
+                forward_head::<FORWARD_BC>(&pair, mask, dm, (u % n_rep) * t, &mut o)
             }
             out.extend(&o);
         }
@@ -1133,7 +1152,7 @@ pub(crate) fn backward_rows(
             // SAFETY: as in the forward, AVX2 and FMA were found.
             #[allow(unused_unsafe)]
             unsafe {
-                backward_pair(&pair, mask, dm, &res[rows.clone()], &g[rows], dq, dk, dv)
+                backward_pair::<BC>(&pair, mask, dm, &res[rows.clone()], &g[rows], dq, dk, dv)
             }
         });
     Ok((dq, dk, dv))
@@ -1299,17 +1318,20 @@ mod tests {
             .collect()
     }
 
-    /// Forward and gradients against the general path: several key blocks and query tiles
-    /// with tails, GQA groups, head dims 8-32, right pads (training batches), left pads with
-    /// dead queries and a hole (generation), and cached keys before the new queries.
+    /// Forward and gradients against the general path: several key blocks (forward and
+    /// backward) and query tiles with tails, GQA groups, head dims 8-32, right pads (training
+    /// batches), left pads with dead queries and a hole (generation), and cached keys before
+    /// the new queries.
     #[test]
     fn attention_matches_the_general_path() {
         if !super::super::skinny::simd() {
             return; // nothing to compare: `attention` declines on this CPU
         }
-        let cases: [(usize, usize, usize, usize, usize); 6] = [
+        let cases: [(usize, usize, usize, usize, usize); 7] = [
             // (T, past, n_rep, D, G)
             (150, 0, 2, 24, 2),
+            // More keys than one forward block: the online rescaling between blocks.
+            (600, 0, 1, 8, 1),
             (37, 0, 1, 8, 1),
             (70, 0, 3, 32, 1),
             (5, 20, 2, 16, 2),
@@ -1370,8 +1392,8 @@ mod tests {
                 let (mut x, mut y) = ([[0f32; BC]; 4], [[0f32; BC]; 4]);
                 // SAFETY: AVX2, FMA and AVX-512F were found above.
                 unsafe {
-                    scores::<4>(a, &kt, stride, 5, w8, &mut x);
-                    scores16::<4>(a, &kt, stride, 5, w8, &mut y);
+                    scores::<4, BC>(a, &kt, stride, (5, w8), 0, &mut x);
+                    scores16::<4, BC>(a, &kt, stride, (5, w8), 0, &mut y);
                 }
                 assert_eq!(x, y, "scores, d {d}, width {w8}");
             }
