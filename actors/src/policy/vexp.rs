@@ -62,7 +62,8 @@ pub(crate) fn exp8(x: __m256) -> __m256 {
     _mm256_andnot_ps(tiny, y)
 }
 
-/// [`exp8`] with 16 lanes (AVX-512F): the same operations per lane, so the same bits.
+/// [`exp8`] with 16 lanes (AVX-512F): the same operations per lane, but for the power of two
+/// (below), so the same bits.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -83,11 +84,11 @@ pub(crate) fn exp16(x: __m512) -> __m512 {
     }
     let r2 = _mm512_mul_ps(r, r);
     let p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
-    let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-        _mm512_cvtps_epi32(n),
-        _mm512_set1_epi32(127),
-    ));
-    let y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    // p · 2ⁿ in one instruction where `exp8` builds 2ⁿ's bits (convert, add the bias, shift)
+    // and multiplies: the same product, rounded once, so the same bits. After the clamps n
+    // is an integer in -126 ..= 128, where the built bits are exactly 2ⁿ (+inf at 128, as
+    // the overflow of p · 2¹²⁸ is here).
+    let y = _mm512_scalef_ps(p, n);
     _mm512_maskz_mov_ps(!tiny, y)
 }
 
@@ -180,6 +181,9 @@ mod tests {
             .map(|i| -87.0 + 175.3 * i as f32 / 200_000.0)
             .collect();
         xs.extend([0.0, -0.0, 1e-8, -1e-8, 0.5, -0.5, 88.3, -87.3, 1e6, -1e6]);
+        // Densely around both clamps, where 2ⁿ is smallest (n = -126) and overflows (n = 128).
+        xs.extend((0..4_000).map(|i| -88.0 + 1.5 * i as f32 / 4_000.0));
+        xs.extend((0..4_000).map(|i| 88.0 + 0.6 * i as f32 / 4_000.0));
         let mut fast = xs.clone();
         exp_in_place(&mut fast);
         let mut worst = 0f64;
