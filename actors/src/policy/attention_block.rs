@@ -47,8 +47,9 @@ impl Heads {
 
 /// What the forward leaves for the backward: the normalized input `[B·T, K]`, the roped,
 /// pre-scaled queries `[B, Hkv, R, D]`, the roped keys and the values `[B, Hkv, T, D]` (the
-/// kernels' operands), the kernels' state and the rows the output projection read
-/// (`[B·T, H·D]`).
+/// kernels' operands), the kernels' state (each query row's score max and inverse normalizer,
+/// `[B, T, H, 2]`) and the rows the output projection read (`[B·T, H·D]`), which the
+/// attention's backward reads too.
 pub(crate) struct Saved {
     normed: Vec<f32>,
     q: Vec<f32>,
@@ -182,16 +183,11 @@ impl AttentionBlock {
         let (w_qkv, w_norm) = w_stacked.split_at(n * k);
         // d o [K, H·D] = gᵀ · rows
         let d_o = gemm_new(k, m, hd, Mat::transposed(g, k), Mat::rows(&rows, hd))?;
-        // d rows [M, H·D] = g · o, into the rows' memory (now spent).
-        let mut d_rows = rows;
-        gemm_into(
-            &mut d_rows,
-            false,
-            (m, k, hd),
-            Mat::rows(g, k),
-            Mat::rows(w_o, hd),
-        )?;
-        let (dq, dk, dv) = flash::backward_rows(&self.mask, dims, (&q, &kk, &v), &state, &d_rows)?;
+        // d rows [M, H·D] = g · o
+        let d_rows = gemm_new(m, k, hd, Mat::rows(g, k), Mat::rows(w_o, hd))?;
+        let operands = (&q[..], &kk[..], &v[..]);
+        let rows = (&rows[..], &d_rows[..]);
+        let (dq, dk, dv) = flash::backward_rows(&self.mask, dims, operands, &state, rows)?;
         let d_proj = self.merge_heads([&dq, &dk, &dv], (b, t));
         // d (q; k; v) [N, K] = d_projᵀ · normed
         let mut d_qkv = gemm_new(n, m, k, Mat::transposed(&d_proj, n), Mat::rows(&normed, k))?;

@@ -893,24 +893,43 @@ fn block_scores<'a, const BW: usize>(
     (w, w8)
 }
 
-/// The forward of one query head's `T` rows (`r0 ..`) of one pair: `out` gets, per row, the
-/// output (D), the row max and the inverse normalizer (`[T, D + 2]`).
+/// Where a query head's rows go: the output row of query position `i` (counted from the
+/// first position written) at `rows[i · stride ..][..D]`, its score max and inverse
+/// normalizer at `state[i · state_stride ..][..2]`.
+#[cfg(target_arch = "x86_64")]
+struct HeadOut<'a> {
+    rows: &'a mut [f32],
+    stride: usize,
+    state: &'a mut [f32],
+    state_stride: usize,
+}
+
+/// The forward of one query head (rows `r0 ..` of one pair) at positions `ta .. tb`, into
+/// `out`.
+///
+/// The key blocks start at multiples of BW, whatever the tile's rows, so that a row's result
+/// does not depend on which rows share its tile (the positions each thread takes).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn forward_head<const BW: usize>(p: &Pair, mask: &KeyMask, dm: Dims, r0: usize, out: &mut [f32]) {
-    let Dims { t, stride, d, .. } = dm;
-    let ow = d + 2;
+fn forward_head<const BW: usize>(
+    p: &Pair,
+    mask: &KeyMask,
+    dm: Dims,
+    (r0, ta, tb): (usize, usize, usize),
+    out: &mut HeadOut,
+) {
+    let Dims { stride, d, .. } = dm;
     let mut sc = [[0f32; BW]; BR];
     let mut acc = vec![0f32; BR * d];
-    for t0 in (0..t).step_by(BR) {
-        let n = (t - t0).min(BR);
+    for t0 in (ta..tb).step_by(BR) {
+        let n = (tb - t0).min(BR);
         let spans: Vec<Span> = (t0..t0 + n).map(|ti| mask.span(p.b, ti)).collect();
         let (lo, hi) = union(&spans);
         let mut mx = [f32::NEG_INFINITY; BR];
         let mut sum = [0f32; BR];
         acc.fill(0.0);
         let qrow = |i: usize| &p.q[(r0 + t0 + i) * d..(r0 + t0 + i + 1) * d];
-        let mut s0 = lo;
+        let mut s0 = lo - lo % BW;
         while s0 < hi {
             let (w, w8) = block_scores(p, mask, &spans, qrow, stride, (s0, hi), &mut sc);
             for i in 0..n {
@@ -935,61 +954,74 @@ fn forward_head<const BW: usize>(p: &Pair, mask: &KeyMask, dm: Dims, r0: usize, 
                 sum[i] += s;
                 mx[i] = m_new;
             }
-            // BC keys at a time, as the scores: the run's values stay in L1 for every
-            // group of rows. Each output element's sum runs over the keys in the same order.
             accumulate_rows(n, &mut acc, d, |i| &sc[i][..], &p.v[s0 * d..], d, w, d);
             s0 += w;
         }
         for i in 0..n {
-            let o = &mut out[(t0 + i) * ow..(t0 + i + 1) * ow];
+            let at = t0 - ta + i;
             let inv = 1.0 / sum[i];
-            for (o, a) in o[..d].iter_mut().zip(&acc[i * d..(i + 1) * d]) {
+            let o = &mut out.rows[at * out.stride..at * out.stride + d];
+            for (o, a) in o.iter_mut().zip(&acc[i * d..(i + 1) * d]) {
                 *o = a * inv;
             }
-            o[d] = mx[i];
-            o[d + 1] = inv;
+            let st = &mut out.state[at * out.state_stride..at * out.state_stride + 2];
+            st[0] = mx[i];
+            st[1] = inv;
         }
     }
 }
 
+/// One batch row's forward rows, their gradients and state, as the backward of one of its
+/// pairs reads them: `[T, H, D]`, `[T, H, D]` and `[T, H, 2]`; the pair's query row `j·T + t`
+/// is head `h0 + j` of position t.
+#[cfg(target_arch = "x86_64")]
+struct Rows<'a> {
+    o: &'a [f32],
+    g: &'a [f32],
+    state: &'a [f32],
+    heads: usize,
+    h0: usize,
+}
+
 /// The backward of one pair: `dq` `[R, D]`, `dk` and `dv` `[S, D]` (zeroed) from the
-/// forward's rows `res` and their gradients `g` (both `[R, D + 2]`).
+/// forward's rows, their gradients and state (`rows`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 fn backward_pair<const BW: usize>(
     p: &Pair,
     mask: &KeyMask,
     dm: Dims,
-    res: &[f32],
-    g: &[f32],
+    rows: &Rows,
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
     let Dims { t, s, stride, d } = dm;
-    let ow = d + 2;
+    let hd = rows.heads * d;
     let vt = transpose(p.v, s, d, stride);
-    let rows = p.q.len() / d;
+    let n_rows = p.q.len() / d;
     let mut sc = [[0f32; BW]; BR];
     let mut dp = [[0f32; BW]; BR];
     let mut dq_tile = vec![0f32; BR * d];
-    for r0 in (0..rows).step_by(t) {
+    for r0 in (0..n_rows).step_by(t) {
+        // Position ti of this query head: row `ti · H + h` of the batch row's rows.
+        let h = rows.h0 + r0 / t;
+        let at = |ti: usize| ti * rows.heads + h;
         for t0 in (0..t).step_by(BR) {
             let n = (t - t0).min(BR);
             let first = r0 + t0;
             let spans: Vec<Span> = (t0..t0 + n).map(|ti| mask.span(p.b, ti)).collect();
             let (lo, hi) = union(&spans);
             let qrow = |i: usize| &p.q[(first + i) * d..(first + i + 1) * d];
-            let grow = |i: usize| &g[(first + i) * ow..(first + i) * ow + d];
+            let grow = |i: usize| &rows.g[at(t0 + i) * d..at(t0 + i) * d + d];
             let mut delta = [0f32; BR];
             let mut shift = [0f32; BR];
             let mut inv = [0f32; BR];
             for i in 0..n {
-                let y = &res[(first + i) * ow..(first + i + 1) * ow];
-                delta[i] = y[..d].iter().zip(grow(i)).map(|(a, b)| a * b).sum();
-                shift[i] = y[d];
-                inv[i] = y[d + 1];
+                let y = &rows.o[at(t0 + i) * d..at(t0 + i) * d + d];
+                delta[i] = y.iter().zip(grow(i)).map(|(a, b)| a * b).sum();
+                shift[i] = rows.state[at(t0 + i) * 2];
+                inv[i] = rows.state[at(t0 + i) * 2 + 1];
             }
             dq_tile.fill(0.0);
             let mut s0 = lo;
@@ -1009,8 +1041,8 @@ fn backward_pair<const BW: usize>(
                 // dK += dSᵀ·Q and dV += Pᵀ·dO: the blocks read by columns.
                 let q_tile = &p.q[first * d..];
                 accumulate_cols(w, &mut dk[s0 * d..], d, &dp, q_tile, d, n, d);
-                let g_tile = &g[first * ow..];
-                accumulate_cols(w, &mut dv[s0 * d..], d, &sc, g_tile, ow, n, d);
+                let g_tile = &rows.g[at(t0) * d..];
+                accumulate_cols(w, &mut dv[s0 * d..], d, &sc, g_tile, hd, n, d);
                 s0 += w;
             }
             dq[first * d..(first + n) * d].copy_from_slice(&dq_tile[..n * d]);
@@ -1022,15 +1054,14 @@ fn backward_pair<const BW: usize>(
 /// rows the output projection reads (head `g·n_rep + j` of position `t` is query row
 /// `j·T + t` of group `g`).
 ///
-/// The kernels write `[B, G, R, D + 2]`: each row's output followed by its score max and
-/// inverse normalizer, the backward's state. The op keeps that block for its backward and
-/// returns the rows, so the graph holds one node where slicing off the state and moving the
-/// heads next to each other took four, each of which candle's backward would zero and add a
-/// gradient for.
+/// The kernels write the rows and, for the backward, each row's score max and inverse
+/// normalizer (`[B, T, H, 2]`), which the op keeps: the graph holds one node where slicing off
+/// the state and moving the heads next to each other took four, each of which candle's
+/// backward would zero and add a gradient for.
 #[cfg(target_arch = "x86_64")]
 struct FlashAttention {
     mask: Arc<KeyMask>,
-    /// The kernels' output of the forward, `[B, G, R, D + 2]`, for the backward.
+    /// Each query row's score max and inverse normalizer, `[B, T, H, 2]`, for the backward.
     state: std::sync::Mutex<Vec<f32>>,
 }
 
@@ -1066,9 +1097,13 @@ fn transposed_keys(k: &[f32], pairs: usize, dm: Dims) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// The forward over every pair: the kernels' output `[B, G, R, D + 2]` (each row's output, its
-/// score max and inverse normalizer: the backward's state) and the rows the output projection
-/// reads, `[B, T, G·(R/T)·D]`.
+/// Query positions whose rows the forward computes together, all heads at once, before
+/// handing them to the output (`POSITIONS · H · D` floats: 64 KiB for model R).
+const POSITIONS: usize = 64;
+
+/// The forward over every pair: the backward's state, each query row's score max and inverse
+/// normalizer (`[B, T, H, 2]`, H = G·R/T query heads), and the rows the output projection
+/// reads, `[B, T, H·D]` (head `g·R/T + j` of position t is query row `j·T + t` of group g).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn forward_rows(
     mask: &KeyMask,
@@ -1079,65 +1114,64 @@ pub(crate) fn forward_rows(
     let Dims { t, d, .. } = dm;
     let kts = transposed_keys(k, pairs, dm);
     let n_rep = r / t;
-    // One unit per (pair, query head): its T rows, each written whole by `forward_head`.
-    let unit = t * (d + 2);
-    let (out, _) = fused::written(pairs * r * (d + 2), unit, |u0, out| {
-        let mut o = vec![0f32; unit];
-        for u in u0..u0 + out.len() / unit {
-            let pair = Pair::nth(u / n_rep, per_b, (q, k, v), &kts, r, dm);
-            // SAFETY: `forward_head` needs AVX2 and FMA; the callers run only after `serves`
-            // found both on this CPU.
-            #[allow(unused_unsafe)]
-            unsafe {
-                forward_head::<FORWARD_BC>(&pair, mask, dm, (u % n_rep) * t, &mut o)
-            }
-            out.extend(&o);
-        }
-    });
     let heads = per_b * n_rep;
-    // Position by position, each head's row into its column block.
-    let (rows, _) = fused::written(b * t * heads * d, heads * d, |p0, rows| {
-        for p in p0..p0 + rows.len() / (heads * d).max(1) {
-            let (bi, ti) = (p / t, p % t);
+    let hd = heads * d;
+    // Each thread takes a run of positions and writes their rows in order, up to
+    // POSITIONS of one batch row at a time: every head's rows for them into `rows`, then
+    // out. A row's result does not depend on where a run starts (see `forward_head`).
+    let (rows, states) = fused::written(b * t * hd, hd, |p0, out| {
+        let end = p0 + out.len() / hd.max(1);
+        let mut rows = vec![0f32; POSITIONS * hd];
+        let mut state = Vec::with_capacity((end - p0) * heads * 2);
+        let mut chunk_state = vec![0f32; POSITIONS * heads * 2];
+        let mut p = p0;
+        while p < end {
+            let (bi, ta) = (p / t, p % t);
+            let tb = t.min(ta + POSITIONS).min(ta + end - p);
+            let n = tb - ta;
             for h in 0..heads {
-                let at = ((bi * heads + h) * t + ti) * (d + 2);
-                rows.extend(&out[at..at + d]);
+                let pair = Pair::nth(bi * per_b + h / n_rep, per_b, (q, k, v), &kts, r, dm);
+                let mut head = HeadOut {
+                    rows: &mut rows[h * d..],
+                    stride: hd,
+                    state: &mut chunk_state[h * 2..],
+                    state_stride: heads * 2,
+                };
+                let at = ((h % n_rep) * t, ta, tb);
+                // SAFETY: `forward_head` needs AVX2 and FMA; the callers run only after
+                // `serves` found both on this CPU.
+                #[allow(unused_unsafe)]
+                unsafe {
+                    forward_head::<FORWARD_BC>(&pair, mask, dm, at, &mut head)
+                }
             }
+            out.extend(&rows[..n * hd]);
+            state.extend_from_slice(&chunk_state[..n * heads * 2]);
+            p += n;
         }
+        state
     });
-    (out, rows)
+    (states.concat(), rows)
 }
 
 /// The backward over every pair: `(dq, dk, dv)` in the operands' layouts from the forward's
-/// state `res` and the rows' gradient `g_rows` (`[B, T, G·(R/T)·D]`).
+/// `state` (`[B, T, H, 2]`), its rows `o_rows` and their gradient `g_rows` (both
+/// `[B, T, H·D]`).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn backward_rows(
     mask: &KeyMask,
     (b, per_b, r, dm): (usize, usize, usize, Dims),
     (q, k, v): (&[f32], &[f32], &[f32]),
-    res: &[f32],
-    g_rows: &[f32],
+    state: &[f32],
+    (o_rows, g_rows): (&[f32], &[f32]),
 ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let pairs = b * per_b;
     let Dims { t, s, d, .. } = dm;
-    let ow = d + 2;
     let heads = r / t * per_b;
-    if res.len() != pairs * r * ow || g_rows.len() != b * t * heads * d {
+    let n = b * t * heads;
+    if state.len() != n * 2 || o_rows.len() != n * d || g_rows.len() != n * d {
         candle_core::bail!("flash attention: backward without its forward's state");
     }
-    // The rows' gradient back in the kernels' layout (the state columns carry none).
-    let (g, _) = fused::written(pairs * r * ow, heads * t * ow, |b0, dst| {
-        for bi in b0..b0 + dst.len() / (heads * t * ow) {
-            let src = &g_rows[bi * t * heads * d..];
-            for h in 0..heads {
-                for ti in 0..t {
-                    dst.extend(&src[(ti * heads + h) * d..(ti * heads + h + 1) * d]);
-                    dst.extend(&[0.0, 0.0]);
-                }
-            }
-        }
-    });
-    let g: &[f32] = &g;
     let kts = transposed_keys(k, pairs, dm);
     let mut dq = fused::zeroed(pairs * r * d, 0f32);
     let mut dk = fused::zeroed(pairs * s * d, 0f32);
@@ -1148,11 +1182,18 @@ pub(crate) fn backward_rows(
         .enumerate()
         .for_each(|(i, ((dq, dk), dv))| {
             let pair = Pair::nth(i, per_b, (q, k, v), &kts, r, dm);
-            let rows = i * r * ow..(i + 1) * r * ow;
+            // This batch row's positions, and the pair's first query head among them.
+            let rows = Rows {
+                o: &o_rows[pair.b * t * heads * d..(pair.b + 1) * t * heads * d],
+                g: &g_rows[pair.b * t * heads * d..(pair.b + 1) * t * heads * d],
+                state: &state[pair.b * t * heads * 2..(pair.b + 1) * t * heads * 2],
+                heads,
+                h0: (i % per_b) * (r / t),
+            };
             // SAFETY: as in the forward, AVX2 and FMA were found.
             #[allow(unused_unsafe)]
             unsafe {
-                backward_pair::<BC>(&pair, mask, dm, &res[rows.clone()], &g[rows], dq, dk, dv)
+                backward_pair::<BC>(&pair, mask, dm, &rows, dq, dk, dv)
             }
         });
     Ok((dq, dk, dv))
@@ -1194,7 +1235,7 @@ impl CustomOp3 for FlashAttention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _rows: &Tensor,
+        rows: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
@@ -1207,7 +1248,10 @@ impl CustomOp3 for FlashAttention {
             fused::with_data::<f32, _>(&k, |k| {
                 fused::with_data::<f32, _>(&v, |v| {
                     fused::with_data::<f32, _>(g, |g_rows| {
-                        backward_rows(&self.mask, dims, (q, k, v), &state, g_rows)
+                        fused::with_data::<f32, _>(rows, |o_rows| {
+                            let rows = (o_rows, g_rows);
+                            backward_rows(&self.mask, dims, (q, k, v), &state, rows)
+                        })
                     })
                 })
             })
@@ -1370,6 +1414,57 @@ mod tests {
                 assert!(diff < 2e-5, "case {case}: gradient {i} max diff {diff}");
             }
         }
+    }
+
+    /// A row's forward does not depend on which rows share its tile (the runs of positions
+    /// each thread takes decide that): positions computed in one run and split into two, where
+    /// the second run's first tile has no dead query (its key blocks would start at the first
+    /// real key instead of key 0), give the same bits. Left pads, dead queries, more keys than
+    /// one forward block.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_rows_forward_does_not_depend_on_its_tile() {
+        if !super::super::skinny::simd() {
+            return; // nothing to run on this CPU
+        }
+        let (t, d) = (600, 16);
+        let keys = vec![(0..t).map(|j| j >= 37).collect::<Vec<bool>>()];
+        let mask = KeyMask::new(&keys, 0).expect("mask");
+        let dims = operand_dims(&mask, &[1, 1, t, d], &[1, 1, t, d]).expect("dims");
+        let data = |seed: u64| randn(&[t * d], seed, 1.5).to_vec1::<f32>().expect("vec");
+        let (q, k, v) = (data(81), data(82), data(83));
+        let kts = transposed_keys(&k, 1, dims.3);
+        let pair = Pair::nth(0, 1, (&q, &k, &v), &kts, t, dims.3);
+        let run = |ranges: &[(usize, usize)]| -> (Vec<f32>, Vec<f32>) {
+            let (mut rows, mut state) = (vec![0f32; t * d], vec![0f32; t * 2]);
+            for &(ta, tb) in ranges {
+                let mut out = HeadOut {
+                    rows: &mut rows[ta * d..],
+                    stride: d,
+                    state: &mut state[ta * 2..],
+                    state_stride: 2,
+                };
+                // SAFETY: `simd()` found AVX2 and FMA on this CPU.
+                unsafe { forward_head::<FORWARD_BC>(&pair, &mask, dims.3, (0, ta, tb), &mut out) };
+            }
+            (rows, state)
+        };
+        let (whole, split) = (run(&[(0, t)]), run(&[(0, 37), (37, t)]));
+        let differs = |x: &[f32], y: &[f32]| {
+            x.iter()
+                .zip(y)
+                .position(|(a, b)| a.to_bits() != b.to_bits())
+        };
+        assert_eq!(
+            differs(&whole.0, &split.0),
+            None,
+            "rows: first float that differs"
+        );
+        assert_eq!(
+            differs(&whole.1, &split.1),
+            None,
+            "state: first float that differs"
+        );
     }
 
     /// The 16-lane products give the 8-lane ones' bits: scores over block widths with a
