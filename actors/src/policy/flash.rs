@@ -904,6 +904,26 @@ struct HeadOut<'a> {
     state_stride: usize,
 }
 
+/// A forward's working memory, reused from call to call (the scores are 32 KiB): every score
+/// a call reads it wrote first.
+#[cfg(target_arch = "x86_64")]
+struct ForwardScratch<const BW: usize> {
+    /// A tile's scores, then its weights, against one key block.
+    sc: Box<[[f32; BW]; BR]>,
+    /// A tile's output rows, `[BR, D]`.
+    acc: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<const BW: usize> ForwardScratch<BW> {
+    fn new() -> Self {
+        ForwardScratch {
+            sc: Box::new([[0.0; BW]; BR]),
+            acc: Vec::new(),
+        }
+    }
+}
+
 /// The forward of one query head (rows `r0 ..` of one pair) at positions `ta .. tb`, into
 /// `out`.
 ///
@@ -917,10 +937,11 @@ fn forward_head<const BW: usize>(
     dm: Dims,
     (r0, ta, tb): (usize, usize, usize),
     out: &mut HeadOut,
+    scratch: &mut ForwardScratch<BW>,
 ) {
     let Dims { stride, d, .. } = dm;
-    let mut sc = [[0f32; BW]; BR];
-    let mut acc = vec![0f32; BR * d];
+    let ForwardScratch { sc, acc } = scratch;
+    acc.resize(BR * d, 0.0);
     for t0 in (ta..tb).step_by(BR) {
         let n = (tb - t0).min(BR);
         let spans: Vec<Span> = (t0..t0 + n).map(|ti| mask.span(p.b, ti)).collect();
@@ -931,7 +952,7 @@ fn forward_head<const BW: usize>(
         let qrow = |i: usize| &p.q[(r0 + t0 + i) * d..(r0 + t0 + i + 1) * d];
         let mut s0 = lo - lo % BW;
         while s0 < hi {
-            let (w, w8) = block_scores(p, mask, &spans, qrow, stride, (s0, hi), &mut sc);
+            let (w, w8) = block_scores(p, mask, &spans, qrow, stride, (s0, hi), sc);
             for i in 0..n {
                 let row = &mut sc[i][..w8];
                 let block_max = row_max(&row[..w]);
@@ -954,7 +975,7 @@ fn forward_head<const BW: usize>(
                 sum[i] += s;
                 mx[i] = m_new;
             }
-            accumulate_rows(n, &mut acc, d, |i| &sc[i][..], &p.v[s0 * d..], d, w, d);
+            accumulate_rows(n, acc, d, |i| &sc[i][..], &p.v[s0 * d..], d, w, d);
             s0 += w;
         }
         for i in 0..n {
@@ -1124,6 +1145,7 @@ pub(crate) fn forward_rows(
         let mut rows = vec![0f32; POSITIONS * hd];
         let mut state = Vec::with_capacity((end - p0) * heads * 2);
         let mut chunk_state = vec![0f32; POSITIONS * heads * 2];
+        let mut scratch = ForwardScratch::<FORWARD_BC>::new();
         let mut p = p0;
         while p < end {
             let (bi, ta) = (p / t, p % t);
@@ -1142,7 +1164,7 @@ pub(crate) fn forward_rows(
                 // `serves` found both on this CPU.
                 #[allow(unused_unsafe)]
                 unsafe {
-                    forward_head::<FORWARD_BC>(&pair, mask, dm, at, &mut head)
+                    forward_head(&pair, mask, dm, at, &mut head, &mut scratch)
                 }
             }
             out.extend(&rows[..n * hd]);
@@ -1437,6 +1459,7 @@ mod tests {
         let pair = Pair::nth(0, 1, (&q, &k, &v), &kts, t, dims.3);
         let run = |ranges: &[(usize, usize)]| -> (Vec<f32>, Vec<f32>) {
             let (mut rows, mut state) = (vec![0f32; t * d], vec![0f32; t * 2]);
+            let mut scratch = ForwardScratch::<FORWARD_BC>::new();
             for &(ta, tb) in ranges {
                 let mut out = HeadOut {
                     rows: &mut rows[ta * d..],
@@ -1445,7 +1468,7 @@ mod tests {
                     state_stride: 2,
                 };
                 // SAFETY: `simd()` found AVX2 and FMA on this CPU.
-                unsafe { forward_head::<FORWARD_BC>(&pair, &mask, dims.3, (0, ta, tb), &mut out) };
+                unsafe { forward_head(&pair, &mask, dims.3, (0, ta, tb), &mut out, &mut scratch) };
             }
             (rows, state)
         };
