@@ -347,7 +347,7 @@ pub(crate) fn execute(
     store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
     store.epoch_deadline_trap();
 
-    let run = pre.instantiate(&mut store).and_then(|instance| {
+    let run = instantiate(pre, &mut store).and_then(|instance| {
         let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
         start.call(&mut store, ())
     });
@@ -374,6 +374,33 @@ pub(crate) fn execute(
         stderr: state.stderr,
         usage,
     })
+}
+
+/// Attempts at instantiating a module whose memory image could not be made.
+const INSTANTIATE_TRIES: usize = 3;
+
+/// `pre` instantiated in `store`, tried again (up to [`INSTANTIATE_TRIES`] times in all) when
+/// wasmtime could not seal the memfd that holds the module's memory image. It makes that
+/// image at a module's first instantiation and seals it read-only (`F_SEAL_WRITE`), which
+/// the kernel refuses with EBUSY while it holds the memfd's pages for a moment; CI saw it
+/// once, as a tool call that died before its first instruction. Nothing of the guest ran, and
+/// wasmtime keeps no failed image, so the next attempt starts afresh. Any other error, or the
+/// last attempt's, is the call's.
+fn instantiate<T>(pre: &InstancePre<T>, store: &mut Store<T>) -> wasmtime::Result<Instance> {
+    let mut attempt = 1;
+    loop {
+        match pre.instantiate(&mut *store) {
+            Err(e) if attempt < INSTANTIATE_TRIES && memfd_unsealed(&e) => attempt += 1,
+            result => return result,
+        }
+    }
+}
+
+/// Whether `e` is the memfd crate's failure to add seals (its message, the only trace it
+/// leaves through wasmtime's error).
+fn memfd_unsealed(e: &wasmtime::Error) -> bool {
+    e.chain()
+        .any(|c| c.to_string() == "cannot add seals to the memfd")
 }
 
 fn classify(e: wasmtime::Error, wall_limit: Limit, fuel_limit: Limit) -> Termination {
@@ -1042,4 +1069,20 @@ fn poll_wait(mem: &[u8], subs: u32, count: u32) -> Option<Duration> {
         shortest = Some(shortest.map_or(timeout, |s| s.min(timeout)));
     }
     Some(Duration::from_nanos(shortest.unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the memfd crate's sealing failure, wherever it sits in the chain, is tried again.
+    #[test]
+    fn only_an_unsealed_memfd_is_tried_again() {
+        let sealing = wasmtime::Error::msg("cannot add seals to the memfd");
+        assert!(memfd_unsealed(&sealing));
+        assert!(memfd_unsealed(&sealing.context("instantiating python")));
+        let other = wasmtime::Error::msg("cannot create the memfd");
+        assert!(!memfd_unsealed(&other));
+        assert!(!memfd_unsealed(&wasmtime::Error::msg("out of fuel")));
+    }
 }
