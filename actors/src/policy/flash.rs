@@ -1142,7 +1142,7 @@ pub(crate) fn forward_rows(
     // out. A row's result does not depend on where a run starts (see `forward_head`).
     let (rows, states) = fused::written(b * t * hd, hd, |p0, out| {
         let end = p0 + out.len() / hd.max(1);
-        let mut rows = vec![0f32; POSITIONS * hd];
+        let mut chunk_rows = vec![0f32; POSITIONS * hd];
         let mut state = Vec::with_capacity((end - p0) * heads * 2);
         let mut chunk_state = vec![0f32; POSITIONS * heads * 2];
         let mut scratch = ForwardScratch::<FORWARD_BC>::new();
@@ -1154,7 +1154,7 @@ pub(crate) fn forward_rows(
             for h in 0..heads {
                 let pair = Pair::nth(bi * per_b + h / n_rep, per_b, (q, k, v), &kts, r, dm);
                 let mut head = HeadOut {
-                    rows: &mut rows[h * d..],
+                    rows: &mut chunk_rows[h * d..],
                     stride: hd,
                     state: &mut chunk_state[h * 2..],
                     state_stride: heads * 2,
@@ -1167,7 +1167,7 @@ pub(crate) fn forward_rows(
                     forward_head(&pair, mask, dm, at, &mut head, &mut scratch)
                 }
             }
-            out.extend(&rows[..n * hd]);
+            out.extend(&chunk_rows[..n * hd]);
             state.extend_from_slice(&chunk_state[..n * heads * 2]);
             p += n;
         }
