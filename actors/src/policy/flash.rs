@@ -35,10 +35,14 @@ use rayon::prelude::*;
 use super::fused;
 use super::model::MASKED;
 
-/// Query rows per tile: the rows that share one walk over the key blocks.
+/// Query rows per tile in the forward: the rows that share one walk over the key blocks.
 const BR: usize = 16;
+/// Query rows per tile in the backward. Each key block's gradients (dK, dV) are read and
+/// written once per tile, so taller tiles sum more rows per read: 32 rows took 0.82-0.89x
+/// of 16's time on model R's layer (in-process pairs, one thread); 64 gained less.
+const BACKWARD_BR: usize = 32;
 /// Keys per block in the backward: a block's scores and their gradients for a tile stay in
-/// L1 (`2 · BR · BC` floats).
+/// L1 (`2 · BACKWARD_BR · BC` floats, 16 KiB).
 const BC: usize = 64;
 /// Keys per block in the forward: the whole causal span of a query up to this many keys in
 /// one block, so that rows of up to 512 keys need no online rescaling, and the per-row work
@@ -267,7 +271,7 @@ impl<const N: usize> Weights for [&[f32]; N] {
 /// backward's key and value gradients read their weights so, with no transposed copy.
 #[derive(Clone, Copy)]
 struct Columns<'a, const BW: usize> {
-    t: &'a [[f32; BW]; BR],
+    t: &'a [[f32; BW]],
     c: usize,
 }
 
@@ -279,11 +283,11 @@ impl<const BW: usize> Weights for Columns<'_, BW> {
 
     fn rows<const R: usize>(&self, j_end: usize) -> ([*const f32; R], usize) {
         assert!(
-            j_end <= BR && self.c + R <= BW,
+            j_end <= self.t.len() && self.c + R <= BW,
             "columns {} + {R} of {j_end} rows",
             self.c
         );
-        // The block is BR rows of BW floats, contiguous: `t[j][c + r]` is float
+        // The block is rows of BW floats, contiguous: `t[j][c + r]` is float
         // `j · BW + c + r` of it.
         let base = self.t.as_ptr().cast::<f32>();
         // `c + r < BW` (asserted): inside the block's first row.
@@ -568,7 +572,7 @@ fn scores_rows<'a, const BW: usize>(
     stride: usize,
     c0: usize,
     w8: usize,
-    out: &mut [[f32; BW]; BR],
+    out: &mut [[f32; BW]],
 ) {
     let wide = avx512();
     for oc in (0..w8).step_by(BC) {
@@ -652,7 +656,7 @@ fn accumulate_cols<const BW: usize>(
     n: usize,
     out: &mut [f32],
     os: usize,
-    t: &[[f32; BW]; BR],
+    t: &[[f32; BW]],
     m: &[f32],
     ms: usize,
     j_end: usize,
@@ -688,15 +692,95 @@ fn accumulate_cols<const BW: usize>(
 }
 
 /// `x` `[S, D]` transposed into `[D, stride]` (stride >= S + 7; the extra columns are 0).
+///
+/// 8 x 8 blocks at a time in registers: one float at a time, the writes went down the
+/// columns `stride` floats apart, and the transposes were ~3% of flash's time.
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
 fn transpose(x: &[f32], s: usize, d: usize, stride: usize) -> Vec<f32> {
+    assert!(
+        stride >= s && x.len() >= s * d,
+        "transpose: [{s}, {d}] from {} floats into rows of {stride}",
+        x.len()
+    );
     let mut t = vec![0f32; d * stride];
-    for (j, row) in x.chunks_exact(d).take(s).enumerate() {
-        for (dd, v) in row.iter().enumerate() {
+    let (s8, d8) = (s - s % LANES, d - d % LANES);
+    for j in (0..s8).step_by(LANES) {
+        for c in (0..d8).step_by(LANES) {
+            let block = transpose8(std::array::from_fn(|i| ld(x, (j + i) * d + c)));
+            for (k, col) in block.into_iter().enumerate() {
+                st(&mut t, (c + k) * stride + j, col);
+            }
+        }
+    }
+    // What the blocks leave: the columns past d8 of their rows, and the rows past s8.
+    for (j, row) in x.chunks_exact(d.max(1)).take(s).enumerate() {
+        let from = if j < s8 { d8 } else { 0 };
+        for (dd, v) in row.iter().enumerate().skip(from) {
             t[dd * stride + j] = *v;
         }
     }
     t
+}
+
+/// The transpose of the 8 x 8 block whose rows are `r`: row k of the result is lane k of
+/// every row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves: the usual
+    // three rounds of shuffles (lane k of row i ends at lane i of row k).
+    let a = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    let b = [
+        _mm256_shuffle_ps::<0x44>(a[0], a[2]),
+        _mm256_shuffle_ps::<0xEE>(a[0], a[2]),
+        _mm256_shuffle_ps::<0x44>(a[1], a[3]),
+        _mm256_shuffle_ps::<0xEE>(a[1], a[3]),
+        _mm256_shuffle_ps::<0x44>(a[4], a[6]),
+        _mm256_shuffle_ps::<0xEE>(a[4], a[6]),
+        _mm256_shuffle_ps::<0x44>(a[5], a[7]),
+        _mm256_shuffle_ps::<0xEE>(a[5], a[7]),
+    ];
+    [
+        _mm256_permute2f128_ps::<0x20>(b[0], b[4]),
+        _mm256_permute2f128_ps::<0x20>(b[1], b[5]),
+        _mm256_permute2f128_ps::<0x20>(b[2], b[6]),
+        _mm256_permute2f128_ps::<0x20>(b[3], b[7]),
+        _mm256_permute2f128_ps::<0x31>(b[0], b[4]),
+        _mm256_permute2f128_ps::<0x31>(b[1], b[5]),
+        _mm256_permute2f128_ps::<0x31>(b[2], b[6]),
+        _mm256_permute2f128_ps::<0x31>(b[3], b[7]),
+    ]
+}
+
+/// `a · b` over their common length, as eight running sums (lane `i` sums the products at
+/// `i`, `i + 8`, ...) added at the end, so that it compiles to vector multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let whole = n - n % LANES;
+    let mut sv = _mm256_setzero_ps();
+    for c in (0..whole).step_by(LANES) {
+        sv = _mm256_fmadd_ps(ld(a, c), ld(b, c), sv);
+    }
+    let mut lanes = [0f32; LANES];
+    st(&mut lanes, 0, sv);
+    lanes.iter().sum::<f32>()
+        + a[whole..n]
+            .iter()
+            .zip(&b[whole..n])
+            .map(|(x, y)| x * y)
+            .sum::<f32>()
 }
 
 /// Applies the mask to one block of scores (keys `s0 .. s0 + w` for the tile's rows): keys a
@@ -709,7 +793,7 @@ fn mask_block<const BW: usize>(
     spans: &[Span],
     s0: usize,
     w: usize,
-    sc: &mut [[f32; BW]; BR],
+    sc: &mut [[f32; BW]],
 ) {
     let s1 = s0 + w;
     let bias = &mask.bias[b * mask.s..(b + 1) * mask.s];
@@ -884,7 +968,7 @@ fn block_scores<'a, const BW: usize>(
     qrow: impl Fn(usize) -> &'a [f32],
     stride: usize,
     (s0, hi): (usize, usize),
-    sc: &mut [[f32; BW]; BR],
+    sc: &mut [[f32; BW]],
 ) -> (usize, usize) {
     let w = (hi - s0).min(BW);
     let w8 = w.div_ceil(LANES) * LANES;
@@ -952,7 +1036,7 @@ fn forward_head<const BW: usize>(
         let qrow = |i: usize| &p.q[(r0 + t0 + i) * d..(r0 + t0 + i + 1) * d];
         let mut s0 = lo - lo % BW;
         while s0 < hi {
-            let (w, w8) = block_scores(p, mask, &spans, qrow, stride, (s0, hi), sc);
+            let (w, w8) = block_scores(p, mask, &spans, qrow, stride, (s0, hi), &mut sc[..]);
             for i in 0..n {
                 let row = &mut sc[i][..w8];
                 let block_max = row_max(&row[..w]);
@@ -1021,26 +1105,26 @@ fn backward_pair<const BW: usize>(
     let hd = rows.heads * d;
     let vt = transpose(p.v, s, d, stride);
     let n_rows = p.q.len() / d;
-    let mut sc = [[0f32; BW]; BR];
-    let mut dp = [[0f32; BW]; BR];
-    let mut dq_tile = vec![0f32; BR * d];
+    let mut sc = [[0f32; BW]; BACKWARD_BR];
+    let mut dp = [[0f32; BW]; BACKWARD_BR];
+    let mut dq_tile = vec![0f32; BACKWARD_BR * d];
     for r0 in (0..n_rows).step_by(t) {
         // Position ti of this query head: row `ti · H + h` of the batch row's rows.
         let h = rows.h0 + r0 / t;
         let at = |ti: usize| ti * rows.heads + h;
-        for t0 in (0..t).step_by(BR) {
-            let n = (t - t0).min(BR);
+        for t0 in (0..t).step_by(BACKWARD_BR) {
+            let n = (t - t0).min(BACKWARD_BR);
             let first = r0 + t0;
             let spans: Vec<Span> = (t0..t0 + n).map(|ti| mask.span(p.b, ti)).collect();
             let (lo, hi) = union(&spans);
             let qrow = |i: usize| &p.q[(first + i) * d..(first + i + 1) * d];
             let grow = |i: usize| &rows.g[at(t0 + i) * d..at(t0 + i) * d + d];
-            let mut delta = [0f32; BR];
-            let mut shift = [0f32; BR];
-            let mut inv = [0f32; BR];
+            let mut delta = [0f32; BACKWARD_BR];
+            let mut shift = [0f32; BACKWARD_BR];
+            let mut inv = [0f32; BACKWARD_BR];
             for i in 0..n {
                 let y = &rows.o[at(t0 + i) * d..at(t0 + i) * d + d];
-                delta[i] = y.iter().zip(grow(i)).map(|(a, b)| a * b).sum();
+                delta[i] = dot(y, grow(i));
                 shift[i] = rows.state[at(t0 + i) * 2];
                 inv[i] = rows.state[at(t0 + i) * 2 + 1];
             }
@@ -1114,7 +1198,9 @@ fn transposed_keys(k: &[f32], pairs: usize, dm: Dims) -> Vec<Vec<f32>> {
     let Dims { s, stride, d, .. } = dm;
     (0..pairs)
         .into_par_iter()
-        .map(|i| transpose(&k[i * s * d..(i + 1) * s * d], s, d, stride))
+        // SAFETY: `transpose` needs AVX2 and FMA; the callers run only after `serves`
+        // found both on this CPU.
+        .map(|i| unsafe { transpose(&k[i * s * d..(i + 1) * s * d], s, d, stride) })
         .collect()
 }
 
@@ -1488,6 +1574,34 @@ mod tests {
             None,
             "state: first float that differs"
         );
+    }
+
+    /// The blocked transpose puts every float where the plain one does and zeroes the
+    /// padding columns: sizes with and without whole 8 x 8 blocks, strides past S.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_blocked_transpose_is_the_plain_one() {
+        if !super::super::skinny::simd() {
+            return; // nothing to run on this CPU
+        }
+        for (s, d, stride) in [
+            (1, 8, 16),
+            (7, 16, 16),
+            (8, 8, 16),
+            (13, 24, 24),
+            (600, 32, 616),
+        ] {
+            let x: Vec<f32> = (0..s * d).map(|i| i as f32 + 0.5).collect();
+            let mut plain = vec![0f32; d * stride];
+            for j in 0..s {
+                for dd in 0..d {
+                    plain[dd * stride + j] = x[j * d + dd];
+                }
+            }
+            // SAFETY: `simd()` found AVX2 and FMA on this CPU.
+            let blocked = unsafe { transpose(&x, s, d, stride) };
+            assert_eq!(blocked, plain, "S {s}, D {d}, stride {stride}");
+        }
     }
 
     /// The 16-lane products give the 8-lane ones' bits: scores over block widths with a
