@@ -76,6 +76,15 @@ struct Span {
     dead: bool,
 }
 
+impl Span {
+    /// No keys: what a tile's unused rows hold.
+    const NONE: Span = Span {
+        lo: 0,
+        hi: 0,
+        dead: false,
+    };
+}
+
 impl KeyMask {
     /// `keys[b][s]`: key `s` of row `b` is a real token; every row has `S` keys, of which the
     /// last `S - past` are the new tokens.
@@ -840,12 +849,16 @@ fn row_max(row: &[f32]) -> f32 {
             *m = _mm256_max_ps(ld(chunk, k * LANES), *m);
         }
     }
+    let eights = row.len() - row.len() % LANES;
+    for chunk in row[whole..eights].chunks_exact(LANES) {
+        m[0] = _mm256_max_ps(ld(chunk, 0), m[0]);
+    }
     let m = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
     let mut lanes = [0f32; LANES];
     st(&mut lanes, 0, m);
     lanes
         .iter()
-        .chain(&row[whole..])
+        .chain(&row[eights..])
         .fold(f32::NEG_INFINITY, |m, v| if *v > m { *v } else { m })
 }
 
@@ -1066,18 +1079,25 @@ fn forward_head<const BW: usize>(
     acc.resize(BR * d, 0.0);
     for t0 in (ta..tb).step_by(BR) {
         let n = (tb - t0).min(BR);
-        let spans: Vec<Span> = (t0..t0 + n).map(|ti| mask.span(p.b, ti)).collect();
-        let (lo, hi) = union(&spans);
+        let mut spans = [Span::NONE; BR];
+        for (i, sp) in spans[..n].iter_mut().enumerate() {
+            *sp = mask.span(p.b, t0 + i);
+        }
+        let spans = &spans[..n];
+        let (lo, hi) = union(spans);
         let mut mx = [f32::NEG_INFINITY; BR];
         let mut sum = [0f32; BR];
         acc.fill(0.0);
         let qrow = |i: usize| &p.q[(r0 + t0 + i) * d..(r0 + t0 + i + 1) * d];
         let mut s0 = lo - lo % BW;
         while s0 < hi {
-            let (w, w8) = block_scores(p, mask, &spans, qrow, stride, (s0, hi), &mut sc[..]);
+            let (w, w8) = block_scores(p, mask, spans, qrow, stride, (s0, hi), &mut sc[..]);
             for i in 0..n {
                 let row = &mut sc[i][..w8];
-                let block_max = row_max(&row[..w]);
+                // The padding columns (up to 8) join the max as -inf, so that it reads whole
+                // groups of 8 (`exp_shifted` sets them so again).
+                row[w..].fill(f32::NEG_INFINITY);
+                let block_max = row_max(row);
                 if block_max == f32::NEG_INFINITY {
                     row.fill(0.0); // no key of this block is read: weights 0
                     continue;
@@ -1153,8 +1173,12 @@ fn backward_pair<const BW: usize>(
         for t0 in (0..t).step_by(BACKWARD_BR) {
             let n = (t - t0).min(BACKWARD_BR);
             let first = r0 + t0;
-            let spans: Vec<Span> = (t0..t0 + n).map(|ti| mask.span(p.b, ti)).collect();
-            let (lo, hi) = union(&spans);
+            let mut spans = [Span::NONE; BACKWARD_BR];
+            for (i, sp) in spans[..n].iter_mut().enumerate() {
+                *sp = mask.span(p.b, t0 + i);
+            }
+            let spans = &spans[..n];
+            let (lo, hi) = union(spans);
             let qrow = |i: usize| &p.q[(first + i) * d..(first + i + 1) * d];
             let grow = |i: usize| &rows.g[at(t0 + i) * d..at(t0 + i) * d + d];
             let mut delta = [0f32; BACKWARD_BR];
@@ -1169,7 +1193,7 @@ fn backward_pair<const BW: usize>(
             dq_tile.fill(0.0);
             let mut s0 = lo;
             while s0 < hi {
-                let (w, w8) = block_scores(p, mask, &spans, qrow, stride, (s0, hi), &mut sc);
+                let (w, w8) = block_scores(p, mask, spans, qrow, stride, (s0, hi), &mut sc);
                 scores_rows(n, grow, &vt, stride, s0, w8, &mut dp);
                 for i in 0..n {
                     // The probabilities, as the forward had them, and dS = P ⊙ (dP − Δ) in
