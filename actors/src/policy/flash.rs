@@ -569,9 +569,10 @@ fn accumulate16<const N: usize>(
     }
 }
 
-/// `scores` over `n <= BR` rows (`row(i)` is row i), 4 at a time, [`BC`] keys at a time:
-/// every row's scores against one run of keys before the next, so that the run's keys
-/// (`D · BC` floats) are read from L1 by each group of rows.
+/// `scores` over `n <= out.len()` rows (`row(i)` is row i; a tile of the forward or the
+/// backward), 4 at a time, [`BC`] keys at a time: every row's scores against one run of keys
+/// before the next, so that the run's keys (`D · BC` floats) are read from L1 by each group
+/// of rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn scores_rows<'a, const BW: usize>(
@@ -771,25 +772,24 @@ fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     ]
 }
 
-/// `a · b` over their common length, as eight running sums (lane `i` sums the products at
-/// `i`, `i + 8`, ...) added at the end, so that it compiles to vector multiply-adds.
+/// `a · b` for two rows of D floats (a multiple of 8, as `operand_dims` requires), as eight
+/// running sums (lane `i` sums the products at `i`, `i + 8`, ...) added at the end.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let whole = n - n % LANES;
+    assert!(
+        a.len() == b.len() && a.len().is_multiple_of(LANES),
+        "dot: rows of {} and {} floats",
+        a.len(),
+        b.len()
+    );
     let mut sv = _mm256_setzero_ps();
-    for c in (0..whole).step_by(LANES) {
+    for c in (0..a.len()).step_by(LANES) {
         sv = _mm256_fmadd_ps(ld(a, c), ld(b, c), sv);
     }
     let mut lanes = [0f32; LANES];
     st(&mut lanes, 0, sv);
-    lanes.iter().sum::<f32>()
-        + a[whole..n]
-            .iter()
-            .zip(&b[whole..n])
-            .map(|(x, y)| x * y)
-            .sum::<f32>()
+    lanes.iter().sum()
 }
 
 /// Applies the mask to one block of scores (keys `s0 .. s0 + w` for the tile's rows): keys a
