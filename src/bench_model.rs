@@ -469,7 +469,7 @@ fn train(
             let t1 = Instant::now();
             let (loss, _) = masked_cross_entropy(&logits, &targets, &mask)?;
             let t2 = Instant::now();
-            let grads = loss.backward()?;
+            let grads = model.backward(&loss)?;
             let t3 = Instant::now();
             opt.step(&opt.grads_from(&grads))?;
             let t4 = Instant::now();

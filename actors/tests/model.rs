@@ -125,7 +125,7 @@ fn grad_check(cfg: &LlamaConfig, seed: u64) {
         let logits = model.forward(&input, Some(&attn), None).unwrap();
         masked_cross_entropy(&logits, &targets, &lmask).unwrap().0
     };
-    let grads = loss().backward().unwrap();
+    let grads = model.backward(&loss()).unwrap();
     let vars = sorted_vars(&vm);
     assert!(vars.len() >= 9 * cfg.num_hidden_layers + 2);
     let h = 1e-5;
@@ -250,7 +250,7 @@ fn learns_copy_task() {
         let (i, t, m) = batch(&mut rng);
         let (loss, _) =
             masked_cross_entropy(&model.forward(&i, None, None).unwrap(), &t, &m).unwrap();
-        let mut g = opt.grads_from(&loss.backward().unwrap());
+        let mut g = opt.grads_from(&model.backward(&loss).unwrap());
         clip_grad_norm(&mut g, 1.0).unwrap();
         opt.step(&g).unwrap();
         steps += 1;
@@ -519,7 +519,7 @@ fn accumulation_equals_full_batch() {
         let m = Tensor::new(masks[r.clone()].to_vec(), &Device::Cpu).unwrap();
         let logits = model.forward(&ids(&rows[r.clone()]), None, None).unwrap();
         let (loss, n) = masked_cross_entropy(&logits, &ids(&tg[r]), &m).unwrap();
-        (opt.grads_from(&loss.backward().unwrap()), n)
+        (opt.grads_from(&model.backward(&loss).unwrap()), n)
     };
     let (full, n) = grads_of(0..3);
     let (g1, n1) = grads_of(0..1);
@@ -568,7 +568,7 @@ fn export_import_round_trip_is_bitwise() {
         let (loss, _) =
             masked_cross_entropy(&model.forward(&input, None, None).unwrap(), &input, &mask)
                 .unwrap();
-        let g = opt.grads_from(&loss.backward().unwrap());
+        let g = opt.grads_from(&model.backward(&loss).unwrap());
         opt.step(&g).unwrap();
     }
     let exported: BTreeMap<String, Tensor> = opt.export().unwrap();

@@ -96,9 +96,9 @@ fn bf16_gradients_match_f32_gradients() {
     )
     .unwrap();
 
-    let g32 = opt.grads_from(&loss(&f32_model, 0).backward().unwrap());
+    let g32 = opt.grads_from(&f32_model.backward(&loss(&f32_model, 0)).unwrap());
     let g16 = mp
-        .master_grads(&loss(&bf16_model, 0).backward().unwrap(), &opt)
+        .master_grads(&bf16_model.backward(&loss(&bf16_model, 0)).unwrap(), &opt)
         .unwrap();
     let flat = |g: &klong_actors::learner::optim::Grads| -> Vec<f32> {
         g.0.iter()
@@ -145,7 +145,7 @@ fn train(mixed: bool) -> (f32, f32) {
     let model = if mixed { &bf16_model } else { &f32_model };
     let first = loss(model, 1000).to_scalar::<f32>().unwrap();
     for step in 0..40 {
-        let store = loss(model, step).backward().unwrap();
+        let store = model.backward(&loss(model, step)).unwrap();
         let grads = if mixed {
             mp.master_grads(&store, &opt).unwrap()
         } else {

@@ -279,7 +279,7 @@ pub fn rl_step(
         sums.ratio += s.ratio;
         sums.targets += s.targets;
         let loss = (loss_sum / total as f64)?;
-        let store = loss.backward()?;
+        let store = model.backward(&loss)?;
         acc.add(&opt.grads_from(&store), 1.0)?;
     }
     let mut grads = acc.finish();

@@ -197,7 +197,7 @@ pub fn sft_step(
         let (loss, count) = masked_cross_entropy(&logits, &b.target, &b.loss_mask)?;
         let share = count as f64 / total as f64;
         loss_sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?) * share;
-        let store = loss.backward()?;
+        let store = model.backward(&loss)?;
         let grads = match precision {
             Some(mp) => mp.master_grads(&store, opt)?,
             None => opt.grads_from(&store),

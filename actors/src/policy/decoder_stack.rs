@@ -16,10 +16,23 @@
 //! weight as `attention_block` stacks them, o, then gate, up and the post-attention norm's
 //! weight as `swiglu` stacks them; o's rows are K wide only where `H·D = K`, which `stack`
 //! checks); the down projections stacked `[L·K, F]`.
+//!
+//! Where the stream x tracks gradients (training), the weights skip the graph: they are
+//! stacked outside it (a copy on the compute pool's threads, not a `cat` node) and the
+//! backward hands each weight's gradient, a view of its layer's stacked gradient, to a
+//! [`WeightGradients`] that the model adds to the backward's gradient store
+//! (`Llama::backward`). Through a `cat` node, candle's backward gives every one of the `9·L`
+//! weights a zeroed gradient and adds its slice of the stacked one into it, serially: for
+//! model R, two passes over 3.15M floats on one thread while the other waited, after the
+//! stacked gradient itself was copied together from the layers'. Measured: ~2% of model R's
+//! step (steps alternating with and without it in one process, medians of the paired ratios
+//! 0.997-1.067 over six runs, median 1.018; session 31 in `benches/peer/README.md`). The
+//! gradients are the same numbers either way (`the_stack_is_the_layers` checks both paths).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::attention_block::{self, AttentionBlock, Heads};
 use super::flash::KeyMask;
@@ -49,6 +62,64 @@ struct LayerSaved {
     mlp: swiglu::Saved,
 }
 
+/// The stack's weight gradients from backwards not yet added to their gradient store, each
+/// with its weight: what the op's backward hands past candle's graph (see the module's
+/// comment). One per model, shared by every op its forwards build.
+#[derive(Default)]
+pub(crate) struct WeightGradients {
+    /// (weight, gradient) pairs, in the order the backwards produced them.
+    pending: Mutex<Vec<(Tensor, Tensor)>>,
+}
+
+impl WeightGradients {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Vec<(Tensor, Tensor)>>> {
+        self.pending.lock().map_err(|_| {
+            candle_core::Error::msg("klong-decoder-stack: weight gradients' lock poisoned")
+        })
+    }
+
+    /// Whether a backward left gradients that were never added to a store.
+    pub(crate) fn is_pending(&self) -> Result<bool> {
+        Ok(!self.lock()?.is_empty())
+    }
+
+    fn deposit(&self, grads: Vec<(Tensor, Tensor)>) -> Result<()> {
+        self.lock()?.extend(grads);
+        Ok(())
+    }
+
+    /// Takes the pending gradients (none are left pending, whatever follows).
+    pub(crate) fn take(&self) -> Result<Vec<(Tensor, Tensor)>> {
+        Ok(std::mem::take(&mut *self.lock()?))
+    }
+
+    /// Adds `grads` (from [`WeightGradients::take`]) to `store`: a weight's gradient is
+    /// inserted, or added to the one the store holds (a weight that the graph reached too, or
+    /// that several forwards' backwards reached).
+    pub(crate) fn add_to(grads: Vec<(Tensor, Tensor)>, store: &mut GradStore) -> Result<()> {
+        for (weight, grad) in grads {
+            let sum = match store.get(&weight) {
+                Some(held) => (held + &grad)?,
+                None => grad,
+            };
+            store.insert(&weight, sum);
+        }
+        Ok(())
+    }
+}
+
+/// Where the op's weight gradients go when the weights skip the graph: the model's
+/// [`WeightGradients`], with every layer's weights in the stacked operands' order (q, k, v,
+/// the input norm, o, gate, up, the post-attention norm, then down).
+struct Side {
+    grads: Arc<WeightGradients>,
+    weights: Vec<[Tensor; 9]>,
+}
+
+/// One layer's weight gradients: the attention half's stacked q/k/v/norm, o, the MLP half's
+/// stacked gate/up/norm, down.
+type LayerGrads = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// The op (see the module's comment for its operands).
 struct DecoderStack {
     attention: AttentionBlock,
@@ -58,6 +129,8 @@ struct DecoderStack {
     /// The MLP's width F.
     ffn: usize,
     saved: fused::ForwardState<Vec<LayerSaved>>,
+    /// `Some` where the weights skip the graph.
+    side: Option<Side>,
 }
 
 /// Where one layer's weights lie in the stacked operand, in elements: the attention half's
@@ -150,8 +223,8 @@ impl DecoderStack {
         }
     }
 
-    /// The gradients of x, of the stacked weights and of the stacked downs from the layers'
-    /// state and the output's gradient `g` `[B·T, K]`.
+    /// The gradient of x and each layer's weight gradients, first layer first, from the
+    /// layers' state and the output's gradient `g` `[B·T, K]`.
     fn backward(
         &self,
         saved: Vec<LayerSaved>,
@@ -160,7 +233,7 @@ impl DecoderStack {
         downs: &[f32],
         g: &[f32],
         (b, t, k): (usize, usize, usize),
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    ) -> Result<(Vec<f32>, Vec<LayerGrads>)> {
         if saved.len() != self.layers {
             candle_core::bail!(
                 "klong-decoder-stack: the forward's state is not {} layers",
@@ -196,19 +269,71 @@ impl DecoderStack {
             d = Some(dx);
             d_layers.push((d_attention, d_o, d_mlp, d_down));
         }
-        let mut d_main = Vec::with_capacity(main.len());
-        let mut d_downs = Vec::with_capacity(downs.len());
-        for (d_attention, d_o, d_mlp, d_down) in d_layers.into_iter().rev() {
-            d_main.extend_from_slice(&d_attention);
-            d_main.extend_from_slice(&d_o);
-            d_main.extend_from_slice(&d_mlp);
-            d_downs.extend_from_slice(&d_down);
-        }
+        d_layers.reverse();
         match d {
-            Some(dx) => Ok((dx, d_main, d_downs)),
+            Some(dx) => Ok((dx, d_layers)),
             None => candle_core::bail!("klong-decoder-stack: no layers"),
         }
     }
+
+    /// The layers' weight gradients as the weights' own tensors: views of each half's stacked
+    /// gradient, shaped as the weights they belong to (no copies).
+    fn weight_grads(
+        side: &Side,
+        d_layers: Vec<LayerGrads>,
+        k: usize,
+        device: &candle_core::Device,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        if side.weights.len() != d_layers.len() {
+            candle_core::bail!(
+                "klong-decoder-stack: {} layers' gradients for {} layers' weights",
+                d_layers.len(),
+                side.weights.len()
+            );
+        }
+        let mut out = Vec::with_capacity(9 * d_layers.len());
+        for (weights, (d_attention, d_o, d_mlp, d_down)) in side.weights.iter().zip(d_layers) {
+            let [q, kw, v, input_norm, o, gate, up, post_norm, down] = weights;
+            // Each half's stacked gradient, rows of K, and its weights' rows in order.
+            let halves: [(Vec<f32>, &[&Tensor]); 2] = [
+                (d_attention, &[q, kw, v, input_norm]),
+                (d_mlp, &[gate, up, post_norm]),
+            ];
+            for (stacked, parts) in halves {
+                let rows = stacked.len() / k;
+                let stacked = Tensor::from_vec(stacked, (rows, k), device)?;
+                let mut at = 0;
+                for w in parts {
+                    let n = w.elem_count() / k;
+                    out.push(((*w).clone(), stacked.narrow(0, at, n)?.reshape(w.shape())?));
+                    at += n;
+                }
+                if at != rows {
+                    candle_core::bail!("klong-decoder-stack: {rows} gradient rows for {at}");
+                }
+            }
+            out.push((o.clone(), Tensor::from_vec(d_o, o.shape(), device)?));
+            out.push((
+                down.clone(),
+                Tensor::from_vec(d_down, down.shape(), device)?,
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// The layers' weight gradients stacked as the op's operands are, `[L·rows, K]` and
+/// `[L·K, F]` (for candle's `cat` backward).
+fn stacked_grads(d_layers: Vec<LayerGrads>, main: usize, downs: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut d_main = Vec::with_capacity(main);
+    let mut d_downs = Vec::with_capacity(downs);
+    for (d_attention, d_o, d_mlp, d_down) in d_layers {
+        d_main.extend_from_slice(&d_attention);
+        d_main.extend_from_slice(&d_o);
+        d_main.extend_from_slice(&d_mlp);
+        d_downs.extend_from_slice(&d_down);
+    }
+    (d_main, d_downs)
 }
 
 impl CustomOp3 for DecoderStack {
@@ -246,9 +371,15 @@ impl CustomOp3 for DecoderStack {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = self.dims(x.dims(), main.dims(), downs.dims())?;
         let saved = self.saved.take()?;
-        let (dx, d_main, d_downs) = fused::with_f32s([x, main, downs, g], |[x, main, downs, g]| {
+        let (dx, d_layers) = fused::with_f32s([x, main, downs, g], |[x, main, downs, g]| {
             self.backward(saved, x, main, downs, g, dims)
         })?;
+        if let Some(side) = &self.side {
+            let grads = Self::weight_grads(side, d_layers, dims.2, x.device())?;
+            side.grads.deposit(grads)?;
+            return Ok((fused::like(dx, x)?, None, None));
+        }
+        let (d_main, d_downs) = stacked_grads(d_layers, main.elem_count(), downs.elem_count());
         Ok((
             fused::like(dx, x)?,
             fused::like(d_main, main)?,
@@ -262,6 +393,10 @@ impl CustomOp3 for DecoderStack {
 /// every weight untracked: without a backward, one layer's state at a time is all a forward
 /// needs to hold), `H·D ≠ K`, or what `attention_block::op` and `swiglu::serves` decline.
 /// Every norm takes `eps` (the caller checks that the layers' norms agree).
+///
+/// With `grads`, where x tracks gradients, the weights skip the graph and their gradients go
+/// to `grads` (see the module's comment): an error if an earlier backward's are still pending
+/// there (never added to a store, so its weights would have learned nothing from it).
 pub(crate) fn stack(
     x: &Tensor,
     layers: &[LayerOperands<'_>],
@@ -269,6 +404,7 @@ pub(crate) fn stack(
     heads: Heads,
     angles: (&Tensor, &Tensor),
     mask: &Arc<KeyMask>,
+    grads: Option<&Arc<WeightGradients>>,
 ) -> Result<Option<Tensor>> {
     let Some(first) = layers.first() else {
         return Ok(None);
@@ -328,8 +464,45 @@ pub(crate) fn stack(
     for (l, (input_norm, post_norm)) in layers.iter().zip(&norms) {
         parts.extend([l.q, l.k, l.v, input_norm, l.o, l.gate, l.up, post_norm]);
     }
-    let main = Tensor::cat(&parts, 0)?;
-    let downs = Tensor::cat(&layers.iter().map(|l| l.down).collect::<Vec<_>>(), 0)?;
+    let downs: Vec<&Tensor> = layers.iter().map(|l| l.down).collect();
+    let side = match grads {
+        Some(grads) if x.track_op() && fused::enabled(fused::Kind::WeightGrads) => {
+            if grads.is_pending()? {
+                candle_core::bail!(
+                    "klong-decoder-stack: an earlier backward's weight gradients were never \
+                     added to its gradient store (backpropagate a model's loss with \
+                     `Llama::backward`, not `Tensor::backward`)"
+                );
+            }
+            let weights = layers
+                .iter()
+                .map(|l| {
+                    [
+                        l.q,
+                        l.k,
+                        l.v,
+                        l.input_norm,
+                        l.o,
+                        l.gate,
+                        l.up,
+                        l.post_norm,
+                        l.down,
+                    ]
+                    .map(Tensor::clone)
+                })
+                .collect();
+            Some(Side {
+                grads: Arc::clone(grads),
+                weights,
+            })
+        }
+        _ => None,
+    };
+    let (main, downs) = if side.is_some() {
+        (rows_of(&parts, k)?, rows_of(&downs, ffn)?)
+    } else {
+        (Tensor::cat(&parts, 0)?, Tensor::cat(&downs, 0)?)
+    };
     let op = DecoderStack {
         attention,
         mlp: SwiGlu::new(eps),
@@ -337,8 +510,54 @@ pub(crate) fn stack(
         layers: layers.len(),
         ffn,
         saved: fused::ForwardState::new("klong-decoder-stack"),
+        side,
     };
     Ok(Some(x.contiguous()?.apply_op3(&main, &downs, op)?))
+}
+
+/// `parts` (each contiguous rows of `width`), one after another, as a new `[rows, width]`
+/// tensor outside the graph, copied by the compute pool's threads (candle's `cat` copies on
+/// the calling thread alone).
+fn rows_of(parts: &[&Tensor], width: usize) -> Result<Tensor> {
+    let Some(first) = parts.first() else {
+        candle_core::bail!("klong-decoder-stack: no weights to stack");
+    };
+    let guards: Vec<_> = parts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut data: Vec<&[f32]> = Vec::with_capacity(parts.len());
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(c) => data.push(fused::slice::<f32>(c, layout)?),
+            _ => candle_core::bail!("klong-decoder-stack: CPU weights only"),
+        }
+    }
+    if width == 0 || data.iter().any(|d| !d.len().is_multiple_of(width)) {
+        candle_core::bail!("klong-decoder-stack: weights are not rows of {width}");
+    }
+    // Each part's first row in the whole.
+    let firsts: Vec<usize> = data
+        .iter()
+        .scan(0, |at, d| {
+            let first = *at;
+            *at += d.len() / width;
+            Some(first)
+        })
+        .collect();
+    let n: usize = data.iter().map(|d| d.len()).sum();
+    let (out, _) = fused::written(n, width, |first, fill| {
+        let (mut row, end) = (first, first + fill.len() / width);
+        // The last part starting at or before `row` holds it (empty parts start where the
+        // next one does and are skipped), then each part after it while rows remain.
+        let mut p = firsts.partition_point(|&f| f <= row).saturating_sub(1);
+        while row < end {
+            let (start, d) = (firsts[p], data[p]);
+            let stop = (start + d.len() / width).min(end);
+            fill.extend(&d[(row - start) * width..(stop - start) * width]);
+            row = stop;
+            p += 1;
+        }
+    });
+    drop(guards);
+    Tensor::from_vec(out, (n / width, width), first.device())
 }
 
 #[cfg(test)]
@@ -350,7 +569,7 @@ mod tests {
     use super::super::attention_block::{self, Heads};
     use super::super::flash::KeyMask;
     use super::super::swiglu;
-    use super::LayerOperands;
+    use super::{LayerOperands, WeightGradients};
     use crate::policy::hashed_values;
 
     const EPS: f64 = 1e-5;
@@ -400,8 +619,10 @@ mod tests {
 
     /// Three layers as one node give the per-half nodes' output and the gradients of x and of
     /// every weight, bit for bit: both run the same functions in the same order, and candle's
-    /// per-node accumulation only adds each gradient to zero. Grouped heads, a right-padded and
-    /// a left-padded row, sizes that fill no kernel tile exactly.
+    /// per-node accumulation only adds each gradient to zero. Both ways the weights' gradients
+    /// can leave the op: through the graph's `cat`, and handed past it (`WeightGradients`, as
+    /// `Llama::backward` collects them). Grouped heads, a right-padded and a left-padded row,
+    /// sizes that fill no kernel tile exactly.
     #[test]
     fn the_stack_is_the_layers() {
         if !super::super::skinny::simd() {
@@ -426,11 +647,16 @@ mod tests {
             .expect("angles");
         let (cos, sin) = (angles.cos().expect("cos"), angles.sin().expect("sin"));
         let g = Tensor::from_vec(hashed_values(b * t * k, 7), (b, t, k), &dev).expect("g");
-        let run = |y: Tensor| {
-            let grads = (&y * &g)
+        let run = |y: Tensor, side: Option<&WeightGradients>| {
+            let mut grads = (&y * &g)
                 .and_then(|p| p.sum_all())
                 .and_then(|l| l.backward())
                 .expect("backward");
+            if let Some(side) = side {
+                let pending = side.take().expect("take");
+                assert_eq!(pending.len(), 3 * 9, "one gradient per weight");
+                WeightGradients::add_to(pending, &mut grads).expect("add");
+            }
             let mut out = vec![y];
             for v in std::iter::once(&x).chain(layers.iter().flatten()) {
                 out.push(grads.get(v.as_tensor()).expect("grad").clone());
@@ -438,10 +664,15 @@ mod tests {
             out
         };
         let ops: Vec<LayerOperands> = layers.iter().map(|l| operands(l)).collect();
-        let stacked = super::stack(x.as_tensor(), &ops, EPS, h, (&cos, &sin), &mask)
-            .expect("op")
-            .expect("served");
-        let stacked = run(stacked);
+        let stacked = |grads: Option<&Arc<WeightGradients>>| {
+            super::stack(x.as_tensor(), &ops, EPS, h, (&cos, &sin), &mask, grads)
+                .expect("op")
+                .expect("served")
+        };
+        let through_cat = run(stacked(None), None);
+        let side = Arc::new(WeightGradients::default());
+        let handed = run(stacked(Some(&side)), Some(&side));
+        assert!(!side.is_pending().expect("pending"));
         let mut y = x.as_tensor().clone();
         for l in &ops {
             let weights = [l.q, l.k, l.v, l.o];
@@ -451,16 +682,74 @@ mod tests {
                 .expect("served");
             y = swiglu::block(&y, (l.post_norm, EPS), l.gate, l.up, l.down).expect("mlp");
         }
-        let layered = run(y);
-        assert_eq!(stacked.len(), 2 + 3 * 9);
-        for (i, (a, b)) in stacked.iter().zip(&layered).enumerate() {
-            let (a, b) = (
-                a.flatten_all().and_then(|a| a.to_vec1::<f32>()).expect("a"),
-                b.flatten_all().and_then(|b| b.to_vec1::<f32>()).expect("b"),
-            );
-            assert!(a.iter().any(|v| *v != 0.0), "case {i}: all zero");
-            assert_eq!(a, b, "case {i}");
+        let layered = run(y, None);
+        assert_eq!(through_cat.len(), 2 + 3 * 9);
+        for (path, stacked) in [("cat", &through_cat), ("handed", &handed)] {
+            for (i, (a, b)) in stacked.iter().zip(&layered).enumerate() {
+                assert_eq!(a.dims(), b.dims(), "{path} case {i}");
+                let (a, b) = (
+                    a.flatten_all().and_then(|a| a.to_vec1::<f32>()).expect("a"),
+                    b.flatten_all().and_then(|b| b.to_vec1::<f32>()).expect("b"),
+                );
+                assert!(a.iter().any(|v| *v != 0.0), "{path} case {i}: all zero");
+                assert_eq!(a, b, "{path} case {i}");
+            }
         }
+    }
+
+    /// Gradients handed past the graph and never collected make the next training forward an
+    /// error (its weights would otherwise have learned nothing from that backward), and a
+    /// weight's gradient is added to one its store already holds.
+    #[test]
+    fn uncollected_weight_gradients_are_an_error() {
+        if !super::super::skinny::simd() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let h = Heads {
+            q: 2,
+            kv: 1,
+            dim: 8,
+        };
+        let (b, t, k, f) = (1, 9, 16, 24);
+        let mask = Arc::new(KeyMask::new(&[vec![true; t]], 0).expect("mask"));
+        let angles = Tensor::zeros((b, t, h.dim), candle_core::DType::F32, &dev).expect("angles");
+        let x = var(b * t * k, 1, 1.0, &[b, t, k]);
+        let layer = layer_vars(1, h, k, f);
+        let ops = [operands(&layer)];
+        let side = Arc::new(WeightGradients::default());
+        let forward = || {
+            super::stack(
+                x.as_tensor(),
+                &ops,
+                EPS,
+                h,
+                (&angles, &angles),
+                &mask,
+                Some(&side),
+            )
+        };
+        let y = forward().expect("op").expect("served");
+        let loss = y.sum_all().expect("loss");
+        let mut store = loss.backward().expect("backward");
+        assert!(side.is_pending().expect("pending"));
+        let err = forward().expect_err("a forward over uncollected gradients");
+        assert!(err.to_string().contains("Llama::backward"), "{err}");
+        // Collected into a store that already holds a gradient for q: the two add.
+        let q = layer[1].as_tensor();
+        let ones = Tensor::ones(q.shape(), candle_core::DType::F32, &dev).expect("ones");
+        store.insert(q, ones.clone());
+        let pending = side.take().expect("take");
+        let handed = pending
+            .iter()
+            .find(|(w, _)| w.id() == q.id())
+            .map(|(_, g)| g.clone())
+            .expect("q's gradient");
+        WeightGradients::add_to(pending, &mut store).expect("add");
+        let sum = store.get(q).expect("q");
+        let want = (handed + ones).expect("sum");
+        assert_eq!(super::super::max_abs_diff(sum, &want), 0.0);
+        assert!(forward().expect("collected").is_some());
     }
 
     /// A forward nothing can backpropagate through, and layers whose heads are not K wide, are
@@ -494,7 +783,8 @@ mod tests {
             up: vars[7],
             down: vars[8],
         }];
-        let got = super::stack(&x, &ops, EPS, full, (&angles, &angles), &mask).expect("no error");
+        let got =
+            super::stack(&x, &ops, EPS, full, (&angles, &angles), &mask, None).expect("no error");
         assert!(got.is_none(), "untracked");
         let narrow = Heads {
             q: 1,
@@ -503,9 +793,11 @@ mod tests {
         };
         let tracked = layer_vars(1, narrow, k, f);
         let ops = [operands(&tracked)];
-        let got = super::stack(&x, &ops, EPS, narrow, (&angles, &angles), &mask).expect("no error");
+        let got =
+            super::stack(&x, &ops, EPS, narrow, (&angles, &angles), &mask, None).expect("no error");
         assert!(got.is_none(), "H·D = 8 against K = 16");
-        let got = super::stack(&x, &[], EPS, full, (&angles, &angles), &mask).expect("no error");
+        let got =
+            super::stack(&x, &[], EPS, full, (&angles, &angles), &mask, None).expect("no error");
         assert!(got.is_none(), "no layers");
     }
 }

@@ -41,6 +41,9 @@ pub(crate) enum Kind {
     Amx,
     /// The output layer's product on `gemm_new` ([`projection`]).
     Projection,
+    /// The decoder stack's weight gradients handed to the gradient store directly, not
+    /// through candle's `cat` backward (`decoder_stack::WeightGradients`).
+    WeightGrads,
 }
 
 pub(crate) fn enabled(kind: Kind) -> bool {
@@ -70,6 +73,7 @@ pub(crate) fn enabled(kind: Kind) -> bool {
         Kind::AttentionBlock => "attention_block",
         Kind::DecoderStack => "decoder_stack",
         Kind::Projection => "projection",
+        Kind::WeightGrads => "weight_grads",
     };
     !off.iter().any(|o| o == "all" || o == name)
 }

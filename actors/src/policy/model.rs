@@ -15,6 +15,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -858,6 +859,9 @@ pub struct Llama {
     /// decoder and shared by its clones. `None` for a model over a `VarMap` (it trains, so each
     /// decoder packs the weights as they are when it is filled).
     decode_weights: Option<Arc<Mutex<Option<Arc<DecodeWeights>>>>>,
+    /// The decoder stack's weight gradients between a backward and [`Llama::backward`]
+    /// adding them to its store (shared by clones, which share the weights).
+    weight_grads: Arc<decoder_stack::WeightGradients>,
 }
 
 impl Llama {
@@ -956,7 +960,22 @@ impl Llama {
             dtype: vb.dtype(),
             device: vb.device().clone(),
             decode_weights: None,
+            weight_grads: Arc::default(),
         })
+    }
+
+    /// The gradients of `loss` (a scalar computed from this model's forwards) for every
+    /// tensor it depends on: `loss.backward()`, plus the decoder stack's weight gradients,
+    /// which its backward hands past the graph (`decoder_stack`'s module comment). Training
+    /// backpropagates through this, never `loss.backward()` alone: the model's next training
+    /// forward is an error if a backward's weight gradients were left out of their store.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let store = loss.backward();
+        // Taken whatever the backward's outcome: a failed one leaves nothing pending.
+        let stack = self.weight_grads.take()?;
+        let mut store = store?;
+        decoder_stack::WeightGradients::add_to(stack, &mut store)?;
+        Ok(store)
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -1040,7 +1059,8 @@ impl Llama {
         let Some(heads) = heads else {
             return Ok(None);
         };
-        decoder_stack::stack(x, &operands, eps, heads, angles, &mask.keys)
+        let grads = Some(&self.weight_grads);
+        decoder_stack::stack(x, &operands, eps, heads, angles, &mask.keys, grads)
     }
 
     /// Logits `[B, T, V]` for `input_ids` `[B, T]` (u32).
