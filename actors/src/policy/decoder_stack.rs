@@ -12,7 +12,7 @@
 //! 0.989 and 0.987; session 28 in `benches/peer/README.md`).
 //!
 //! The operands: x `[B, T, K]`; every layer's weights but the MLP's down projection, stacked
-//! by one `cat` node `[L·(N + 1 + K + 2F + 1), K]` (per layer: q, k, v and the input norm's
+//! (by a `cat` node, or outside the graph: below) `[L·(N + 1 + K + 2F + 1), K]` (per layer: q, k, v and the input norm's
 //! weight as `attention_block` stacks them, o, then gate, up and the post-attention norm's
 //! weight as `swiglu` stacks them; o's rows are K wide only where `H·D = K`, which `stack`
 //! checks); the down projections stacked `[L·K, F]`.
@@ -29,14 +29,14 @@
 //! 0.997-1.067 over six runs, median 1.018; session 31 in `benches/peer/README.md`). The
 //! gradients are the same numbers either way (`the_stack_is_the_layers` checks both paths).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::attention_block::{self, AttentionBlock, Heads};
 use super::flash::KeyMask;
 use super::fused;
+use super::model::WeightGradients;
 use super::swiglu::{self, SwiGlu};
 
 /// One layer's weights (HF layouts: a projection's weight is `[out, in]`).
@@ -60,52 +60,6 @@ struct LayerSaved {
     /// The attention half's output: the MLP half's input.
     mid: Vec<f32>,
     mlp: swiglu::Saved,
-}
-
-/// The stack's weight gradients from backwards not yet added to their gradient store, each
-/// with its weight: what the op's backward hands past candle's graph (see the module's
-/// comment). One per model, shared by every op its forwards build.
-#[derive(Default)]
-pub(crate) struct WeightGradients {
-    /// (weight, gradient) pairs, in the order the backwards produced them.
-    pending: Mutex<Vec<(Tensor, Tensor)>>,
-}
-
-impl WeightGradients {
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Vec<(Tensor, Tensor)>>> {
-        self.pending.lock().map_err(|_| {
-            candle_core::Error::msg("klong-decoder-stack: weight gradients' lock poisoned")
-        })
-    }
-
-    /// Whether a backward left gradients that were never added to a store.
-    pub(crate) fn is_pending(&self) -> Result<bool> {
-        Ok(!self.lock()?.is_empty())
-    }
-
-    fn deposit(&self, grads: Vec<(Tensor, Tensor)>) -> Result<()> {
-        self.lock()?.extend(grads);
-        Ok(())
-    }
-
-    /// Takes the pending gradients (none are left pending, whatever follows).
-    pub(crate) fn take(&self) -> Result<Vec<(Tensor, Tensor)>> {
-        Ok(std::mem::take(&mut *self.lock()?))
-    }
-
-    /// Adds `grads` (from [`WeightGradients::take`]) to `store`: a weight's gradient is
-    /// inserted, or added to the one the store holds (a weight that the graph reached too, or
-    /// that several forwards' backwards reached).
-    pub(crate) fn add_to(grads: Vec<(Tensor, Tensor)>, store: &mut GradStore) -> Result<()> {
-        for (weight, grad) in grads {
-            let sum = match store.get(&weight) {
-                Some(held) => (held + &grad)?,
-                None => grad,
-            };
-            store.insert(&weight, sum);
-        }
-        Ok(())
-    }
 }
 
 /// Where the op's weight gradients go when the weights skip the graph: the model's
@@ -519,7 +473,7 @@ pub(crate) fn stack(
 /// tensor outside the graph, copied by the compute pool's threads (candle's `cat` copies on
 /// the calling thread alone).
 fn rows_of(parts: &[&Tensor], width: usize) -> Result<Tensor> {
-    let Some(first) = parts.first() else {
+    let Some(device) = parts.first().map(|t| t.device().clone()) else {
         candle_core::bail!("klong-decoder-stack: no weights to stack");
     };
     let guards: Vec<_> = parts.iter().map(|t| t.storage_and_layout()).collect();
@@ -557,7 +511,7 @@ fn rows_of(parts: &[&Tensor], width: usize) -> Result<Tensor> {
         }
     });
     drop(guards);
-    Tensor::from_vec(out, (n / width, width), first.device())
+    Tensor::from_vec(out, (n / width, width), &device)
 }
 
 #[cfg(test)]
@@ -568,8 +522,9 @@ mod tests {
 
     use super::super::attention_block::{self, Heads};
     use super::super::flash::KeyMask;
+    use super::super::model::WeightGradients;
     use super::super::swiglu;
-    use super::{LayerOperands, WeightGradients};
+    use super::LayerOperands;
     use crate::policy::hashed_values;
 
     const EPS: f64 = 1e-5;

@@ -842,6 +842,55 @@ impl Block {
     }
 }
 
+/// The decoder stack's weight gradients from backwards not yet added to their gradient store,
+/// each with its weight: what its op's backward hands past candle's graph (see
+/// `decoder_stack`'s module comment). One per model, shared by every op its forwards build.
+#[derive(Default)]
+pub(crate) struct WeightGradients {
+    /// (weight, gradient) pairs, in the order the backwards produced them.
+    pending: Mutex<Vec<(Tensor, Tensor)>>,
+}
+
+impl WeightGradients {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Vec<(Tensor, Tensor)>>> {
+        self.pending
+            .lock()
+            .map_err(|_| candle_core::Error::msg("weight gradients' lock poisoned"))
+    }
+
+    /// Whether a backward left gradients that were never added to a store.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the stack is x86-64's
+    pub(crate) fn is_pending(&self) -> Result<bool> {
+        Ok(!self.lock()?.is_empty())
+    }
+
+    /// Adds a backward's gradients to those pending.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn deposit(&self, grads: Vec<(Tensor, Tensor)>) -> Result<()> {
+        self.lock()?.extend(grads);
+        Ok(())
+    }
+
+    /// Takes the pending gradients (none are left pending, whatever follows).
+    pub(crate) fn take(&self) -> Result<Vec<(Tensor, Tensor)>> {
+        Ok(std::mem::take(&mut *self.lock()?))
+    }
+
+    /// Adds `grads` (from [`WeightGradients::take`]) to `store`: a weight's gradient is
+    /// inserted, or added to the one the store holds (a weight that the graph reached too, or
+    /// that several forwards' backwards reached).
+    pub(crate) fn add_to(grads: Vec<(Tensor, Tensor)>, store: &mut GradStore) -> Result<()> {
+        for (weight, grad) in grads {
+            let sum = match store.get(&weight) {
+                Some(held) => (held + &grad)?,
+                None => grad,
+            };
+            store.insert(&weight, sum);
+        }
+        Ok(())
+    }
+}
+
 /// The decoder with its LM head. Cloning shares the weights (candle tensors are
 /// reference-counted): a clone over a `VarMap` sees every optimizer step.
 #[derive(Clone)]
@@ -861,7 +910,7 @@ pub struct Llama {
     decode_weights: Option<Arc<Mutex<Option<Arc<DecodeWeights>>>>>,
     /// The decoder stack's weight gradients between a backward and [`Llama::backward`]
     /// adding them to its store (shared by clones, which share the weights).
-    weight_grads: Arc<decoder_stack::WeightGradients>,
+    weight_grads: Arc<WeightGradients>,
 }
 
 impl Llama {
@@ -974,7 +1023,7 @@ impl Llama {
         // Taken whatever the backward's outcome: a failed one leaves nothing pending.
         let stack = self.weight_grads.take()?;
         let mut store = store?;
-        decoder_stack::WeightGradients::add_to(stack, &mut store)?;
+        WeightGradients::add_to(stack, &mut store)?;
         Ok(store)
     }
 
