@@ -854,14 +854,7 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
     let nn = n as f32;
     for (o, xr) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-        let mut ss = 0f32;
-        for &v in xr {
-            ss += v * v;
-        }
-        let s = (ss / nn + eps).sqrt();
-        for ((o, &v), &wv) in o.iter_mut().zip(xr).zip(w) {
-            *o = v / s * wv;
-        }
+        fused::rms_row(xr, w, (nn, eps), o);
     }
 }
 

@@ -11,6 +11,8 @@ use candle_core::{
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+use super::wide;
+
 /// The fused kernels, each of which can be switched off for measurements and debugging
 /// with `KLONGD_FUSED_OFF` (a comma-separated list of these names, or `all`).
 #[derive(Debug, Clone, Copy)]
@@ -83,7 +85,7 @@ pub(crate) fn supported(t: &Tensor, kind: Kind) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) && enabled(kind)
 }
 
-pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> {
+pub(crate) trait Real: WithDType + Default + std::ops::Neg<Output = Self> {
     fn exp(self) -> Self;
     /// `exp` of every element, in place (vectorized for f32: see `vexp`).
     fn exp_all(xs: &mut [Self]) {
@@ -882,21 +884,59 @@ pub(crate) fn rms_forward<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let eps = T::from_f64(eps);
     let nn = T::from_f64(n as f64);
     let (out, _) = written(x.len(), n, |r0, out| {
+        wide::run(RmsRows {
+            x,
+            w,
+            nn,
+            eps,
+            r0,
+            out,
+        })
+    });
+    out
+}
+
+/// RMSNorm of a run of rows from `r0` on, into `out` (a [`wide::Kernel`]).
+struct RmsRows<'a, 'b, 'c, T> {
+    x: &'a [T],
+    w: &'a [T],
+    nn: T,
+    eps: T,
+    r0: usize,
+    out: &'b mut Fill<'c, T>,
+}
+
+impl<T: Real> wide::Kernel for RmsRows<'_, '_, '_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn call(self) {
+        let RmsRows {
+            x,
+            w,
+            nn,
+            eps,
+            r0,
+            out,
+        } = self;
+        let n = w.len();
         let mut o = vec![T::zero(); n];
         for i in 0..out.len() / n.max(1) {
             let xr = &x[(r0 + i) * n..(r0 + i + 1) * n];
-            let mut ss = T::zero();
-            for &v in xr {
-                ss += v * v;
-            }
-            let s = (ss / nn + eps).sqrt();
-            for ((o, &v), &wv) in o.iter_mut().zip(xr).zip(w) {
-                *o = v / s * wv;
-            }
+            rms_row(xr, w, (nn, eps), &mut o);
             out.extend(&o);
         }
-    });
-    out
+    }
+}
+
+/// One row of RMSNorm: `out = x / sqrt(Σx² / n + eps) · w`, the sum in [`wide::sum_sq`]'s
+/// order. The decode engine's norm calls this too, so that both give the same bits.
+///
+#[inline(always)]
+pub(crate) fn rms_row<T: Real>(x: &[T], w: &[T], (nn, eps): (T, T), out: &mut [T]) {
+    let s = (super::wide::sum_sq(x) / nn + eps).sqrt();
+    for ((o, &v), &wv) in out.iter_mut().zip(x).zip(w) {
+        *o = v / s * wv;
+    }
 }
 
 /// The backward of a block's `x + f(rms_norm(x))` around f: x's gradient (through the norm,
@@ -918,10 +958,21 @@ pub(crate) fn add_into(dst: &mut [f32], src: &[f32]) {
     const CHUNK: usize = 4096;
     let n = dst.len().min(src.len());
     par_rows(&mut dst[..n], CHUNK, |r0, d| {
-        for (a, b) in d.iter_mut().zip(&src[r0 * CHUNK..]) {
+        wide::run(AddInto(d, &src[r0 * CHUNK..]))
+    });
+}
+
+/// `dst += src` over dst's length (a [`wide::Kernel`]).
+struct AddInto<'a, 'b>(&'a mut [f32], &'b [f32]);
+
+impl wide::Kernel for AddInto<'_, '_> {
+    type Out = ();
+    #[inline(always)]
+    fn call(self) {
+        for (a, b) in self.0.iter_mut().zip(self.1) {
             *a += *b;
         }
-    });
+    }
 }
 
 /// (dx, dw) for RMSNorm.
@@ -945,17 +996,58 @@ pub(crate) fn rms_backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec
     let nn = T::from_f64(n as f64);
     // dw's partial sums per run of rows, summed after in run order.
     let (dx, partial) = written(x.len(), n, |r0, dx| {
+        wide::run(RmsGradRows {
+            x,
+            w,
+            g,
+            nn,
+            eps,
+            r0,
+            dx,
+        })
+    });
+    let mut dw = vec![T::zero(); n];
+    for p in &partial {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += *b;
+        }
+    }
+    (dx, dw)
+}
+
+/// RMSNorm's backward over a run of rows from `r0` on: their dx into `dx`, and the run's
+/// part of dw returned (a [`wide::Kernel`]).
+struct RmsGradRows<'a, 'b, 'c, T> {
+    x: &'a [T],
+    w: &'a [T],
+    g: &'a [T],
+    nn: T,
+    eps: T,
+    r0: usize,
+    dx: &'b mut Fill<'c, T>,
+}
+
+impl<T: Real> wide::Kernel for RmsGradRows<'_, '_, '_, T> {
+    type Out = Vec<T>;
+    #[inline(always)]
+    fn call(self) -> Vec<T> {
+        let RmsGradRows {
+            x,
+            w,
+            g,
+            nn,
+            eps,
+            r0,
+            dx,
+        } = self;
+        let n = w.len();
         let mut dw = vec![T::zero(); n];
         let mut d = vec![T::zero(); n];
         for i in 0..dx.len() / n.max(1) {
             let r = r0 + i;
             let (xr, gr) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
-            let mut ss = T::zero();
-            let mut dot = T::zero();
-            for k in 0..n {
-                ss += xr[k] * xr[k];
-                dot += w[k] * gr[k] * xr[k];
-            }
+            let ss = wide::sum_sq(xr);
+            let dot = wide::sum_prod3(w, gr, xr);
             let s = (ss / nn + eps).sqrt();
             // d/dx_j of x_j / s: 1/s - x_j Σ(...) / (N s³).
             let c = dot / (nn * s * s * s);
@@ -966,14 +1058,7 @@ pub(crate) fn rms_backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec
             dx.extend(&d);
         }
         dw
-    });
-    let mut dw = vec![T::zero(); n];
-    for p in &partial {
-        for (a, b) in dw.iter_mut().zip(p) {
-            *a += *b;
-        }
     }
-    (dx, dw)
 }
 
 impl CustomOp2 for RmsNorm {
@@ -1297,6 +1382,7 @@ fn silu_mul_fwd<T: Real>(
 /// `out = gate / (1 + exp(-gate)) * up`, elementwise (`e` is working space): the one
 /// formula of SwiGLU, shared by the graph's op and the decode engine so that both give the
 /// same bits.
+#[inline(always)]
 pub(crate) fn silu_mul_into<T: Real>(gate: &[T], up: &[T], e: &mut Vec<T>, out: &mut [T]) {
     e.clear();
     e.extend(gate.iter().map(|x| -*x));

@@ -23,6 +23,7 @@ pub(crate) mod swiglu;
 pub mod tokenizer;
 pub mod toolcall;
 pub(crate) mod vexp;
+pub(crate) mod wide;
 
 /// Runs `f` on a thread of the compute pool (rayon's global pool, where candle's and the
 /// fused kernels' parallel loops run). A parallel loop started from outside the pool blocks

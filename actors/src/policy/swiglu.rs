@@ -22,6 +22,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::fused::{self, gemm_into, gemm_new, Mat};
+use super::wide;
 
 /// What the forward leaves for the backward: the normalized input (`[M, K]`), the gate and up
 /// pre-activations (`[M, 2F]`, a row's gate then its up) and the product `silu(gate) · up`
@@ -86,12 +87,12 @@ impl SwiGlu {
         // [M, K] · [K, 2F]: both pre-activations in one product.
         let gate_up = gemm_new(m, k, 2 * f, Mat::rows(&normed, k), Mat::transposed(w_gu, k))?;
         let (hidden, _) = fused::written(m * f, f, |first, out| {
-            let (mut e, mut h) = (Vec::with_capacity(f), vec![0f32; f]);
-            for i in 0..out.len() / f.max(1) {
-                let row = &gate_up[(first + i) * 2 * f..(first + i + 1) * 2 * f];
-                fused::silu_mul_into(&row[..f], &row[f..], &mut e, &mut h);
-                out.extend(&h);
-            }
+            wide::run(SiluRows {
+                gate_up: &gate_up,
+                f,
+                first,
+                out,
+            })
         });
         // x + [M, F] · [F, K]
         let mut out = fused::copied(x);
@@ -153,12 +154,12 @@ impl SwiGlu {
         )?;
         // The pre-activations become their gradients, row by row.
         fused::par_rows(&mut d_gate_up, 2 * f * ROWS_PER_UNIT, |unit, rows| {
-            let mut e = Vec::with_capacity(f);
-            let first = unit * ROWS_PER_UNIT;
-            for (i, row) in rows.chunks_exact_mut(2 * f).enumerate() {
-                let dh = &d_hidden[(first + i) * f..(first + i + 1) * f];
-                silu_mul_grads(row, dh, &mut e);
-            }
+            wide::run(SiluGradRows {
+                rows,
+                d_hidden: &d_hidden,
+                f,
+                first: unit * ROWS_PER_UNIT,
+            })
         });
         // d (gate; up) [2F, K] = d_gate_upᵀ · normed
         let mut d_w_gu = gemm_new(
@@ -229,10 +230,66 @@ impl CustomOp3 for SwiGlu {
     }
 }
 
+/// SwiGLU's hidden rows `silu(gate) · up` of a run of rows from `first` on, into `out`, from
+/// the pre-activations `[M, 2F]` (a [`wide::Kernel`]).
+struct SiluRows<'a, 'b, 'c> {
+    gate_up: &'a [f32],
+    f: usize,
+    first: usize,
+    out: &'b mut fused::Fill<'c, f32>,
+}
+
+impl wide::Kernel for SiluRows<'_, '_, '_> {
+    type Out = ();
+    #[inline(always)]
+    fn call(self) {
+        let SiluRows {
+            gate_up,
+            f,
+            first,
+            out,
+        } = self;
+        let (mut e, mut h) = (Vec::with_capacity(f), vec![0f32; f]);
+        for i in 0..out.len() / f.max(1) {
+            let row = &gate_up[(first + i) * 2 * f..(first + i + 1) * 2 * f];
+            fused::silu_mul_into(&row[..f], &row[f..], &mut e, &mut h);
+            out.extend(&h);
+        }
+    }
+}
+
+/// SwiGLU's backward over a run of rows from `first` on: each row of pre-activations
+/// `[2F]` becomes its gradient, from the hidden row's gradient (a [`wide::Kernel`]).
+struct SiluGradRows<'a, 'b> {
+    rows: &'a mut [f32],
+    d_hidden: &'b [f32],
+    f: usize,
+    first: usize,
+}
+
+impl wide::Kernel for SiluGradRows<'_, '_> {
+    type Out = ();
+    #[inline(always)]
+    fn call(self) {
+        let SiluGradRows {
+            rows,
+            d_hidden,
+            f,
+            first,
+        } = self;
+        let mut e = Vec::with_capacity(f);
+        for (i, row) in rows.chunks_exact_mut(2 * f).enumerate() {
+            let dh = &d_hidden[(first + i) * f..(first + i + 1) * f];
+            silu_mul_grads(row, dh, &mut e);
+        }
+    }
+}
+
 /// One row's `[gate; up]` (2F) overwritten by their gradients, from the hidden's gradient
 /// `dh` (F): with σ = sigmoid(gate), d gate = dh · up · σ · (1 + gate · (1 − σ)) and
 /// d up = dh · gate / (1 + exp(−gate)), the formulas (and operation order) of the composed
 /// path's `silu_mul` backward. `e` is working space.
+#[inline(always)]
 fn silu_mul_grads(row: &mut [f32], dh: &[f32], e: &mut Vec<f32>) {
     let (gate, up) = row.split_at_mut(dh.len());
     e.clear();
