@@ -41,9 +41,16 @@ const BR: usize = 16;
 /// written once per tile, so taller tiles sum more rows per read: 32 rows took 0.82-0.89x
 /// of 16's time on model R's layer (in-process pairs, one thread); 64 gained less.
 const BACKWARD_BR: usize = 32;
-/// Keys per block in the backward: a block's scores and their gradients for a tile stay in
-/// L1 (`2 · BACKWARD_BR · BC` floats, 16 KiB).
+/// Keys per run of [`scores_rows`]: the run's keys (`D · BC` floats) stay in L1 while every
+/// group of a tile's rows reads them.
 const BC: usize = 64;
+/// Keys per block in the backward. Each block of a tile costs its own calls of every kernel
+/// (five products of short sums, each call loading and storing its accumulators), so wider
+/// blocks spend less per multiply-add: 256 keys took 0.86-0.88x of 64's time on model R's
+/// layer, 128 keys 0.88-0.91x, 512 the same as 256 (medians of 20 in-process pairs, one and
+/// two threads, session 32). A tile's scores and their gradients: `2 · BACKWARD_BR ·
+/// BACKWARD_BC` floats, 64 KiB, on the stack.
+const BACKWARD_BC: usize = 256;
 /// Keys per block in the forward: the whole causal span of a query up to this many keys in
 /// one block, so that rows of up to 512 keys need no online rescaling, and the per-row work
 /// of a block (its max, the exponentials' sum, the rescaling) comes once per tile, not once
@@ -1285,10 +1292,13 @@ pub(crate) fn forward_rows(
     let n_rep = r / t;
     let heads = per_b * n_rep;
     let hd = heads * d;
-    // Each thread takes a run of positions and writes their rows in order, up to
-    // POSITIONS of one batch row at a time: every head's rows for them into `rows`, then
-    // out. A row's result does not depend on where a run starts (see `forward_head`).
-    let (rows, states) = fused::written(b * t * hd, hd, |p0, out| {
+    // The threads take runs of POSITIONS positions as they come free (a causal row's cost
+    // grows with its position, and on a shared host one thread can fall behind: one run per
+    // thread left the other waiting, ~12% of the forward's time on model R's layer, medians
+    // of 30 calls alternating, session 32). A run writes its rows in order, up to POSITIONS
+    // of one batch row at a time: every head's rows for them into `rows`, then out. A row's
+    // result does not depend on where a run starts (see `forward_head`).
+    let body = |p0: usize, out: &mut fused::Fill<'_, f32>| {
         let end = p0 + out.len() / hd.max(1);
         let mut chunk_rows = vec![0f32; POSITIONS * hd];
         let mut state = Vec::with_capacity((end - p0) * heads * 2);
@@ -1320,7 +1330,8 @@ pub(crate) fn forward_rows(
             p += n;
         }
         state
-    });
+    };
+    let (rows, states) = fused::written_by(b * t * hd, hd, POSITIONS, body);
     (states.concat(), rows)
 }
 
@@ -1363,7 +1374,7 @@ pub(crate) fn backward_rows(
             // SAFETY: as in the forward, AVX2 and FMA were found.
             #[allow(unused_unsafe)]
             unsafe {
-                backward_pair::<BC>(&pair, mask, dm, &rows, dq, dk, dv)
+                backward_pair::<BACKWARD_BC>(&pair, mask, dm, &rows, dq, dk, dv)
             }
         });
     Ok((dq, dk, dv))

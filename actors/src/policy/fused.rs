@@ -301,9 +301,36 @@ pub(crate) fn written<T: Copy + Send + Sync, R: Send>(
 /// [`written`] into the spare capacity of `v` (empty, with room for `n`): for memory prepared
 /// before its first write (the decode engine's weights ask for huge pages there).
 pub(crate) fn written_in<T: Copy + Send + Sync, R: Send>(
+    v: Vec<T>,
+    n: usize,
+    row: usize,
+    f: impl Fn(usize, &mut Fill<'_, T>) -> R + Sync,
+) -> (Vec<T>, Vec<R>) {
+    let per = rows_per_run(n, row);
+    fill_runs(v, n, row, per, f)
+}
+
+/// [`written`] in runs of `per` rows (the last may be shorter), taken by the compute pool's
+/// threads as each comes free: for work whose cost varies along the rows or with the host's
+/// moment, where one run per thread leaves one thread waiting for the other. The runs'
+/// results come back in run order.
+pub(crate) fn written_by<T: Copy + Send + Sync, R: Send>(
+    n: usize,
+    row: usize,
+    per: usize,
+    f: impl Fn(usize, &mut Fill<'_, T>) -> R + Sync,
+) -> (Vec<T>, Vec<R>) {
+    let per = rows_per_run(n, row).map(|_| per.max(1));
+    fill_runs(Vec::with_capacity(n), n, row, per, f)
+}
+
+/// The body of [`written_in`] and [`written_by`]: runs of `per` rows in parallel, or one
+/// run on the calling thread (`None`).
+fn fill_runs<T: Copy + Send + Sync, R: Send>(
     mut v: Vec<T>,
     n: usize,
     row: usize,
+    per: Option<usize>,
     f: impl Fn(usize, &mut Fill<'_, T>) -> R + Sync,
 ) -> (Vec<T>, Vec<R>) {
     assert!(
@@ -323,7 +350,7 @@ pub(crate) fn written_in<T: Copy + Send + Sync, R: Send>(
         assert_eq!(fill.at, fill.out.len(), "an output run left unwritten");
         r
     };
-    let results = match rows_per_run(n, row) {
+    let results = match per {
         None => vec![run(0, spare)],
         Some(per) => spare
             .par_chunks_mut(per * row)
