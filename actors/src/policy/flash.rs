@@ -39,8 +39,10 @@ use super::model::MASKED;
 const BR: usize = 16;
 /// Query rows per tile in the backward. Each key block's gradients (dK, dV) are read and
 /// written once per tile, so taller tiles sum more rows per read: 32 rows took 0.82-0.89x
-/// of 16's time on model R's layer (in-process pairs, one thread); 64 gained less.
-const BACKWARD_BR: usize = 32;
+/// of 16's time on model R's layer (in-process pairs, one thread); with 256-key blocks, 64
+/// rows took 0.87-0.95x of 32's, 128 rows the same as 32 (medians of 20 in-process pairs,
+/// one and two threads, session 32).
+const BACKWARD_BR: usize = 64;
 /// Keys per run of [`scores_rows`]: the run's keys (`D · BC` floats) stay in L1 while every
 /// group of a tile's rows reads them.
 const BC: usize = 64;
@@ -49,7 +51,7 @@ const BC: usize = 64;
 /// blocks spend less per multiply-add: 256 keys took 0.86-0.88x of 64's time on model R's
 /// layer, 128 keys 0.88-0.91x, 512 the same as 256 (medians of 20 in-process pairs, one and
 /// two threads, session 32). A tile's scores and their gradients: `2 · BACKWARD_BR ·
-/// BACKWARD_BC` floats, 64 KiB, on the stack.
+/// BACKWARD_BC` floats, 128 KiB (on the heap: more than a thread's stack should hold).
 const BACKWARD_BC: usize = 256;
 /// Keys per block in the forward: the whole causal span of a query up to this many keys in
 /// one block, so that rows of up to 512 keys need no online rescaling, and the per-row work
@@ -1170,8 +1172,8 @@ fn backward_pair<const BW: usize>(
     let hd = rows.heads * d;
     let vt = transpose(p.v, s, d, stride);
     let n_rows = p.q.len() / d;
-    let mut sc = [[0f32; BW]; BACKWARD_BR];
-    let mut dp = [[0f32; BW]; BACKWARD_BR];
+    let mut sc = vec![[0f32; BW]; BACKWARD_BR];
+    let mut dp = vec![[0f32; BW]; BACKWARD_BR];
     let mut dq_tile = vec![0f32; BACKWARD_BR * d];
     for r0 in (0..n_rows).step_by(t) {
         // Position ti of this query head: row `ti · H + h` of the batch row's rows.
