@@ -49,7 +49,7 @@ const BC: usize = 64;
 /// Keys per block in the backward. Each block of a tile costs its own calls of every kernel
 /// (five products of short sums, each call loading and storing its accumulators), so wider
 /// blocks spend less per multiply-add: 256 keys took 0.86-0.88x of 64's time on model R's
-/// layer, 128 keys 0.88-0.91x, 512 the same as 256 (medians of 20 in-process pairs, one and
+/// layer, 128 keys 0.87-0.91x, 512 the same as 256 (medians of 20 in-process pairs, one and
 /// two threads, session 32). A tile's scores and their gradients: `2 · BACKWARD_BR ·
 /// BACKWARD_BC` floats, 128 KiB (on the heap: more than a thread's stack should hold).
 const BACKWARD_BC: usize = 256;

@@ -957,10 +957,9 @@ impl<T: Real> wide::Kernel for RmsRows<'_, '_, '_, T> {
 
 /// One row of RMSNorm: `out = x / sqrt(Σx² / n + eps) · w`, the sum in [`wide::sum_sq`]'s
 /// order. The decode engine's norm calls this too, so that both give the same bits.
-///
 #[inline(always)]
 pub(crate) fn rms_row<T: Real>(x: &[T], w: &[T], (nn, eps): (T, T), out: &mut [T]) {
-    let s = (super::wide::sum_sq(x) / nn + eps).sqrt();
+    let s = (wide::sum_sq(x) / nn + eps).sqrt();
     for ((o, &v), &wv) in out.iter_mut().zip(x).zip(w) {
         *o = v / s * wv;
     }
