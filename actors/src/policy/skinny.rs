@@ -459,42 +459,38 @@ fn run_panels<'w>(
             continue;
         }
         if m >= 3 && p + 2 <= panels.end {
-            let mut r0 = 0;
-            while r0 < m {
-                let take = (m - r0).min(8);
-                let at = (x, k, r0);
-                match take {
-                    1 => tile_rows::<1, 2>(isa, at, &panel, p, block),
-                    2 => tile_rows::<2, 2>(isa, at, &panel, p, block),
-                    3 => tile_rows::<3, 2>(isa, at, &panel, p, block),
-                    4 => tile_rows::<4, 2>(isa, at, &panel, p, block),
-                    5 => tile_rows::<5, 2>(isa, at, &panel, p, block),
-                    6 => tile_rows::<6, 2>(isa, at, &panel, p, block),
-                    7 => tile_rows::<7, 2>(isa, at, &panel, p, block),
-                    _ => tile_rows::<8, 2>(isa, at, &panel, p, block),
-                }
-                r0 += take;
-            }
+            every_row::<2>(isa, (x, k), &panel, p, block);
             p += 2;
             continue;
         }
-        let mut r0 = 0;
-        while r0 < m {
-            let take = (m - r0).min(8);
-            let at = (x, k, r0);
-            match take {
-                1 => tile_rows::<1, 1>(isa, at, &panel, p, block),
-                2 => tile_rows::<2, 1>(isa, at, &panel, p, block),
-                3 => tile_rows::<3, 1>(isa, at, &panel, p, block),
-                4 => tile_rows::<4, 1>(isa, at, &panel, p, block),
-                5 => tile_rows::<5, 1>(isa, at, &panel, p, block),
-                6 => tile_rows::<6, 1>(isa, at, &panel, p, block),
-                7 => tile_rows::<7, 1>(isa, at, &panel, p, block),
-                _ => tile_rows::<8, 1>(isa, at, &panel, p, block),
-            }
-            r0 += take;
-        }
+        every_row::<1>(isa, (x, k), &panel, p, block);
         p += 1;
+    }
+}
+
+/// Every row of x, in groups of up to 8, against the `P` panels from `p` on.
+fn every_row<'w, const P: usize>(
+    isa: Isa,
+    (x, k): (&[f32], usize),
+    panel: &impl Fn(usize) -> &'w [f32],
+    p: usize,
+    block: &mut Block,
+) {
+    let mut r0 = 0;
+    while r0 < block.m {
+        let take = (block.m - r0).min(8);
+        let at = (x, k, r0);
+        match take {
+            1 => tile_rows::<1, P>(isa, at, panel, p, block),
+            2 => tile_rows::<2, P>(isa, at, panel, p, block),
+            3 => tile_rows::<3, P>(isa, at, panel, p, block),
+            4 => tile_rows::<4, P>(isa, at, panel, p, block),
+            5 => tile_rows::<5, P>(isa, at, panel, p, block),
+            6 => tile_rows::<6, P>(isa, at, panel, p, block),
+            7 => tile_rows::<7, P>(isa, at, panel, p, block),
+            _ => tile_rows::<8, P>(isa, at, panel, p, block),
+        }
+        r0 += take;
     }
 }
 
