@@ -23,6 +23,10 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if targets.dims() != [b, t] {
         candle_core::bail!("targets shape {:?} != logits [{b}, {t}, _]", targets.dims());
     }
+    // CPU f32/f64: one node, one pass each way (the same values as the composed path).
+    if crate::policy::fused::supported(logits, crate::policy::fused::Kind::TokenLogprobs) {
+        return crate::policy::fused::token_logprobs(logits, targets);
+    }
     let idx = targets
         .to_dtype(DType::U32)?
         .contiguous()?

@@ -46,6 +46,9 @@ pub(crate) enum Kind {
     /// The decoder stack's weight gradients handed to the gradient store directly, not
     /// through candle's `cat` backward (`decoder_stack::WeightGradients`).
     WeightGrads,
+    /// Log-softmax and the gather of the targets' log-probabilities as one graph node
+    /// ([`TokenLogprobs`]).
+    TokenLogprobs,
 }
 
 pub(crate) fn enabled(kind: Kind) -> bool {
@@ -76,6 +79,7 @@ pub(crate) fn enabled(kind: Kind) -> bool {
         Kind::DecoderStack => "decoder_stack",
         Kind::Projection => "projection",
         Kind::WeightGrads => "weight_grads",
+        Kind::TokenLogprobs => "token_logprobs",
     };
     !off.iter().any(|o| o == "all" || o == name)
 }
@@ -1506,21 +1510,8 @@ fn log_softmax_fwd<T: Real>(x: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, 
     par_rows(&mut out, v, |r0, out| {
         for (i, o) in out.chunks_mut(v).enumerate() {
             let xr = &x[(r0 + i) * v..(r0 + i + 1) * v];
-            let mut mx = T::lowest();
-            for &z in xr {
-                if z > mx {
-                    mx = z;
-                }
-            }
             // The exponentials go through `o` (overwritten below), in one vector pass.
-            for (o, &z) in o.iter_mut().zip(xr) {
-                *o = z - mx;
-            }
-            T::exp_all(o);
-            let mut sum = T::zero();
-            for &e in o.iter() {
-                sum += e;
-            }
+            let (mx, sum) = shifted_exps(xr, o);
             let lse = sum.ln();
             for (o, &z) in o.iter_mut().zip(xr) {
                 *o = (z - mx) - lse;
@@ -1579,11 +1570,272 @@ pub(crate) fn log_softmax(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(LogSoftmax)
 }
 
+// ---------------------------------------------------------------- token logprobs
+
+/// The log-probability of each row's target token under the softmax of its logits
+/// (`[.., V]`, targets `[..]` u32 -> `[..]`): log-softmax and gather as one graph node.
+///
+/// Composed, the two leave three full `[.., V]` tensors in the graph: the log-softmax's
+/// output, the gather's gradient (zero-filled, then scattered into) and the log-softmax's
+/// input gradient, each of the last two zeroed and then added to by candle's backward
+/// (`GradStore::or_insert` + `add`). On model R's training batch (`[8, 512, 512]`) the
+/// composed tail of the loss took 3.3 ms forward and 14.3 ms backward, ~4% of a step
+/// (`benches/peer/README.md`, session 34). Here the forward is one pass per row, and the
+/// backward writes the logits' gradient `g · (onehot(target) − softmax)` in one pass.
+///
+/// The forward's arithmetic is the log-softmax's (`log_softmax_fwd`: the same max, the same
+/// vector exponentials summed in the same order), so each log-probability is the same bits
+/// as the composed log-softmax's element at the target.
+pub(crate) struct TokenLogprobs;
+
+/// A row's max and the exponentials `exp(z − max)` (into `e`); returns (max, Σ e) with the
+/// sum taken in order, as `log_softmax_fwd` takes it.
+fn shifted_exps<T: Real>(xr: &[T], e: &mut [T]) -> (T, T) {
+    // Eight running maxima and eight partial sums, lane j taking elements j, j + 8, ...: the
+    // loops vectorize (one running value made each a serial chain, ~10 instructions per
+    // element for the max). The max is the same value in any order; the sum's order is fixed
+    // by the row's length alone.
+    const L: usize = 8;
+    let mut lanes = [T::lowest(); L];
+    let (whole, tail) = xr.split_at(xr.len() - xr.len() % L);
+    for c in whole.chunks_exact(L) {
+        for (m, &z) in lanes.iter_mut().zip(c) {
+            *m = if z > *m { z } else { *m };
+        }
+    }
+    let mut mx = T::lowest();
+    for &z in lanes.iter().chain(tail) {
+        if z > mx {
+            mx = z;
+        }
+    }
+    for (o, &z) in e.iter_mut().zip(xr) {
+        *o = z - mx;
+    }
+    T::exp_all(e);
+    let mut sums = [T::zero(); L];
+    let (whole, tail) = e.split_at(e.len() - e.len() % L);
+    for c in whole.chunks_exact(L) {
+        for (s, &v) in sums.iter_mut().zip(c) {
+            *s += v;
+        }
+    }
+    let mut sum = T::zero();
+    for &v in sums.iter().chain(tail) {
+        sum += v;
+    }
+    (mx, sum)
+}
+
+/// Every target below the vocabulary size `v`, or an error naming the first that is not.
+fn check_targets(targets: &[u32], v: usize) -> Result<()> {
+    match targets.iter().position(|&t| t as usize >= v) {
+        Some(r) => candle_core::bail!(
+            "klong-token-logprobs: target {} at row {r} is not below the vocabulary size {v}",
+            targets[r]
+        ),
+        None => Ok(()),
+    }
+}
+
+fn token_logprobs_fwd<T: Real>(
+    x: &CpuStorage,
+    lx: &Layout,
+    targets: &[u32],
+) -> Result<(CpuStorage, Shape)> {
+    let dims = lx.shape().dims();
+    let Some((&v, rows_shape)) = dims.split_last() else {
+        candle_core::bail!("klong-token-logprobs: logits have no dimensions");
+    };
+    let x = slice::<T>(x, lx)?;
+    let rows = rows_shape.iter().product::<usize>();
+    if targets.len() != rows || v == 0 {
+        candle_core::bail!(
+            "klong-token-logprobs: {} targets for logits {dims:?}",
+            targets.len()
+        );
+    }
+    check_targets(targets, v)?;
+    let mut out = vec![T::zero(); rows];
+    let run = |r0: usize, out: &mut [T]| {
+        let mut e = vec![T::zero(); v];
+        for (i, o) in out.iter_mut().enumerate() {
+            let r = r0 + i;
+            let xr = &x[r * v..(r + 1) * v];
+            let (mx, sum) = shifted_exps(xr, &mut e);
+            *o = (xr[targets[r] as usize] - mx) - sum.ln();
+        }
+    };
+    // Shared out by the logits' size (one output per row of V).
+    match rows_per_run(x.len(), v) {
+        Some(per) => out
+            .par_chunks_mut(per)
+            .enumerate()
+            .for_each(|(i, o)| run(i * per, o)),
+        None => run(0, &mut out),
+    }
+    Ok((T::to_cpu_storage_owned(out), Shape::from(rows_shape)))
+}
+
+/// dz = g · (onehot(target) − softmax), row by row.
+fn token_logprobs_bwd<T: Real>(x: &Tensor, targets: &[u32], g: &Tensor) -> Result<Tensor> {
+    let v = x.dim(candle_core::D::Minus1)?;
+    let dz = with_data::<T, _>(x, |x| {
+        with_data::<T, _>(g, |g| {
+            if g.len() != targets.len() || x.len() != targets.len() * v {
+                candle_core::bail!("klong-token-logprobs: gradient does not match the logits");
+            }
+            check_targets(targets, v)?;
+            let mut dz = vec![T::zero(); x.len()];
+            par_rows(&mut dz, v, |r0, dz| {
+                for (i, d) in dz.chunks_mut(v).enumerate() {
+                    let r = r0 + i;
+                    let (_, sum) = shifted_exps(&x[r * v..(r + 1) * v], d);
+                    // softmax = e / Σ e; d = −g · softmax, plus g at the target.
+                    let k = -(g[r] / sum);
+                    for d in d.iter_mut() {
+                        *d *= k;
+                    }
+                    d[targets[r] as usize] += g[r];
+                }
+            });
+            Ok(dz)
+        })
+    })?;
+    Tensor::from_vec(dz, x.shape(), x.device())
+}
+
+impl CustomOp2 for TokenLogprobs {
+    fn name(&self) -> &'static str {
+        "klong-token-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let targets = slice::<u32>(t, lt)?;
+        dispatch!(x, token_logprobs_fwd(x, lx, targets))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dz = with_data::<u32, _>(t, |targets| match x.dtype() {
+            DType::F32 => token_logprobs_bwd::<f32>(x, targets, g),
+            DType::F64 => token_logprobs_bwd::<f64>(x, targets, g),
+            dt => candle_core::bail!("klong-token-logprobs: unsupported dtype {dt:?}"),
+        })?;
+        Ok((Some(dz), None))
+    }
+}
+
+/// `log_softmax(logits)` at each row's target: logits `[.., V]` (f32 or f64 on the CPU),
+/// targets `[..]` (u32, each below V) -> `[..]`.
+pub(crate) fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let rows = logits.dims().split_last().map(|(_, r)| r);
+    if rows != Some(targets.dims()) {
+        candle_core::bail!(
+            "klong-token-logprobs: targets {:?} for logits {:?}",
+            targets.dims(),
+            logits.dims()
+        );
+    }
+    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    logits.contiguous()?.apply_op2(&targets, TokenLogprobs)
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use crate::policy::hashed_values as values;
+
+    /// The fused node's log-probabilities are the log-softmax's elements at the targets, to the
+    /// bit, and its logits' gradient is the composed log-softmax-and-gather's, in f32 and f64.
+    #[test]
+    fn token_logprobs_are_the_log_softmax_at_the_targets() {
+        let dev = Device::Cpu;
+        let (b, t, v) = (3usize, 5usize, 37usize);
+        let targets: Vec<u32> = (0..b * t).map(|i| ((i * 11 + 3) % v) as u32).collect();
+        let targets = Tensor::from_vec(targets, (b, t), &dev).expect("targets");
+        for dtype in [candle_core::DType::F32, candle_core::DType::F64] {
+            let logits = values(b * t * v, 7)
+                .iter()
+                .map(|x| x * 9.0)
+                .collect::<Vec<_>>();
+            let logits = Tensor::from_vec(logits, (b, t, v), &dev)
+                .and_then(|l| l.to_dtype(dtype))
+                .and_then(|l| Var::from_tensor(&l))
+                .expect("logits");
+            let weights = Tensor::from_vec(values(b * t, 9), (b, t), &dev)
+                .and_then(|w| w.to_dtype(dtype))
+                .expect("weights");
+            let fused = super::token_logprobs(logits.as_tensor(), &targets).expect("fused");
+            let idx = targets.unsqueeze(2).expect("idx");
+            let composed = super::log_softmax(logits.as_tensor())
+                .and_then(|l| l.gather(&idx, 2))
+                .and_then(|l| l.squeeze(2))
+                .expect("composed");
+            assert_eq!(fused.dims(), [b, t]);
+            let as_f64 = |x: &Tensor| -> Vec<f64> {
+                x.to_dtype(candle_core::DType::F64)
+                    .and_then(|x| x.flatten_all())
+                    .and_then(|x| x.to_vec1::<f64>())
+                    .expect("values")
+            };
+            assert_eq!(as_f64(&fused), as_f64(&composed), "{dtype:?} values");
+            let grad = |lp: &Tensor| -> Vec<f64> {
+                let loss = (lp * &weights).and_then(|p| p.sum_all()).expect("loss");
+                let grads = loss.backward().expect("backward");
+                as_f64(grads.get(logits.as_tensor()).expect("logits' gradient"))
+            };
+            let (gf, gc) = (grad(&fused), grad(&composed));
+            let tol = if dtype == candle_core::DType::F32 {
+                1e-6
+            } else {
+                1e-13
+            };
+            let worst = gf
+                .iter()
+                .zip(&gc)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(worst < tol, "{dtype:?} gradient off by {worst}");
+            // The gradient is not trivially 0: each row's sums to 0, its target's entry is
+            // positive where the weight is.
+            assert!(
+                gf.iter().any(|g| g.abs() > 1e-3),
+                "{dtype:?} gradient is all ~0"
+            );
+        }
+    }
+
+    /// A target outside the vocabulary, or targets of another shape, are errors that say so.
+    #[test]
+    fn token_logprobs_reject_targets_outside_the_vocabulary() {
+        let dev = Device::Cpu;
+        let logits = Tensor::from_vec(values(2 * 4, 1), (2, 4), &dev).expect("logits");
+        let bad = Tensor::from_vec(vec![1u32, 4], 2, &dev).expect("targets");
+        let err = super::token_logprobs(&logits, &bad).expect_err("target 4 of 4");
+        assert!(
+            err.to_string().contains("target 4 at row 1"),
+            "unexpected error: {err}"
+        );
+        let short = Tensor::from_vec(vec![1u32], 1, &dev).expect("targets");
+        let err = super::token_logprobs(&logits, &short).expect_err("one target for two rows");
+        assert!(
+            err.to_string().contains("targets [1]"),
+            "unexpected error: {err}"
+        );
+    }
 
     /// The output layer's product and both gradients match the composed matmul's within f32
     /// accuracy: a shape whose products run on AMX tiles where the CPU has them, and a small
