@@ -812,10 +812,12 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(w, Linear { heads: None })
 }
 
-/// `x · wᵀ` for f32 rows x `[M, K]` and w `[N, K]` -> `[M, N]` (one graph node), the product and
-/// both gradients through [`gemm_new`], so on AMX tiles where they suit: the output layer,
+/// `x · wᵀ` for f32 rows x `[.., K]` and w `[N, K]` -> `[.., N]` (one graph node), the product
+/// and both gradients through [`gemm_new`], so on AMX tiles where they suit: the output layer,
 /// whose products `Linear` leaves to candle's matmul (the same bits as the composed graph)
-/// and thus to gemm's AVX-512 kernels. Its results are f32-accurate, not those bits.
+/// and thus to gemm's AVX-512 kernels. Its results are f32-accurate, not those bits. Rows of
+/// any leading shape (`[B, T, K]` in training), so that no reshape node sits on either side:
+/// candle's backward would zero and add a gradient of the whole activation for each.
 pub(crate) fn projection(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, Projection)
 }
@@ -823,12 +825,23 @@ pub(crate) fn projection(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 struct Projection;
 
 impl Projection {
-    /// (m, k, n) of x `[M, K]` and w `[N, K]`.
+    /// (m, k, n) of x `[.., K]` (m rows: the product of the leading dims) and w `[N, K]`.
     fn dims(x: &[usize], w: &[usize]) -> Result<(usize, usize, usize)> {
-        match (x, w) {
-            (&[m, k], &[n, wk]) if k == wk => Ok((m, k, n)),
+        match (x.split_last(), w) {
+            (Some((&k, rows)), &[n, wk]) if k == wk && !rows.is_empty() => {
+                Ok((rows.iter().product(), k, n))
+            }
             _ => candle_core::bail!("klong-projection: x {x:?} and w {w:?} do not agree"),
         }
+    }
+
+    /// x's shape with its last dim (K) replaced by n.
+    fn out_shape(x: &[usize], n: usize) -> Shape {
+        let mut dims = x.to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Shape::from(dims)
     }
 }
 
@@ -847,7 +860,7 @@ impl CustomOp2 for Projection {
         let (m, k, n) = Self::dims(lx.dims(), lw.dims())?;
         let (x, w) = (slice::<f32>(x, lx)?, slice::<f32>(w, lw)?);
         let y = gemm_new(m, k, n, Mat::rows(x, k), Mat::transposed(w, k))?;
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        Ok((CpuStorage::F32(y), Self::out_shape(lx.dims(), n)))
     }
 
     fn bwd(
@@ -869,7 +882,7 @@ impl CustomOp2 for Projection {
             })
         })?;
         Ok((
-            Some(Tensor::from_vec(dx, (m, k), x.device())?),
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, (n, k), w.device())?),
         ))
     }
@@ -1843,10 +1856,13 @@ mod tests {
     #[test]
     fn projection_matches_the_composed_matmul() {
         let dev = Device::Cpu;
-        for (m, k, n) in [(256, 256, 2048), (3, 5, 7)] {
-            let x = Var::from_vec(values(m * k, 1), (m, k), &dev).expect("x");
+        // Rows of any leading shape: [M, K] and, as training's logits, [B, T, K].
+        for (rows, k, n) in [(vec![256], 256, 2048), (vec![3], 5, 7), (vec![2, 3], 5, 7)] {
+            let m: usize = rows.iter().product();
+            let shape = |last: usize| [rows.as_slice(), &[last]].concat();
+            let x = Var::from_vec(values(m * k, 1), shape(k), &dev).expect("x");
             let w = Var::from_vec(values(n * k, 2), (n, k), &dev).expect("w");
-            let g = Tensor::from_vec(values(m * n, 3), (m, n), &dev).expect("g");
+            let g = Tensor::from_vec(values(m * n, 3), shape(n), &dev).expect("g");
             let run = |y: Tensor| {
                 let grads = (&y * &g)
                     .and_then(|p| p.sum_all())
@@ -1859,13 +1875,21 @@ mod tests {
                 ]
             };
             let ours = run(super::projection(&x, &w).expect("projection"));
-            let plain = run(x.matmul(&w.t().expect("t")).expect("matmul"));
+            let plain = run(x.broadcast_matmul(&w.t().expect("t")).expect("matmul"));
             for (what, (a, b)) in ["y", "dx", "dw"].iter().zip(ours.iter().zip(&plain)) {
                 assert_eq!(a.dims(), b.dims(), "{what}");
                 let diff = super::super::max_abs_diff(a, b);
-                assert!(diff < 1e-4, "{m}x{k}x{n} {what}: max diff {diff}");
+                assert!(diff < 1e-4, "{rows:?}x{k}x{n} {what}: max diff {diff}");
             }
         }
+        // A weight of another width is an error, not a product.
+        let x = Tensor::from_vec(values(15, 1), (3, 5), &dev).expect("x");
+        let w = Tensor::from_vec(values(28, 2), (7, 4), &dev).expect("w");
+        let err = super::projection(&x, &w).expect_err("K 5 against 4");
+        assert!(
+            err.to_string().contains("do not agree"),
+            "unexpected error: {err}"
+        );
     }
 
     /// `written` hands out runs of whole rows that cover the output in order (one per

@@ -1228,19 +1228,21 @@ impl Llama {
             // One [B·T, hidden] x [hidden, V] product: its backward is one gemm per operand
             // instead of a batch of them plus a reduction over the batch.
             let (b, t, hd) = x.dims3()?;
-            let x = x.reshape((b * t, hd))?;
-            let y = match skinny::linear(&x, &self.lm_head)? {
-                Some(y) => y,
-                // f32 on the CPU: the products on tiles where they suit.
-                None if fused::supported(&x, fused::Kind::Projection)
-                    && x.dtype() == DType::F32
-                    && self.lm_head.dtype() == DType::F32 =>
-                {
-                    fused::projection(&x, &self.lm_head)?
-                }
-                None => x.matmul(&self.lm_head.t()?)?,
-            };
-            return y.reshape((b, t, self.cfg.vocab_size));
+            let rows = x.reshape((b * t, hd))?;
+            if let Some(y) = skinny::linear(&rows, &self.lm_head)? {
+                return y.reshape((b, t, self.cfg.vocab_size));
+            }
+            // f32 on the CPU: the products on tiles where they suit, over [B, T, hidden] as
+            // is (no reshape node before or after, whose gradients candle would zero and add).
+            if fused::supported(&x, fused::Kind::Projection)
+                && x.dtype() == DType::F32
+                && self.lm_head.dtype() == DType::F32
+            {
+                return fused::projection(&x, &self.lm_head);
+            }
+            return rows
+                .matmul(&self.lm_head.t()?)?
+                .reshape((b, t, self.cfg.vocab_size));
         }
         x.broadcast_matmul(&self.lm_head.t()?)
     }
