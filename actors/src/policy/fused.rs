@@ -1596,13 +1596,14 @@ pub(crate) fn log_softmax(x: &Tensor) -> Result<Tensor> {
 /// (`benches/peer/README.md`, session 34). Here the forward is one pass per row, and the
 /// backward writes the logits' gradient `g · (onehot(target) − softmax)` in one pass.
 ///
-/// The forward's arithmetic is the log-softmax's (`log_softmax_fwd`: the same max, the same
-/// vector exponentials summed in the same order), so each log-probability is the same bits
-/// as the composed log-softmax's element at the target.
+/// The forward's arithmetic is the log-softmax's (both take a row's max and exponentials'
+/// sum from [`shifted_exps`]), so each log-probability is the same bits as the composed
+/// log-softmax's element at the target.
 pub(crate) struct TokenLogprobs;
 
-/// A row's max and the exponentials `exp(z − max)` (into `e`); returns (max, Σ e) with the
-/// sum taken in order, as `log_softmax_fwd` takes it.
+/// A row's max and the exponentials `exp(z − max)` (into `e`); returns (max, Σ e). The
+/// log-softmax and [`TokenLogprobs`] both take their rows' sums from here, so they agree to
+/// the bit.
 fn shifted_exps<T: Real>(xr: &[T], e: &mut [T]) -> (T, T) {
     // Eight running maxima and eight partial sums, lane j taking elements j, j + 8, ...: the
     // loops vectorize (one running value made each a serial chain, ~10 instructions per
