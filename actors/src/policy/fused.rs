@@ -1700,17 +1700,19 @@ fn token_logprobs_bwd<T: Real>(x: &Tensor, targets: &[u32], g: &Tensor) -> Resul
                 candle_core::bail!("klong-token-logprobs: gradient does not match the logits");
             }
             check_targets(targets, v)?;
-            let mut dz = vec![T::zero(); x.len()];
-            par_rows(&mut dz, v, |r0, dz| {
-                for (i, d) in dz.chunks_mut(v).enumerate() {
-                    let r = r0 + i;
-                    let (_, sum) = shifted_exps(&x[r * v..(r + 1) * v], d);
+            // Each row is built in an L1-resident buffer and written once: the gradient is
+            // never zeroed first.
+            let (dz, _) = written(x.len(), v, |r0, fill| {
+                let mut d = vec![T::zero(); v];
+                for r in r0..r0 + fill.len() / v {
+                    let (_, sum) = shifted_exps(&x[r * v..(r + 1) * v], &mut d);
                     // softmax = e / Σ e; d = −g · softmax, plus g at the target.
                     let k = -(g[r] / sum);
                     for d in d.iter_mut() {
                         *d *= k;
                     }
                     d[targets[r] as usize] += g[r];
+                    fill.extend(&d);
                 }
             });
             Ok(dz)
