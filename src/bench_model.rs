@@ -6,7 +6,8 @@
 //! AdamW) in a subprocess with the same thread count:
 //!
 //! 1. training tokens/s at batch 8 x 512: forward, masked cross-entropy, backward, AdamW step
-//!    (goal: at least 1.5x PyTorch);
+//!    (goal: at least 1.5x PyTorch), klongd's side through the learner's own SFT step
+//!    (`sft_gradients`, lanes included; no clipping, as the peer does not clip);
 //! 2. greedy decode tokens/s with the KV cache at batch 1 and 8, 256 new tokens from a
 //!    16-token prompt, prefill included (goal: at least 5x transformers' `generate`).
 //!
@@ -22,8 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
-use klong_actors::learner::loss::masked_cross_entropy;
 use klong_actors::learner::optim::{AdamW, AdamWParams};
+use klong_actors::learner::sft::sft_gradients;
+use klong_actors::learner::split::SubTrajectory;
 use klong_actors::policy::decode::{with_team, Decoder};
 use klong_actors::policy::model::{KvCache, Llama, LlamaConfig};
 use serde::{Deserialize, Serialize};
@@ -175,9 +177,8 @@ impl SideNumbers {
 /// Where klongd's training step spends its time (means over the timed steps, ms).
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainBreakdown {
-    pub forward_ms: f64,
-    pub loss_ms: f64,
-    pub backward_ms: f64,
+    /// Forward, loss and backward over the step's lanes (`sft_gradients`).
+    pub gradients_ms: f64,
     pub optimizer_ms: f64,
 }
 
@@ -186,9 +187,7 @@ impl TrainBreakdown {
     fn median_of(rounds: &[TrainBreakdown]) -> Option<TrainBreakdown> {
         let m = |f: fn(&TrainBreakdown) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
         (!rounds.is_empty()).then(|| TrainBreakdown {
-            forward_ms: m(|b| b.forward_ms),
-            loss_ms: m(|b| b.loss_ms),
-            backward_ms: m(|b| b.backward_ms),
+            gradients_ms: m(|b| b.gradients_ms),
             optimizer_ms: m(|b| b.optimizer_ms),
         })
     }
@@ -376,8 +375,8 @@ impl ModelBenchReport {
         }
         let b = &self.klongd_train_breakdown;
         s.push_str(&format!(
-            "\nklongd train step: forward {:.0} ms, loss {:.0} ms, backward {:.0} ms, AdamW {:.0} ms\n",
-            b.forward_ms, b.loss_ms, b.backward_ms, b.optimizer_ms
+            "\nklongd train step: gradients {:.0} ms (forward, loss, backward), AdamW {:.0} ms\n",
+            b.gradients_ms, b.optimizer_ms
         ));
         if let Some(e) = &self.peer_error {
             s.push_str(&format!("\npeer FAILED (no peer numbers): {e}\n"));
@@ -451,48 +450,51 @@ fn train(
     let (b, t) = (opts.batch, opts.seq);
     let mut rng = Rng(seed ^ 0x7261_696e);
     let tokens = rng.tokens(b * (t + 1), cfg.vocab_size);
-    let rows: Vec<&[u32]> = tokens.chunks(t + 1).collect();
-    let ids: Vec<u32> = rows.iter().flat_map(|r| r[..t].iter().copied()).collect();
-    let targets: Vec<u32> = rows.iter().flat_map(|r| r[1..].iter().copied()).collect();
-    let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
-    let targets = Tensor::from_vec(targets, (b, t), &Device::Cpu)?;
-    let mask = Tensor::ones((b, t), DType::F32, &Device::Cpu)?;
+    // Rows of t + 1 tokens, every one a target but the first: inputs [b, t], targets [b, t].
+    let rows: Vec<SubTrajectory> = tokens
+        .chunks(t + 1)
+        .enumerate()
+        .map(|(i, row)| SubTrajectory {
+            trajectory: "bench".into(),
+            window: i,
+            tokens: row.to_vec(),
+            loss_mask: (0..row.len()).map(|j| j > 0).collect(),
+            behaviour_logprobs: None,
+            spans: Vec::new(),
+            prefix_len: 0,
+            context_len: 0,
+            reward: None,
+            advantage: None,
+        })
+        .collect();
+    let micro = [rows.iter().collect::<Vec<_>>()];
 
     let mut losses = Vec::new();
     let mut step_times = Vec::new();
-    let mut parts = [0.0f64; 4];
+    let mut parts = [0.0f64; 2];
     for i in 0..opts.warmup + opts.steps {
         // On the compute pool, as the learner's steps run (`sft_step`, `rl_step`).
-        let (t0, t1, t2, t3, t4, loss) = klong_actors::policy::on_compute_pool(|| -> Result<_> {
+        let (t0, t1, t2, loss) = klong_actors::policy::on_compute_pool(|| -> Result<_> {
             let t0 = Instant::now();
-            let logits = model.forward(&ids, None, None)?;
+            let step = sft_gradients(&model, &opt, None, &micro)?;
             let t1 = Instant::now();
-            let (loss, _) = masked_cross_entropy(&logits, &targets, &mask)?;
+            opt.step(&step.grads)?;
             let t2 = Instant::now();
-            let grads = model.backward(&loss)?;
-            let t3 = Instant::now();
-            opt.step(&opt.grads_from(&grads))?;
-            let t4 = Instant::now();
-            Ok((t0, t1, t2, t3, t4, loss))
+            Ok((t0, t1, t2, step.loss))
         })?;
-        // The loss is read after the step so that the timing has no extra sync point; it is a
-        // scalar already computed.
-        let loss = f64::from(loss.to_scalar::<f32>()?);
         ensure!(loss.is_finite(), "training loss is {loss} at step {i}");
         losses.push(loss);
         tracing::info!(
             step = i,
-            ms = ms(t4 - t0),
+            ms = ms(t2 - t0),
             loss,
-            "klongd train step (forward {:.0} ms, loss {:.0} ms, backward {:.0} ms, adamw {:.0} ms)",
+            "klongd train step (gradients {:.0} ms, adamw {:.0} ms)",
             ms(t1 - t0),
-            ms(t2 - t1),
-            ms(t3 - t2),
-            ms(t4 - t3)
+            ms(t2 - t1)
         );
         if i >= opts.warmup {
-            step_times.push(ms(t4 - t0));
-            for (p, d) in parts.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
+            step_times.push(ms(t2 - t0));
+            for (p, d) in parts.iter_mut().zip([t1 - t0, t2 - t1]) {
                 *p += ms(d);
             }
         }
@@ -508,10 +510,8 @@ fn train(
             loss_last: *losses.last().unwrap_or(&f64::NAN),
         },
         TrainBreakdown {
-            forward_ms: parts[0] / n,
-            loss_ms: parts[1] / n,
-            backward_ms: parts[2] / n,
-            optimizer_ms: parts[3] / n,
+            gradients_ms: parts[0] / n,
+            optimizer_ms: parts[1] / n,
         },
     ))
 }
@@ -1031,9 +1031,7 @@ mod tests {
             steps: 1,
             klongd: side.clone(),
             klongd_train_breakdown: TrainBreakdown {
-                forward_ms: 1.0,
-                loss_ms: 1.0,
-                backward_ms: 1.0,
+                gradients_ms: 1.0,
                 optimizer_ms: 1.0,
             },
             rounds: 1,
@@ -1138,9 +1136,7 @@ mod tests {
             rounds: 3,
             klongd: k,
             klongd_train_breakdown: TrainBreakdown::median_of(&[TrainBreakdown {
-                forward_ms: 1.0,
-                loss_ms: 1.0,
-                backward_ms: 1.0,
+                gradients_ms: 1.0,
                 optimizer_ms: 1.0,
             }])
             .expect("one round"),

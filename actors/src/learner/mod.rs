@@ -2,6 +2,7 @@
 //! splitting, SFT steps and policy-gradient steps; synthetic recall data for a warm-up.
 
 pub mod actor;
+pub mod lanes;
 pub mod loss;
 pub mod optim;
 pub mod precision;

@@ -21,6 +21,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use thiserror::Error;
 
+use super::lanes;
 use super::loss::log_softmax;
 use super::optim::{clip_grad_norm, global_grad_norm, AdamW, GradAccumulator};
 use super::sft::{MicroBatch, SftError};
@@ -219,9 +220,10 @@ fn logprobs(
 }
 
 /// One optimizer step on `micro` (groups of sub-trajectories, each with behaviour logprobs
-/// and an advantage): the loss of the module docs, gradients accumulated over micro-batches,
-/// clipped to `max_grad_norm` (if > 0), AdamW at `lr`. Call it on the compute pool
-/// ([`crate::policy::on_compute_pool`]), as the learner does.
+/// and an advantage): the loss of the module docs, gradients accumulated over micro-batches
+/// (each micro-batch's rows in two lanes on CPU, `lanes`), clipped to `max_grad_norm` (if
+/// > 0), AdamW at `lr`. Call it on the compute pool ([`crate::policy::on_compute_pool`]), as
+/// the learner does.
 pub fn rl_step(
     model: &Llama,
     reference: Option<&Llama>,
@@ -235,11 +237,17 @@ pub fn rl_step(
         return Err(RlError::Temperature(hp.temperature));
     }
     let device = model.device().clone();
-    let batches: Vec<RlBatch> = micro
+    // Every lane's batch first: a malformed row fails the step before any compute.
+    let batches: Vec<Vec<RlBatch>> = micro
         .iter()
-        .map(|rows| RlBatch::new(rows, &device))
+        .map(|rows| {
+            lanes::lanes(rows, |s| s.len(), &device)
+                .into_iter()
+                .map(|lane| RlBatch::new(lane, &device))
+                .collect::<Result<_, _>>()
+        })
         .collect::<Result<_, _>>()?;
-    let total: usize = batches.iter().map(|b| b.base.targets).sum();
+    let total: usize = batches.iter().flatten().map(|b| b.base.targets).sum();
     if total == 0 {
         return Err(SftError::NoTargets.into());
     }
@@ -251,36 +259,46 @@ pub fn rl_step(
     let mut acc = GradAccumulator::new(opt.names().count());
     let mut sums = TermSums::default();
     let mut entropy = 0.0;
-    for b in &batches {
-        if b.base.targets == 0 {
-            continue;
+    let opt_ref = &*opt;
+    for lanes in &batches {
+        let results = lanes::run(model, lanes, |model, b| -> Result<_, RlError> {
+            if b.base.targets == 0 {
+                return Ok(None);
+            }
+            let (lp, all) = logprobs(model, &b.base, hp.temperature)?;
+            let ref_lp = match reference {
+                Some(r) => Some(logprobs(r, &b.base, hp.temperature)?.0.detach()),
+                None => None,
+            };
+            let (loss_sum, s) = ppo_terms(
+                &lp,
+                &b.behaviour,
+                &b.advantage,
+                ref_lp.as_ref(),
+                &b.base.loss_mask,
+                hp.clip_eps,
+                hp.kl_beta,
+            )?;
+            // Entropy at the targets, from the same distribution, outside the graph.
+            let all = all.detach();
+            let h = (all.exp()? * &all)?.sum(D::Minus1)?.neg()?;
+            let entropy = f64::from((h * &b.base.loss_mask)?.sum_all()?.to_scalar::<f32>()?);
+            let loss = (loss_sum / total as f64)?;
+            let store = model.backward(&loss)?;
+            Ok(Some((opt_ref.grads_from(&store), s, entropy)))
+        });
+        for result in results {
+            let Some((grads, s, h)) = result? else {
+                continue;
+            };
+            entropy += h;
+            sums.pg += s.pg;
+            sums.kl += s.kl;
+            sums.clipped += s.clipped;
+            sums.ratio += s.ratio;
+            sums.targets += s.targets;
+            acc.add(&grads, 1.0)?;
         }
-        let (lp, all) = logprobs(model, &b.base, hp.temperature)?;
-        let ref_lp = match reference {
-            Some(r) => Some(logprobs(r, &b.base, hp.temperature)?.0.detach()),
-            None => None,
-        };
-        let (loss_sum, s) = ppo_terms(
-            &lp,
-            &b.behaviour,
-            &b.advantage,
-            ref_lp.as_ref(),
-            &b.base.loss_mask,
-            hp.clip_eps,
-            hp.kl_beta,
-        )?;
-        // Entropy at the targets, from the same distribution, outside the graph.
-        let all = all.detach();
-        let h = (all.exp()? * &all)?.sum(D::Minus1)?.neg()?;
-        entropy += f64::from((h * &b.base.loss_mask)?.sum_all()?.to_scalar::<f32>()?);
-        sums.pg += s.pg;
-        sums.kl += s.kl;
-        sums.clipped += s.clipped;
-        sums.ratio += s.ratio;
-        sums.targets += s.targets;
-        let loss = (loss_sum / total as f64)?;
-        let store = model.backward(&loss)?;
-        acc.add(&opt.grads_from(&store), 1.0)?;
     }
     let mut grads = acc.finish();
     let grad_norm = if max_grad_norm > 0.0 {

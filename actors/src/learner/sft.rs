@@ -2,15 +2,16 @@
 //! optimizer step over micro-batches (masked cross-entropy, gradient accumulation, clipping,
 //! AdamW).
 //!
-//! The loss of a step is the mean over *all* its target tokens, whatever micro-batch they fall
-//! in: each micro-batch's mean loss is weighted by its share of the step's targets, so the
-//! gradient equals that of one big batch (tested).
+//! The loss of a step is the mean over *all* its target tokens, whatever micro-batch (or lane,
+//! `lanes`) they fall in: each lane's mean loss is weighted by its share of the step's
+//! targets, so the gradient equals that of one big batch (tested).
 
 use candle_core::{DType, Device, Tensor};
 use thiserror::Error;
 
 use super::loss::masked_cross_entropy;
-use super::optim::{clip_grad_norm, AdamW, GradAccumulator};
+use super::lanes;
+use super::optim::{clip_grad_norm, AdamW, GradAccumulator, Grads};
 use super::precision::MixedPrecision;
 use super::split::SubTrajectory;
 use crate::policy::model::Llama;
@@ -156,12 +157,90 @@ pub struct StepStats {
     pub lr: f64,
 }
 
-/// One optimizer step over `micro` (sub-trajectory groups from [`pack_batches`]): forward,
-/// masked cross-entropy, backward per micro-batch, gradients accumulated with each
-/// micro-batch's share of the targets, clipped to `max_grad_norm` (if > 0), then AdamW at
-/// `lr`. Logits are cast to f32 before the loss. With `precision`, the model computes over
-/// its compute copies and the optimizer holds the f32 masters; the copies are re-synced after
-/// the update.
+/// A step's summed gradients, before clipping and the update.
+pub struct SftGradients {
+    /// One per optimizer parameter (`AdamW::names()` order): the gradient of the mean
+    /// cross-entropy over all the step's target tokens.
+    pub grads: Grads,
+    /// That mean cross-entropy.
+    pub loss: f64,
+    /// Target tokens (those carrying loss).
+    pub targets: usize,
+    /// All tokens fed through the model, padding excluded.
+    pub tokens: usize,
+}
+
+/// The gradients of one step over `micro` (sub-trajectory groups from [`pack_batches`]):
+/// forward, masked cross-entropy and backward per micro-batch, each micro-batch's rows in two
+/// lanes on CPU (`lanes`), gradients accumulated with each lane's share of the step's targets.
+/// Logits are cast to f32 before the loss. With `precision`, the model computes over its
+/// compute copies and the gradients are those of the f32 masters `opt` holds.
+///
+/// Call it on the compute pool ([`crate::policy::on_compute_pool`]), as the learner does.
+pub fn sft_gradients(
+    model: &Llama,
+    opt: &AdamW,
+    precision: Option<&MixedPrecision>,
+    micro: &[Vec<&SubTrajectory>],
+) -> Result<SftGradients, SftError> {
+    let device = model.device().clone();
+    // Every lane's batch first: a malformed row fails the step before any compute.
+    let batches: Vec<Vec<MicroBatch>> = micro
+        .iter()
+        .map(|rows| {
+            lanes::lanes(rows, |s| s.len(), &device)
+                .into_iter()
+                .map(|lane| MicroBatch::new(lane, &device))
+                .collect::<Result<_, _>>()
+        })
+        .collect::<Result<_, _>>()?;
+    let total: usize = batches.iter().flatten().map(|b| b.targets).sum();
+    if total == 0 {
+        return Err(SftError::NoTargets);
+    }
+    let tokens: usize = micro
+        .iter()
+        .flat_map(|rows| rows.iter().map(|s| s.len().saturating_sub(1)))
+        .sum();
+    let mut acc = GradAccumulator::new(opt.names().count());
+    let mut loss_sum = 0.0;
+    for lanes in &batches {
+        let results = lanes::run(model, lanes, |model, b| -> Result<_, SftError> {
+            if b.targets == 0 {
+                return Ok(None);
+            }
+            let logits = model
+                .forward(&b.input, Some(&b.attention), None)?
+                .to_dtype(DType::F32)?;
+            let (loss, count) = masked_cross_entropy(&logits, &b.target, &b.loss_mask)?;
+            let loss_value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            let store = model.backward(&loss)?;
+            let grads = match precision {
+                Some(mp) => mp.master_grads(&store, opt)?,
+                None => opt.grads_from(&store),
+            };
+            Ok(Some((grads, loss_value, count)))
+        });
+        for result in results {
+            let Some((grads, loss, count)) = result? else {
+                continue;
+            };
+            let share = count as f64 / total as f64;
+            loss_sum += loss * share;
+            acc.add(&grads, share)?;
+        }
+    }
+    Ok(SftGradients {
+        grads: acc.finish(),
+        loss: loss_sum,
+        targets: total,
+        tokens,
+    })
+}
+
+/// One optimizer step over `micro`: the gradients of [`sft_gradients`], clipped to
+/// `max_grad_norm` (if > 0), then AdamW at `lr`. With `precision`, the optimizer holds the f32
+/// masters and the model's compute copies are re-synced after the update.
 ///
 /// Call it on the compute pool ([`crate::policy::on_compute_pool`]), as the learner does.
 pub fn sft_step(
@@ -172,39 +251,12 @@ pub fn sft_step(
     lr: f64,
     max_grad_norm: f64,
 ) -> Result<StepStats, SftError> {
-    let device = model.device().clone();
-    let batches: Vec<MicroBatch> = micro
-        .iter()
-        .map(|rows| MicroBatch::new(rows, &device))
-        .collect::<Result<_, _>>()?;
-    let total: usize = batches.iter().map(|b| b.targets).sum();
-    if total == 0 {
-        return Err(SftError::NoTargets);
-    }
-    let tokens: usize = micro
-        .iter()
-        .flat_map(|rows| rows.iter().map(|s| s.len().saturating_sub(1)))
-        .sum();
-    let mut acc = GradAccumulator::new(opt.names().count());
-    let mut loss_sum = 0.0;
-    for b in &batches {
-        if b.targets == 0 {
-            continue;
-        }
-        let logits = model
-            .forward(&b.input, Some(&b.attention), None)?
-            .to_dtype(DType::F32)?;
-        let (loss, count) = masked_cross_entropy(&logits, &b.target, &b.loss_mask)?;
-        let share = count as f64 / total as f64;
-        loss_sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?) * share;
-        let store = model.backward(&loss)?;
-        let grads = match precision {
-            Some(mp) => mp.master_grads(&store, opt)?,
-            None => opt.grads_from(&store),
-        };
-        acc.add(&grads, share)?;
-    }
-    let mut grads = acc.finish();
+    let SftGradients {
+        mut grads,
+        loss,
+        targets,
+        tokens,
+    } = sft_gradients(model, opt, precision, micro)?;
     let grad_norm = if max_grad_norm > 0.0 {
         clip_grad_norm(&mut grads, max_grad_norm)?
     } else {
@@ -216,8 +268,8 @@ pub fn sft_step(
         mp.sync()?;
     }
     Ok(StepStats {
-        loss: loss_sum,
-        targets: total,
+        loss,
+        targets,
         tokens,
         grad_norm,
         lr,

@@ -1027,6 +1027,16 @@ impl Llama {
         Ok(store)
     }
 
+    /// A clone (the same weights) with its own slot for the decoder stack's weight gradients,
+    /// so that its training forward and backward may run on one thread while the model's run
+    /// on another (`learner::lanes`): clones share the slot, and a backward takes every
+    /// gradient pending in it, another thread's too.
+    pub fn replica(&self) -> Llama {
+        let mut r = self.clone();
+        r.weight_grads = Arc::default();
+        r
+    }
+
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
