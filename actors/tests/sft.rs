@@ -1,10 +1,10 @@
-//! SFT steps: packing by token budget, gradient accumulation equal to one big batch, and a
-//! loss that falls.
+//! SFT steps: packing by token budget, gradient accumulation equal to one big batch, lanes
+//! equal to their rows alone, and a loss that falls.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use klong_actors::learner::optim::{AdamW, AdamWParams};
-use klong_actors::learner::sft::{pack_batches, sft_step, SftError};
+use klong_actors::learner::sft::{pack_batches, sft_gradients, sft_step, SftError};
 use klong_actors::learner::split::SubTrajectory;
 use klong_actors::policy::model::{Llama, LlamaConfig};
 
@@ -119,6 +119,47 @@ fn accumulated_micro_batches_equal_one_batch() {
         one.grad_norm,
         three.grad_norm
     );
+}
+
+/// One micro-batch of rows runs as two lanes side by side, each on its own replica of the
+/// model: its gradients must be those of the same rows as one-row micro-batches (one lane
+/// each, one after another), and the same bits from run to run whatever thread ran which lane.
+#[test]
+fn lanes_give_the_gradients_of_their_rows_alone() {
+    let subs = data(6);
+    let all: Vec<&SubTrajectory> = subs.iter().collect();
+    let grads = |micro: Vec<Vec<&SubTrajectory>>| {
+        let (vm, m) = model(3);
+        let opt = AdamW::from_varmap(&vm, AdamWParams::default()).unwrap();
+        let g = sft_gradients(&m, &opt, None, &micro).unwrap();
+        let flat: Vec<Vec<f32>> = g
+            .grads
+            .0
+            .iter()
+            .map(|t| {
+                let t = t.as_ref().expect("every weight has a gradient");
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect();
+        (g.loss, flat)
+    };
+    let (loss, lanes) = grads(vec![all.clone()]);
+    for _ in 0..3 {
+        let (again_loss, again) = grads(vec![all.clone()]);
+        assert_eq!(loss.to_bits(), again_loss.to_bits());
+        assert!(lanes == again, "lanes' gradients differ from run to run");
+    }
+    let (rows_loss, rows) = grads(all.iter().map(|s| vec![*s]).collect());
+    assert!((loss - rows_loss).abs() < 1e-6, "{loss} vs {rows_loss}");
+    for (i, (a, b)) in lanes.iter().zip(&rows).enumerate() {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(scale > 0.0, "weight {i} has a zero gradient");
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff <= 1e-5 * scale,
+            "weight {i}: max diff {diff}, scale {scale}"
+        );
+    }
 }
 
 #[test]

@@ -36,11 +36,7 @@ pub fn split_point(lens: &[usize]) -> Option<usize> {
 
 /// The rows of each lane: two where `device` is the CPU and [`split_point`] splits them, else
 /// one.
-pub fn lanes<'r, T>(
-    rows: &'r [T],
-    len: impl Fn(&T) -> usize,
-    device: &Device,
-) -> Vec<&'r [T]> {
+pub fn lanes<'r, T>(rows: &'r [T], len: impl Fn(&T) -> usize, device: &Device) -> Vec<&'r [T]> {
     let lens: Vec<usize> = rows.iter().map(len).collect();
     match split_point(&lens) {
         Some(k) if device.is_cpu() => {

@@ -9,8 +9,8 @@
 use candle_core::{DType, Device, Tensor};
 use thiserror::Error;
 
-use super::loss::masked_cross_entropy;
 use super::lanes;
+use super::loss::masked_cross_entropy;
 use super::optim::{clip_grad_norm, AdamW, GradAccumulator, Grads};
 use super::precision::MixedPrecision;
 use super::split::SubTrajectory;

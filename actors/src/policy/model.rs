@@ -1428,4 +1428,20 @@ mod tests {
             .expect("step");
         assert!(diff(&step_a, &step_b) < 1e-5);
     }
+
+    /// Clones share the weights and the weight-gradient slot; a replica shares the weights
+    /// only, so its backward never takes another thread's gradients (`learner::lanes`).
+    #[test]
+    fn a_replica_shares_the_weights_but_not_the_gradient_slot() {
+        let vm = VarMap::new();
+        let model = Llama::new(
+            &LlamaConfig::tiny(32),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .expect("model");
+        let (clone, replica) = (model.clone(), model.replica());
+        assert!(Arc::ptr_eq(&model.weight_grads, &clone.weight_grads));
+        assert!(!Arc::ptr_eq(&model.weight_grads, &replica.weight_grads));
+        assert_eq!(model.lm_head.id(), replica.lm_head.id());
+    }
 }
