@@ -221,9 +221,9 @@ fn logprobs(
 
 /// One optimizer step on `micro` (groups of sub-trajectories, each with behaviour logprobs
 /// and an advantage): the loss of the module docs, gradients accumulated over micro-batches
-/// (each micro-batch's rows in two lanes on CPU, `lanes`), clipped to `max_grad_norm` (if
-/// > 0), AdamW at `lr`. Call it on the compute pool ([`crate::policy::on_compute_pool`]), as
-/// the learner does.
+/// (each micro-batch's rows in two lanes on CPU, `lanes`), clipped to `max_grad_norm` where
+/// it is positive, AdamW at `lr`. Call it on the compute pool
+/// ([`crate::policy::on_compute_pool`]), as the learner does.
 pub fn rl_step(
     model: &Llama,
     reference: Option<&Llama>,
