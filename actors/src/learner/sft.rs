@@ -214,20 +214,22 @@ pub fn sft_gradients(
                 .to_dtype(DType::F32)?;
             let (loss, count) = masked_cross_entropy(&logits, &b.target, &b.loss_mask)?;
             let loss_value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-            let store = model.backward(&loss)?;
+            // Weighted by the lane's share of the step's targets before the backward, so the
+            // gradients come out weighted and are summed as they are.
+            let share = count as f64 / total as f64;
+            let store = model.backward(&(loss * share)?)?;
             let grads = match precision {
                 Some(mp) => mp.master_grads(&store, opt)?,
                 None => opt.grads_from(&store),
             };
-            Ok(Some((grads, loss_value, count)))
+            Ok(Some((grads, loss_value * share)))
         });
         for result in results {
-            let Some((grads, loss, count)) = result? else {
+            let Some((grads, loss)) = result? else {
                 continue;
             };
-            let share = count as f64 / total as f64;
-            loss_sum += loss * share;
-            acc.add(&grads, share)?;
+            loss_sum += loss;
+            acc.add(&grads, 1.0)?;
         }
     }
     Ok(SftGradients {
