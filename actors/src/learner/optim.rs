@@ -432,7 +432,11 @@ impl GradAccumulator {
         for (s, g) in self.sums.iter_mut().zip(&grads.0) {
             let Some(g) = g else { continue };
             // A scale of 1 (gradients weighted in the loss already) costs no pass.
-            let g = if scale == 1.0 { g.clone() } else { (g * scale)? };
+            let g = if scale == 1.0 {
+                g.clone()
+            } else {
+                (g * scale)?
+            };
             *s = Some(match s.take() {
                 Some(prev) => (prev + g)?,
                 None => g,
