@@ -47,28 +47,22 @@ pub fn lanes<'r, T>(rows: &'r [T], len: impl Fn(&T) -> usize, device: &Device) -
     }
 }
 
-/// `work` over each item (a lane's batch, from [`lanes`]'s groups), side by side on the
-/// compute pool, each with its own replica of `model`; the results in the items' order.
-/// Items beyond two run in pairs.
+/// `work` over each lane's batch (one per group of [`lanes`]), in the lanes' order: two side
+/// by side on the compute pool, the second on a replica of `model`; one on `model` itself.
 pub fn run<B: Sync, R: Send>(
     model: &Llama,
-    items: &[B],
+    batches: &[B],
     work: impl Fn(&Llama, &B) -> R + Sync,
 ) -> Vec<R> {
-    let mut out = Vec::with_capacity(items.len());
-    for pair in items.chunks(2) {
-        match pair {
-            [a, b] => {
-                let replica = model.replica();
-                let (ra, rb) = rayon::join(|| work(model, a), || work(&replica, b));
-                out.push(ra);
-                out.push(rb);
-            }
-            [a] => out.push(work(model, a)),
-            _ => {}
+    match batches {
+        [a, b] => {
+            let replica = model.replica();
+            let (ra, rb) = rayon::join(|| work(model, a), || work(&replica, b));
+            vec![ra, rb]
         }
+        // One lane (or, never from `lanes`, more): one after another on the model.
+        _ => batches.iter().map(|b| work(model, b)).collect(),
     }
-    out
 }
 
 #[cfg(test)]
