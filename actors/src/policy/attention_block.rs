@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use super::aligned::AlignedFloats;
 use super::flash::{self, KeyMask};
 use super::fused::{self, gemm_into, gemm_new, Mat};
 
@@ -52,9 +53,10 @@ impl Heads {
 /// attention's backward reads too.
 pub(crate) struct Saved {
     normed: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    /// The kernels' operands, on cache lines (see `aligned`).
+    q: AlignedFloats,
+    k: AlignedFloats,
+    v: AlignedFloats,
     state: Vec<f32>,
     rows: Vec<f32>,
 }
@@ -209,7 +211,7 @@ impl AttentionBlock {
     /// The projections' rows `[B·T, (H + 2·Hkv)·D]` -> roped queries (times `scale`) `[B,
     /// Hkv, n_rep·T, D]` (query head `g·n_rep + j` of position t is row `j·T + t` of group g:
     /// HF's repeat_kv order), roped keys and values `[B, Hkv, T, D]`.
-    fn split_heads(&self, qkv: &[f32], (b, t): (usize, usize)) -> [Vec<f32>; 3] {
+    fn split_heads(&self, qkv: &[f32], (b, t): (usize, usize)) -> [AlignedFloats; 3] {
         let Heads { q: hq, kv, dim: d } = self.heads;
         let n_rep = hq / kv;
         let (n, nq, nkv) = (self.heads.qkv(), hq * d, kv * d);
@@ -222,9 +224,9 @@ impl AttentionBlock {
             (b, kv, d): (usize, usize, usize),
             rows_per_pair: usize,
             f: F,
-        ) -> Vec<f32> {
+        ) -> AlignedFloats {
             let per_pair = rows_per_pair * d;
-            fused::written(b * kv * per_pair, per_pair, |p0, out| {
+            fused::written_aligned(b * kv * per_pair, per_pair, |p0, out| {
                 let mut row = vec![0f32; d];
                 for pair in p0..p0 + out.len() / per_pair.max(1) {
                     let (bi, g) = (pair / kv, pair % kv);
@@ -451,8 +453,8 @@ pub(crate) fn prefill(
     let kv = (b, heads.kv, t, heads.dim);
     Ok(Some((
         Tensor::from_vec(out, (b, t, k), dev)?,
-        Tensor::from_vec(saved.k, kv, dev)?,
-        Tensor::from_vec(saved.v, kv, dev)?,
+        Tensor::from_slice(&saved.k, kv, dev)?,
+        Tensor::from_slice(&saved.v, kv, dev)?,
     )))
 }
 

@@ -32,6 +32,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::aligned::{self, AlignedFloats};
 use super::fused;
 use super::model::MASKED;
 
@@ -735,13 +736,13 @@ fn accumulate_cols<const BW: usize>(
 /// columns `stride` floats apart, and the transposes were ~3% of flash's time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn transpose(x: &[f32], s: usize, d: usize, stride: usize) -> Vec<f32> {
+fn transpose(x: &[f32], s: usize, d: usize, stride: usize) -> AlignedFloats {
     assert!(
         stride >= s && x.len() >= s * d,
         "transpose: [{s}, {d}] from {} floats into rows of {stride}",
         x.len()
     );
-    let mut t = vec![0f32; d * stride];
+    let mut t = AlignedFloats::zeroed(d * stride);
     let (s8, d8) = (s - s % LANES, d - d % LANES);
     for j in (0..s8).step_by(LANES) {
         for c in (0..d8).step_by(LANES) {
@@ -1008,7 +1009,7 @@ impl<'a> Pair<'a> {
         i: usize,
         groups: usize,
         (q, k, v): (&'a [f32], &'a [f32], &'a [f32]),
-        kts: &'a [Vec<f32>],
+        kts: &'a [AlignedFloats],
         r: usize,
         dm: Dims,
     ) -> Self {
@@ -1076,18 +1077,18 @@ struct HeadOut<'a> {
 /// a call reads it wrote first.
 #[cfg(target_arch = "x86_64")]
 struct ForwardScratch<const BW: usize> {
-    /// A tile's scores, then its weights, against one key block.
-    sc: Box<[[f32; BW]; BR]>,
+    /// A tile's scores, then its weights, against one key block: `[BR, BW]`.
+    sc: AlignedFloats,
     /// A tile's output rows, `[BR, D]`.
-    acc: Vec<f32>,
+    acc: AlignedFloats,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl<const BW: usize> ForwardScratch<BW> {
     fn new() -> Self {
         ForwardScratch {
-            sc: Box::new([[0.0; BW]; BR]),
-            acc: Vec::new(),
+            sc: AlignedFloats::zeroed(BR * BW),
+            acc: AlignedFloats::zeroed(0),
         }
     }
 }
@@ -1109,7 +1110,10 @@ fn forward_head<const BW: usize>(
 ) {
     let Dims { stride, d, .. } = dm;
     let ForwardScratch { sc, acc } = scratch;
-    acc.resize(BR * d, 0.0);
+    if acc.len() != BR * d {
+        *acc = AlignedFloats::zeroed(BR * d);
+    }
+    let sc = sc.rows_mut::<BW>();
     for t0 in (ta..tb).step_by(BR) {
         let n = (tb - t0).min(BR);
         let mut spans = [Span::NONE; BR];
@@ -1231,9 +1235,12 @@ fn backward_pair<const BW: usize>(
     let hd = rows.heads * d;
     let vt = transpose(p.v, s, d, stride);
     let n_rows = p.q.len() / d;
-    let mut sc = vec![[0f32; BW]; BACKWARD_BR];
-    let mut dp = vec![[0f32; BW]; BACKWARD_BR];
-    let mut dq_tile = vec![0f32; BACKWARD_BR * d];
+    let (mut sc, mut dp) = (
+        AlignedFloats::zeroed(BACKWARD_BR * BW),
+        AlignedFloats::zeroed(BACKWARD_BR * BW),
+    );
+    let (sc, dp) = (sc.rows_mut::<BW>(), dp.rows_mut::<BW>());
+    let mut dq_tile = AlignedFloats::zeroed(BACKWARD_BR * d);
     for r0 in (0..n_rows).step_by(t) {
         // Position ti of this query head: row `ti · H + h` of the batch row's rows.
         let h = rows.h0 + r0 / t;
@@ -1264,8 +1271,8 @@ fn backward_pair<const BW: usize>(
                 let (w, w8) = block_width::<BW>(s0, hi);
                 let all_ends = causal_ends(spans, s0, (w, w8));
                 let ends = &all_ends[..n];
-                block_scores(p, mask, spans, qrow, stride, (s0, w), ends, &mut sc);
-                scores_rows(n, grow, &vt, stride, s0, ends, &mut dp);
+                block_scores(p, mask, spans, qrow, stride, (s0, w), ends, sc);
+                scores_rows(n, grow, &vt, stride, s0, ends, dp);
                 for i in 0..n {
                     // The probabilities, as the forward had them, and dS = P ⊙ (dP − Δ) in
                     // place of dP; both 0 past the row's columns (the keys it does not read).
@@ -1285,9 +1292,9 @@ fn backward_pair<const BW: usize>(
                 // at the first row that reads past it (the rows before are 0 there).
                 let first_row = |c: usize| ends.iter().take_while(|&&e| e <= c).count();
                 let q_tile = (&p.q[first * d..], d);
-                accumulate_cols(w, &mut dk[s0 * d..], d, &dp, q_tile, (first_row, n), d);
+                accumulate_cols(w, &mut dk[s0 * d..], d, dp, q_tile, (first_row, n), d);
                 let g_tile = (&rows.g[at(t0) * d..], hd);
-                accumulate_cols(w, &mut dv[s0 * d..], d, &sc, g_tile, (first_row, n), d);
+                accumulate_cols(w, &mut dv[s0 * d..], d, sc, g_tile, (first_row, n), d);
                 s0 += w;
             }
             dq[first * d..(first + n) * d].copy_from_slice(&dq_tile[..n * d]);
@@ -1327,14 +1334,15 @@ pub(crate) fn operand_dims(
     if r % t != 0 || d % LANES != 0 {
         candle_core::bail!("flash attention: {r} query rows for {t} positions, head dim {d}");
     }
-    // A block starts at any key, so its last load may reach 7 columns past S.
-    let stride = s.div_ceil(LANES) * LANES + LANES;
+    // A block starts at any key, so its last load may reach 7 columns past S; a whole number
+    // of cache lines, so that every row of the transposed keys starts on one.
+    let stride = (s + LANES).div_ceil(aligned::LINE) * aligned::LINE;
     Ok((b, g, r, Dims { t, s, stride, d }))
 }
 
 /// Each pair's keys transposed (`[D, stride]`).
 #[cfg(target_arch = "x86_64")]
-fn transposed_keys(k: &[f32], pairs: usize, dm: Dims) -> Vec<Vec<f32>> {
+fn transposed_keys(k: &[f32], pairs: usize, dm: Dims) -> Vec<AlignedFloats> {
     let Dims { s, stride, d, .. } = dm;
     (0..pairs)
         .into_par_iter()
@@ -1787,7 +1795,7 @@ mod tests {
             }
             // SAFETY: `simd()` found AVX2 and FMA on this CPU.
             let blocked = unsafe { transpose(&x, s, d, stride) };
-            assert_eq!(blocked, plain, "S {s}, D {d}, stride {stride}");
+            assert_eq!(&blocked[..], &plain[..], "S {s}, D {d}, stride {stride}");
         }
     }
 

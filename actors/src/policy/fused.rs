@@ -11,6 +11,7 @@ use candle_core::{
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+use super::aligned::AlignedFloats;
 use super::wide;
 
 /// The fused kernels, each of which can be switched off for measurements and debugging
@@ -338,36 +339,62 @@ fn fill_runs<T: Copy + Send + Sync, R: Send>(
     f: impl Fn(usize, &mut Fill<'_, T>) -> R + Sync,
 ) -> (Vec<T>, Vec<R>) {
     assert!(
-        n == 0 || (row > 0 && n.is_multiple_of(row)),
-        "{n} elements in rows of {row}"
-    );
-    assert!(
         v.is_empty() && v.capacity() >= n,
         "written_in: a vector of {} elements with room for {}, asked for {n}",
         v.len(),
         v.capacity()
     );
-    let spare = &mut v.spare_capacity_mut()[..n];
+    let results = fill_slice(&mut v.spare_capacity_mut()[..n], row, per, f);
+    // SAFETY: `fill_slice` returned, so it wrote each of the n elements of `spare`, the first
+    // n of v's allocation (a failed assertion there unwinds before this line, leaving v
+    // empty). So v's first n elements are initialized.
+    unsafe { v.set_len(n) };
+    (v, results)
+}
+
+/// [`written`] into 64-byte-aligned storage: for the attention kernels' operands, whose
+/// 16-float loads each touched two cache lines when their rows started off a line.
+pub(crate) fn written_aligned<R: Send>(
+    n: usize,
+    row: usize,
+    f: impl Fn(usize, &mut Fill<'_, f32>) -> R + Sync,
+) -> (AlignedFloats, Vec<R>) {
+    let per = rows_per_run(n, row);
+    // SAFETY: `fill_slice` returns only after writing every element it is given (it panics
+    // otherwise).
+    unsafe { AlignedFloats::written(n, |spare| fill_slice(spare, row, per, f)) }
+}
+
+/// Writes every element of `spare` (rows of `row`) through `f`, in runs of `per` rows in
+/// parallel or one run on the calling thread (`None`); returns only once every element is
+/// written, and panics otherwise.
+fn fill_slice<T: Copy + Send + Sync, R: Send>(
+    spare: &mut [MaybeUninit<T>],
+    row: usize,
+    per: Option<usize>,
+    f: impl Fn(usize, &mut Fill<'_, T>) -> R + Sync,
+) -> Vec<R> {
+    let n = spare.len();
+    assert!(
+        n == 0 || (row > 0 && n.is_multiple_of(row)),
+        "{n} elements in rows of {row}"
+    );
     let run = |first: usize, out: &mut [MaybeUninit<T>]| {
         let mut fill = Fill { out, at: 0 };
         let r = f(first, &mut fill);
         assert_eq!(fill.at, fill.out.len(), "an output run left unwritten");
         r
     };
-    let results = match per {
+    // The runs are chunks of `spare` that together cover it; each run's `Fill` writes each of
+    // its elements once, in order, and `at` reaching the run's length is asserted.
+    match per {
         None => vec![run(0, spare)],
         Some(per) => spare
             .par_chunks_mut(per * row)
             .enumerate()
             .map(|(i, c)| run(i * per, c))
             .collect(),
-    };
-    // SAFETY: the runs are chunks of `spare`, the first n elements of v's allocation, and
-    // together cover them; each run's `Fill` wrote each of its elements once, in order, and
-    // `at` reached the run's length (asserted above: a failed assertion unwinds before this
-    // line, leaving v empty). So v's first n elements are initialized.
-    unsafe { v.set_len(n) };
-    (v, results)
+    }
 }
 
 /// Rows per thread's run when `len` elements in rows of `row` are shared out, one contiguous

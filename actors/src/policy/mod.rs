@@ -1,6 +1,7 @@
 //! The policy: the model that acts (and, through the learner, trains).
 
 pub mod actor;
+pub(crate) mod aligned;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;
 #[cfg(target_arch = "x86_64")]
