@@ -1,5 +1,5 @@
 //! Floats in storage that starts on a 64-byte boundary (a cache line, and one AVX-512
-//! register), for the attention kernels' working buffers.
+//! register), for the attention kernels' operands and working buffers.
 //!
 //! A 16-float load or store that starts off a line boundary touches two lines and costs two of
 //! the core's L1 accesses. `Vec<f32>` from the system allocator starts 16 bytes past a line

@@ -345,8 +345,8 @@ fn fill_runs<T: Copy + Send + Sync, R: Send>(
         v.capacity()
     );
     let results = fill_slice(&mut v.spare_capacity_mut()[..n], row, per, f);
-    // SAFETY: `fill_slice` returned, so it wrote each of the n elements of `spare`, the first
-    // n of v's allocation (a failed assertion there unwinds before this line, leaving v
+    // SAFETY: `fill_slice` returned, so it wrote each of the n elements it was given, the
+    // first n of v's allocation (a failed assertion there unwinds before this line, leaving v
     // empty). So v's first n elements are initialized.
     unsafe { v.set_len(n) };
     (v, results)
