@@ -1085,10 +1085,11 @@ struct ForwardScratch<const BW: usize> {
 
 #[cfg(target_arch = "x86_64")]
 impl<const BW: usize> ForwardScratch<BW> {
-    fn new() -> Self {
+    /// For heads of `d` dims.
+    fn new(d: usize) -> Self {
         ForwardScratch {
             sc: AlignedFloats::zeroed(BR * BW),
-            acc: AlignedFloats::zeroed(0),
+            acc: AlignedFloats::zeroed(BR * d),
         }
     }
 }
@@ -1110,9 +1111,7 @@ fn forward_head<const BW: usize>(
 ) {
     let Dims { stride, d, .. } = dm;
     let ForwardScratch { sc, acc } = scratch;
-    if acc.len() != BR * d {
-        *acc = AlignedFloats::zeroed(BR * d);
-    }
+    assert_eq!(acc.len(), BR * d, "forward scratch for another head dim");
     let sc = sc.rows_mut::<BW>();
     for t0 in (ta..tb).step_by(BR) {
         let n = (tb - t0).min(BR);
@@ -1382,7 +1381,7 @@ pub(crate) fn forward_rows(
         let mut chunk_rows = vec![0f32; POSITIONS * hd];
         let mut state = Vec::with_capacity((end - p0) * heads * 2);
         let mut chunk_state = vec![0f32; POSITIONS * heads * 2];
-        let mut scratch = ForwardScratch::<FORWARD_BC>::new();
+        let mut scratch = ForwardScratch::<FORWARD_BC>::new(d);
         let mut p = p0;
         while p < end {
             let (bi, ta) = (p / t, p % t);
@@ -1697,7 +1696,7 @@ mod tests {
         let pair = Pair::nth(0, 1, (&q, &k, &v), &kts, t, dims.3);
         let run = |ranges: &[(usize, usize)]| -> (Vec<f32>, Vec<f32>) {
             let (mut rows, mut state) = (vec![0f32; t * d], vec![0f32; t * 2]);
-            let mut scratch = ForwardScratch::<FORWARD_BC>::new();
+            let mut scratch = ForwardScratch::<FORWARD_BC>::new(d);
             for &(ta, tb) in ranges {
                 let mut out = HeadOut {
                     rows: &mut rows[ta * d..],
