@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use klong_actors::learner::recall::MAX_FILLER_BYTES;
+use klong_actors::policy::DeviceName;
 use klong_sandbox::{CallLimits, EpisodeBudget, HostSettings, HumanDuration};
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +32,13 @@ pub struct Config {
     /// The policy model; needed by any training stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelConfig>,
+    /// Where the model trains and samples: `"cpu"`, `"cuda"` or `"cuda:N"` (CUDA needs a
+    /// klongd built with `--features cuda`).
+    #[serde(default = "cpu", deserialize_with = "device_name")]
+    pub device: String,
+    /// The training steps' arithmetic; by default `F32` on the CPU and `Bf16` on a GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
     /// The stages, run in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<StageConfig>,
@@ -63,6 +71,16 @@ impl Default for ActorsConfig {
             max_restarts: 16,
         }
     }
+}
+
+/// The arithmetic of training steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Precision {
+    /// f32 throughout.
+    F32,
+    /// Forward and backward in bf16 over f32 master weights; the optimizer's update and its
+    /// moments stay f32 (`learner::precision`).
+    Bf16,
 }
 
 /// The policy model.
@@ -556,6 +574,16 @@ fn run_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> 
     Ok(name)
 }
 
+fn cpu() -> String {
+    "cpu".to_string()
+}
+
+fn device_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    DeviceName::parse(&name).map_err(serde::de::Error::custom)?;
+    Ok(name)
+}
+
 fn positive_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let v = u32::deserialize(d)?;
     if v == 0 {
@@ -662,6 +690,20 @@ pub fn parse_ron<T: serde::de::DeserializeOwned>(
 }
 
 impl Config {
+    /// The configured device (its name was checked when the config was parsed).
+    pub fn device_name(&self) -> Result<DeviceName, String> {
+        DeviceName::parse(&self.device)
+    }
+
+    /// The training steps' arithmetic: as configured, else `Bf16` on a GPU and `F32` on the
+    /// CPU (an unparsable device reads as the CPU here; `device_name` reports it).
+    pub fn precision(&self) -> Precision {
+        self.precision.unwrap_or(match self.device_name() {
+            Ok(DeviceName::Cuda(_)) => Precision::Bf16,
+            _ => Precision::F32,
+        })
+    }
+
     /// Reads and validates a config file.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         let config: Config = load_ron(file)?;
@@ -935,6 +977,8 @@ impl Config {
         field("seed", now.seed == before.seed);
         field("sandbox", now.sandbox == before.sandbox);
         field("model", now.model == before.model);
+        field("device", now.device == before.device);
+        field("precision", now.precision() == before.precision());
         if now.stages.len() != before.stages.len() {
             field("stages", false);
         } else {
@@ -980,6 +1024,32 @@ mod tests {
         assert_eq!(c.sandbox.episode.wall_time.0, Duration::from_secs(7200));
         // The printed plan parses back to the same config.
         assert_eq!(parse(&c.to_ron()).unwrap(), c);
+    }
+
+    #[test]
+    fn the_device_and_precision_default_to_f32_on_the_cpu() {
+        let c = parse(r#"(name: "t", run_dir: "r", seed: 1)"#).unwrap();
+        assert_eq!(c.device_name(), Ok(DeviceName::Cpu));
+        assert_eq!(c.precision(), Precision::F32);
+        let c = parse(r#"(name: "t", run_dir: "r", seed: 1, precision: Some(Bf16))"#).unwrap();
+        assert_eq!(c.precision(), Precision::Bf16);
+        assert_eq!(parse(&c.to_ron()).unwrap(), c);
+        // Precision and device change what a run computes: a resume may not change them.
+        let f32 = parse(r#"(name: "t", run_dir: "r", seed: 1)"#).unwrap();
+        assert_eq!(c.resume_conflicts(&f32), vec!["precision".to_string()]);
+        let explicit = parse(r#"(name: "t", run_dir: "r", seed: 1, precision: Some(F32))"#);
+        assert!(explicit.unwrap().resume_conflicts(&f32).is_empty());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_gpu_without_the_cuda_feature_is_a_config_error() {
+        let err = parse("(name: \"t\", run_dir: \"r\", seed: 1,\n device: \"cuda:1\")")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.ron:2:"), "{err}");
+        assert!(err.contains("device"), "{err}");
+        assert!(err.contains("`cuda` feature"), "{err}");
     }
 
     #[test]

@@ -11,10 +11,12 @@ use anyhow::{bail, Context};
 use klong_sandbox::{Sandbox, SandboxHost, ToolRegistry};
 use serde_json::json;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use klong_actors::learner::optim::{AdamW, AdamWParams};
+use klong_actors::learner::precision::MixedPrecision;
 
-use crate::config::{Config, StageConfig};
+use crate::config::{Config, Precision, StageConfig};
 use klong_actors::environment::actor::EnvironmentArgs;
 use klong_actors::judge::queue::JudgeContext;
 use klong_actors::learner::actor::LearnerArgs;
@@ -214,7 +216,7 @@ fn run_stages(
         bail!("the config has stages but no `model`");
     };
     let store = RunStore::open(run_dir)?;
-    let device = Device::Cpu;
+    let device = open_device(config)?;
     let tm = build_model(model, config.seed, &device)?;
     let manifest = store.manifest()?;
     let state: Option<TrainState> = match &manifest {
@@ -338,15 +340,33 @@ fn run_stage_list(
             _ => AdamW::from_varmap(&tm.varmap, hp)?,
         };
         let reference = match stage {
-            StageConfig::Rl(rl) if rl.kl_beta > 0.0 => {
-                Some(reference_model(config, run_dir, i, &tm.config)?)
-            }
+            StageConfig::Rl(rl) if rl.kl_beta > 0.0 => Some(reference_model(
+                config,
+                run_dir,
+                i,
+                &tm.config,
+                tm.model.device(),
+            )?),
             _ => None,
         };
+        // Mixed precision's compute copies are taken from the masters as they stand now (a
+        // resumed checkpoint's weights included).
+        let precision = match config.precision() {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(MixedPrecision::new(&tm.varmap, DType::BF16)?),
+        };
+        let model = match &precision {
+            Some(mp) => Llama::new(
+                &tm.config,
+                VarBuilder::from_varmap(mp.compute(), mp.dtype(), tm.model.device()),
+            )?,
+            None => tm.model.clone(),
+        };
         let learner = actors.start_learner(LearnerArgs {
-            model: tm.model.clone(),
+            model,
             opt,
             reference,
+            precision,
         })?;
         let finished = match stage {
             StageConfig::Sft(sft) => {
@@ -379,8 +399,8 @@ fn reference_model(
     run_dir: &Path,
     index: usize,
     model_config: &LlamaConfig,
+    device: &Device,
 ) -> anyhow::Result<Llama> {
-    let device = Device::Cpu;
     let last_sft = config.stages[..index].iter().rev().find_map(|s| match s {
         StageConfig::Sft(sft) => Some(&sft.name),
         _ => None,
@@ -390,11 +410,11 @@ fn reference_model(
             let Some(model) = &config.model else {
                 bail!("the config has stages but no `model`");
             };
-            Ok(build_model(model, config.seed, &device)?.model)
+            Ok(build_model(model, config.seed, device)?.model)
         }
         Some(name) => {
             let dir = stage_model_dir(run_dir, name);
-            let weights = read_safetensors(&dir, &device).with_context(|| {
+            let weights = read_safetensors(&dir, device).with_context(|| {
                 format!(
                     "reading the RL reference, stage {name}'s model in {}",
                     dir.display()
@@ -403,10 +423,18 @@ fn reference_model(
             Ok(Llama::from_tensors(
                 model_config,
                 weights.into_iter().collect(),
-                &device,
+                device,
             )?)
         }
     }
+}
+
+/// The config's device, opened: a GPU that is not there fails the run here, before any work.
+fn open_device(config: &Config) -> anyhow::Result<Device> {
+    let name = config.device_name().map_err(anyhow::Error::msg)?;
+    let device = name.open().map_err(anyhow::Error::msg)?;
+    tracing::info!(device = %name, precision = ?config.precision(), "training device");
+    Ok(device)
 }
 
 /// `klongd status RUN_DIR`: the checkpoint's stage and step and the latest metrics. While a run

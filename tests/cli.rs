@@ -82,6 +82,16 @@ fn bad_configs_exit_2_naming_file_line_column_and_field() {
             ":1:",
             "sandbox.episode.fuel",
         ),
+        (
+            "(name: \"x\", run_dir: \"r\", seed: 1,\n device: \"gpu\")",
+            ":2:",
+            "field `device`: device \"gpu\": expected cpu, cuda or cuda:N",
+        ),
+        (
+            "(name: \"x\", run_dir: \"r\", seed: 1,\n precision: Some(F16))",
+            ":2:",
+            "precision",
+        ),
     ];
     for (body, position, field) in cases {
         let cfg = write_config(tmp.path(), body);
@@ -320,6 +330,20 @@ fn example_configs_are_valid() {
         let out = klongd(&["check", file], &repo());
         assert!(out.status.success(), "{file}: {}", stderr(&out));
     }
+    // The GPU check's config (tests/cuda/run.sh), on the CPU: valid but for its device.
+    let tmp = tempfile::tempdir().unwrap();
+    let gpu = std::fs::read_to_string(repo().join("tests/cuda/sft_gpu.ron")).unwrap();
+    let cpu = gpu
+        .replace("RUN_DIR", &tmp.path().join("run").display().to_string())
+        .replace("device: \"cuda:0\"", "device: \"cpu\"");
+    assert_ne!(cpu, gpu);
+    let cfg = write_config(tmp.path(), &cpu);
+    let out = klongd(&["check", cfg.to_str().unwrap()], &repo());
+    assert!(
+        out.status.success(),
+        "tests/cuda/sft_gpu.ron: {}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -737,6 +761,87 @@ fn sft_distills_trains_and_resumes_to_the_same_weights() {
     let out = klongd(&["run", cfg_b.to_str().unwrap()], tmp.path());
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("changed: seed"), "{}", stderr(&out));
+}
+
+/// `sft_config` with bf16 compute over f32 master weights.
+fn bf16_sft_config(run_dir: &Path) -> String {
+    sft_config(run_dir).replace(
+        "    model: Some(",
+        "    precision: Some(Bf16),\n    model: Some(",
+    )
+}
+
+#[test]
+fn sft_in_bf16_trains_the_f32_masters_and_resumes_to_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let cfg_a = write_config(tmp.path(), &bf16_sft_config(&a));
+    let out = klongd(&["run", cfg_a.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("precision=Bf16"), "{}", stderr(&out));
+    let m = metrics(&a);
+    let first = m[0]["loss"].as_f64().unwrap();
+    let last = m[m.len() - 1]["loss"].as_f64().unwrap();
+    assert!(last < 0.8 * first, "bf16 loss {first} -> {last}");
+    // The saved model is the masters: f32, as transformers loads it.
+    let saved = std::fs::read(a.join("models/sft/model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(saved[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&saved[8..8 + header_len]).unwrap();
+    for (name, t) in header.as_object().unwrap() {
+        if name != "__metadata__" {
+            assert_eq!(t["dtype"], "F32", "{name}");
+        }
+    }
+
+    // The same run in f32 computes other numbers from the same start: the first step's loss
+    // is close but not the same (bf16 rounds the forward).
+    let f = tmp.path().join("f");
+    let dir_f = tmp.path().join("cfg-f");
+    std::fs::create_dir_all(&dir_f).unwrap();
+    let cfg_f = write_config(&dir_f, &sft_config(&f));
+    let out = klongd(
+        &["run", cfg_f.to_str().unwrap(), "--max-steps", "1"],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let f32_first = metrics(&f)[0]["loss"].as_f64().unwrap();
+    assert!(
+        f32_first != first,
+        "bf16 and f32 gave the same loss {first}"
+    );
+    assert!(
+        (f32_first - first).abs() < 0.02 * f32_first,
+        "f32 {f32_first} vs bf16 {first}"
+    );
+
+    // Stopped after 3 steps and resumed: the same final weights (the compute copies are
+    // re-cast from the checkpoint's masters, as every step re-casts them).
+    let b = tmp.path().join("b");
+    let dir_b = tmp.path().join("cfg-b");
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let cfg_b = write_config(&dir_b, &bf16_sft_config(&b));
+    let out = klongd(
+        &["run", cfg_b.to_str().unwrap(), "--max-steps", "3"],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Resuming in another precision would be another run: refused, naming it.
+    let cfg_f32 = write_config(&dir_b, &sft_config(&b));
+    let out = klongd(&["run", cfg_f32.to_str().unwrap()], tmp.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("changed: precision"),
+        "{}",
+        stderr(&out)
+    );
+    let cfg_b = write_config(&dir_b, &bf16_sft_config(&b));
+    let out = klongd(&["run", cfg_b.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let resumed = std::fs::read(b.join("models/sft/model.safetensors")).unwrap();
+    assert!(
+        saved == resumed,
+        "the resumed bf16 run ended with other weights"
+    );
 }
 
 #[test]

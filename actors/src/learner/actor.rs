@@ -11,6 +11,7 @@ use candle_core::Tensor;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::optim::AdamW;
+use super::precision::MixedPrecision;
 use super::rl::rl_step;
 use super::sft::sft_step;
 use super::split::SubTrajectory;
@@ -20,8 +21,13 @@ use crate::policy::on_compute_pool;
 
 pub struct LearnerArgs {
     /// Built over the optimizer's variables (a `VarMap` model): a step changes it in place.
+    /// With `precision`, built over its compute copies instead.
     pub model: Llama,
+    /// The optimizer over the f32 master weights.
     pub opt: AdamW,
+    /// Mixed precision: the model computes in bf16 over copies of `opt`'s f32 masters, which
+    /// every step re-syncs after the update.
+    pub precision: Option<MixedPrecision>,
     /// The frozen reference of RL's KL term (design §6: the SFT result); `None` outside RL.
     pub reference: Option<Llama>,
 }
@@ -69,7 +75,14 @@ impl Actor for Learner {
                     on_compute_pool(|| {
                         let rows: Vec<Vec<&SubTrajectory>> =
                             micro.iter().map(|m| m.iter().collect()).collect();
-                        sft_step(&state.model, &mut state.opt, None, &rows, lr, max_grad_norm)
+                        sft_step(
+                            &state.model,
+                            &mut state.opt,
+                            state.precision.as_ref(),
+                            &rows,
+                            lr,
+                            max_grad_norm,
+                        )
                     })
                 });
                 let _ = reply.send(out.map_err(|e| LearnerFailure::Step(e.to_string())));
@@ -89,6 +102,7 @@ impl Actor for Learner {
                             &state.model,
                             state.reference.as_ref(),
                             &mut state.opt,
+                            state.precision.as_ref(),
                             &rows,
                             &hyper,
                             lr,

@@ -24,6 +24,7 @@ use thiserror::Error;
 use super::lanes;
 use super::loss::log_softmax;
 use super::optim::{clip_grad_norm, global_grad_norm, AdamW, GradAccumulator};
+use super::precision::MixedPrecision;
 use super::sft::{MicroBatch, SftError};
 use super::split::SubTrajectory;
 use crate::policy::model::Llama;
@@ -222,12 +223,16 @@ fn logprobs(
 /// One optimizer step on `micro` (groups of sub-trajectories, each with behaviour logprobs
 /// and an advantage): the loss of the module docs, gradients accumulated over micro-batches
 /// (each micro-batch's rows in two lanes on CPU, `lanes`), clipped to `max_grad_norm` where
-/// it is positive, AdamW at `lr`. Call it on the compute pool
+/// it is positive, AdamW at `lr`. With `precision`, the model computes over its compute
+/// copies, the gradients are those of the f32 masters `opt` holds, and the copies are re-synced
+/// after the update (as in [`super::sft::sft_step`]). Call it on the compute pool
 /// ([`crate::policy::on_compute_pool`]), as the learner does.
+#[allow(clippy::too_many_arguments)]
 pub fn rl_step(
     model: &Llama,
     reference: Option<&Llama>,
     opt: &mut AdamW,
+    precision: Option<&MixedPrecision>,
     micro: &[Vec<&SubTrajectory>],
     hp: &RlHyper,
     lr: f64,
@@ -285,7 +290,11 @@ pub fn rl_step(
             let entropy = f64::from((h * &b.base.loss_mask)?.sum_all()?.to_scalar::<f32>()?);
             let loss = (loss_sum / total as f64)?;
             let store = model.backward(&loss)?;
-            Ok(Some((opt_ref.grads_from(&store), s, entropy)))
+            let grads = match precision {
+                Some(mp) => mp.master_grads(&store, opt_ref)?,
+                None => opt_ref.grads_from(&store),
+            };
+            Ok(Some((grads, s, entropy)))
         });
         for result in results {
             let Some((grads, s, h)) = result? else {
@@ -308,6 +317,9 @@ pub fn rl_step(
     };
     opt.set_lr(lr);
     opt.step(&grads)?;
+    if let Some(mp) = precision {
+        mp.sync()?;
+    }
     let n = total as f64;
     let kl_used = if reference.is_some() {
         sums.kl / n
@@ -463,5 +475,136 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod precision_tests {
+    use candle_nn::{VarBuilder, VarMap};
+
+    use super::*;
+    use crate::learner::optim::AdamWParams;
+    use crate::learner::split::Span;
+    use crate::policy::model::LlamaConfig;
+
+    fn config() -> LlamaConfig {
+        let mut cfg = LlamaConfig::tiny(64);
+        cfg.hidden_size = 32;
+        cfg.intermediate_size = 64;
+        cfg.max_position_embeddings = 64;
+        cfg
+    }
+
+    /// Every variable of `vm`, by name, as f32 values.
+    fn values(vm: &VarMap) -> Vec<(String, Vec<f32>)> {
+        let mut out: Vec<(String, Vec<f32>)> = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, v)| {
+                let t = v.as_tensor().to_dtype(DType::F32).unwrap();
+                (n.clone(), t.flatten_all().unwrap().to_vec1().unwrap())
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// A rollout of 24 tokens whose last 16 are targets, with behaviour logprobs and an
+    /// advantage.
+    fn rollout(advantage: f32) -> SubTrajectory {
+        let tokens: Vec<u32> = (0..24).map(|i| (i * 7 % 60) as u32 + 2).collect();
+        let loss_mask: Vec<bool> = (0..24).map(|i| i >= 8).collect();
+        let behaviour: Vec<f32> = (0..24).map(|i| if i >= 8 { -4.1 } else { 0.0 }).collect();
+        SubTrajectory {
+            trajectory: "t".into(),
+            window: 0,
+            spans: vec![Span {
+                turn: 0,
+                offset: 0,
+                len: tokens.len(),
+                loss: true,
+                policy_version: Some(0),
+            }],
+            tokens,
+            loss_mask,
+            behaviour_logprobs: Some(behaviour),
+            prefix_len: 0,
+            context_len: 0,
+            reward: Some(1.0),
+            advantage: Some(advantage),
+        }
+    }
+
+    /// One RL step from the same weights, f32 throughout and in bf16 over f32 masters: the
+    /// masters move the same way, stay f32, and the compute copies follow them.
+    #[test]
+    fn a_bf16_step_moves_the_f32_masters_as_an_f32_step_does() {
+        let cfg = config();
+        let (vm32, vm16) = (VarMap::new(), VarMap::new());
+        let m32 = Llama::new(
+            &cfg,
+            VarBuilder::from_varmap(&vm32, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        Llama::new(
+            &cfg,
+            VarBuilder::from_varmap(&vm16, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        for (name, v) in vm32.data().lock().unwrap().iter() {
+            let data = vm16.data().lock().unwrap();
+            data[name].set(v.as_tensor()).unwrap();
+        }
+        let start = values(&vm32);
+        let mp = MixedPrecision::new(&vm16, DType::BF16).unwrap();
+        let m16 = Llama::new(
+            &cfg,
+            VarBuilder::from_varmap(mp.compute(), DType::BF16, &Device::Cpu),
+        )
+        .unwrap();
+        let hp = RlHyper {
+            clip_eps: 0.2,
+            kl_beta: 0.0,
+            temperature: 1.0,
+        };
+        let (a, b) = (rollout(1.0), rollout(-0.5));
+        let micro = vec![vec![&a, &b]];
+        let adam = AdamWParams::default();
+        let mut opt32 = AdamW::from_varmap(&vm32, adam.clone()).unwrap();
+        let mut opt16 = AdamW::from_varmap(&vm16, adam).unwrap();
+        let s32 = rl_step(&m32, None, &mut opt32, None, &micro, &hp, 1e-3, 1.0).unwrap();
+        let s16 = rl_step(&m16, None, &mut opt16, Some(&mp), &micro, &hp, 1e-3, 1.0).unwrap();
+        assert!(
+            (s32.loss - s16.loss).abs() < 0.02 * s32.loss.abs().max(1e-3),
+            "loss f32 {} vs bf16 {}",
+            s32.loss,
+            s16.loss
+        );
+        let (after32, after16) = (values(&vm32), values(&vm16));
+        let (mut dot, mut n32, mut n16) = (0f64, 0f64, 0f64);
+        for ((s, a), b) in start.iter().zip(&after32).zip(&after16) {
+            for ((x0, x32), x16) in s.1.iter().zip(&a.1).zip(&b.1) {
+                let (d32, d16) = (f64::from(x32 - x0), f64::from(x16 - x0));
+                dot += d32 * d16;
+                n32 += d32 * d32;
+                n16 += d16 * d16;
+            }
+        }
+        let cos = dot / (n32.sqrt() * n16.sqrt());
+        assert!(n16 > 0.0 && cos > 0.95, "updates' cosine {cos}");
+        for v in opt16.vars() {
+            assert_eq!(v.dtype(), DType::F32, "masters stay f32");
+        }
+        // Synced: every compute copy is its master cast to bf16.
+        for ((name, master), (_, copy)) in after16.iter().zip(values(mp.compute())) {
+            let cast: Vec<f32> = Tensor::new(master.as_slice(), &Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::BF16))
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.to_vec1())
+                .unwrap();
+            assert_eq!(cast, copy, "{name} not re-synced");
+        }
     }
 }

@@ -81,28 +81,61 @@ pub fn cpu_products() -> &'static str {
     "portable f32"
 }
 
-/// The device a model runs on, from its name: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`. Without
-/// the `cuda` feature a CUDA name is an error that says so, never a silent fall back to CPU.
-pub fn device(name: &str) -> Result<candle_core::Device, String> {
-    let cuda = |n: usize| {
-        if !candle_core::utils::cuda_is_available() {
+/// A device's name as a config or a flag gives it: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceName {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceName {
+    /// Parses a name. Without the `cuda` feature a CUDA name is an error that says so, never a
+    /// silent fall back to CPU.
+    pub fn parse(name: &str) -> Result<DeviceName, String> {
+        let parsed = match name {
+            "cpu" => DeviceName::Cpu,
+            "cuda" => DeviceName::Cuda(0),
+            _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => DeviceName::Cuda(n),
+                _ => {
+                    return Err(format!(
+                        "device {name:?}: expected cpu, cuda or cuda:N (N a GPU index)"
+                    ))
+                }
+            },
+        };
+        if parsed != DeviceName::Cpu && !candle_core::utils::cuda_is_available() {
             return Err(format!(
                 "device {name:?}: this klongd was built without the `cuda` feature \
                  (cargo build --release --features cuda)"
             ));
         }
-        candle_core::Device::new_cuda(n).map_err(|e| format!("device {name:?}: {e}"))
-    };
-    match name {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        "cuda" => cuda(0),
-        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => cuda(n),
-            _ => Err(format!(
-                "device {name:?}: expected cpu, cuda or cuda:N (N a GPU index)"
-            )),
-        },
+        Ok(parsed)
     }
+
+    /// Opens the device (for CUDA: its context and streams; fails where there is no such GPU).
+    pub fn open(self) -> Result<candle_core::Device, String> {
+        match self {
+            DeviceName::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceName::Cuda(n) => {
+                candle_core::Device::new_cuda(n).map_err(|e| format!("device cuda:{n}: {e}"))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceName::Cpu => write!(f, "cpu"),
+            DeviceName::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The device a model runs on, from its name ([`DeviceName::parse`], then `open`).
+pub fn device(name: &str) -> Result<candle_core::Device, String> {
+    DeviceName::parse(name)?.open()
 }
 
 /// What a policy is shown: the tokens that fit its context (what a token-level policy reads)
