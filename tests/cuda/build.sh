@@ -63,5 +63,8 @@ for pair in "target/cuda/release/klongd klongd" "$tests cuda-tests"; do
     strip -o "$out/$2" "$1"
     xz -T0 -6 "$out/$2"
 done
+# The guest tools `klongd run` loads (sandboxes/tools/wasm is not in git).
+[ -f sandboxes/tools/wasm/coreutils.wasm ] || sandboxes/tools/build.sh
+tar -cJf "$out/tools-wasm.tar.xz" -C sandboxes/tools wasm/coreutils.wasm wasm/python.wasm
 du -sh "$out"/*
 echo "built $out: on a GPU machine, run tests/cuda/run.sh (with $out beside the repository)"

@@ -10,11 +10,18 @@ bin=$PWD/target/cuda-check
 out=${OUT:-$bin/out}
 mkdir -p "$out"
 [ -f "$bin/cuda-tests.xz" ] || { echo "run.sh: run tests/cuda/build.sh first" >&2; exit 2; }
-# Unpacked with Python's lzma: the GPU machine may have no xz.
+# Unpacked with Python's lzma (the GPU machine may have no xz), outside the folder that
+# travels.
+exe=$(mktemp -d)
+trap 'rm -rf "$exe"' EXIT
 for b in klongd cuda-tests; do
     python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-        "$bin/$b.xz" "$bin/$b" && chmod +x "$bin/$b" || { echo "run.sh: cannot unpack $b" >&2; exit 2; }
+        "$bin/$b.xz" "$exe/$b" && chmod +x "$exe/$b" || { echo "run.sh: cannot unpack $b" >&2; exit 2; }
 done
+if [ ! -f sandboxes/tools/wasm/coreutils.wasm ]; then
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+        "$bin/tools-wasm.tar.xz" sandboxes/tools || { echo "run.sh: no guest tools" >&2; exit 2; }
+fi
 
 # The libraries the binaries link: the machine's CUDA wheels (PyTorch's), then its system.
 libs=$(python3 -c '
@@ -26,17 +33,17 @@ for base in site.getsitepackages():
 print(":".join(sorted(dirs)))' 2>/dev/null || true)
 export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-ldd "$bin/cuda-tests" | grep -E "cuda|cublas|curand|nvrtc" | tee "$out/ldd.txt"
+ldd "$exe/cuda-tests" | grep -E "cuda|cublas|curand|nvrtc" | tee "$out/ldd.txt"
 
 failed=()
-(cd actors && timeout 300 "$bin/cuda-tests" --test-threads 1 --nocapture) 2>&1 |
+(cd actors && timeout 300 "$exe/cuda-tests" --test-threads 1 --nocapture) 2>&1 |
     tee "$out/tests.log" || failed+=(tests)
 
 run_dir=$(mktemp -d)/run
 sed "s#RUN_DIR#$run_dir#" tests/cuda/sft_gpu.ron >"$out/sft_gpu.ron"
-timeout 240 "$bin/klongd" run "$out/sft_gpu.ron" --max-steps 4 >"$out/run1.log" 2>&1 ||
+timeout 240 "$exe/klongd" run "$out/sft_gpu.ron" --max-steps 4 >"$out/run1.log" 2>&1 ||
     failed+=(run-stopped)
-timeout 240 "$bin/klongd" run "$out/sft_gpu.ron" >"$out/run2.log" 2>&1 || failed+=(run-resumed)
+timeout 240 "$exe/klongd" run "$out/sft_gpu.ron" >"$out/run2.log" 2>&1 || failed+=(run-resumed)
 cp "$run_dir/metrics.jsonl" "$out/" 2>/dev/null || failed+=(metrics)
 grep -h "training device\|stage finished\|resuming" "$out"/run*.log | cut -c1-300
 python3 - "$out/metrics.jsonl" <<'PY' || failed+=(loss)
