@@ -572,7 +572,7 @@ mod precision_tests {
         let (a, b) = (rollout(1.0), rollout(-0.5));
         let micro = vec![vec![&a, &b]];
         let adam = AdamWParams::default();
-        let mut opt32 = AdamW::from_varmap(&vm32, adam.clone()).unwrap();
+        let mut opt32 = AdamW::from_varmap(&vm32, adam).unwrap();
         let mut opt16 = AdamW::from_varmap(&vm16, adam).unwrap();
         let s32 = rl_step(&m32, None, &mut opt32, None, &micro, &hp, 1e-3, 1.0).unwrap();
         let s16 = rl_step(&m16, None, &mut opt16, Some(&mp), &micro, &hp, 1e-3, 1.0).unwrap();
