@@ -6,10 +6,11 @@
 //! them on a GPU machine (see the README).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
-use klong_actors::learner::loss::masked_cross_entropy;
-use klong_actors::learner::optim::{AdamW, AdamWParams};
+use common::max_abs_diff;
 use klong_actors::learner::precision::MixedPrecision;
 use klong_actors::policy::generate::generate;
 use klong_actors::policy::model::{KvCache, Llama, LlamaConfig};
@@ -31,35 +32,11 @@ fn config() -> LlamaConfig {
     cfg
 }
 
-/// Deterministic weights: norms near 1, the rest small, from an LCG over the sorted names.
-fn fill(vm: &VarMap, seed: u64, device: &Device) {
-    let mut s = seed;
-    let mut vars: Vec<_> = vm.data().lock().unwrap().clone().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, var) in vars {
-        let vals: Vec<f32> = (0..var.elem_count())
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let u = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-                if name.ends_with("norm.weight") {
-                    1.0 + 0.1 * u
-                } else {
-                    0.2 * u
-                }
-            })
-            .collect();
-        var.set(&Tensor::from_vec(vals, var.shape(), device).unwrap())
-            .unwrap();
-    }
-}
-
 /// The same f32 model on `device`, from `seed`.
 fn model(seed: u64, device: &Device) -> (VarMap, Llama) {
     let vm = VarMap::new();
     let m = Llama::new(&config(), VarBuilder::from_varmap(&vm, DType::F32, device)).unwrap();
-    fill(&vm, seed, device);
+    common::fill(&vm, seed, 0.2, device);
     (vm, m)
 }
 
@@ -67,29 +44,6 @@ fn ids(rows: &[Vec<u32>], device: &Device) -> Tensor {
     let t = rows[0].len();
     let flat: Vec<u32> = rows.iter().flatten().copied().collect();
     Tensor::from_vec(flat, (rows.len(), t), device).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let b = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn rows() -> Vec<Vec<u32>> {
@@ -180,79 +134,22 @@ fn sampling_on_the_gpu_is_seeded_and_greedy_is_the_cpus() {
     assert_eq!(g[0].tokens, c[0].tokens, "greedy tokens, GPU vs CPU");
 }
 
-/// A batch of the copy task: `x x`, the loss on the second half.
-fn batch(step: u64, device: &Device) -> (Tensor, Tensor, Tensor) {
-    let (b, half) = (8usize, 16usize);
-    let mut s = step.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut ids = Vec::new();
-    for _ in 0..b {
-        let row: Vec<u32> = (0..half)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 60) as u32 + 3
-            })
-            .collect();
-        ids.extend(row.iter().chain(row.iter()).copied());
-    }
-    let t = 2 * half;
-    let all = Tensor::from_vec(ids, (b, t), device).unwrap();
-    let input = all.narrow(1, 0, t - 1).unwrap();
-    let target = all.narrow(1, 1, t - 1).unwrap();
-    let mask: Vec<f32> = (0..b)
-        .flat_map(|_| (1..t).map(|i| if i >= half { 1.0 } else { 0.0 }))
-        .collect();
-    (
-        input,
-        target,
-        Tensor::from_vec(mask, (b, t - 1), device).unwrap(),
-    )
-}
-
-fn loss(model: &Llama, step: u64, device: &Device) -> Tensor {
-    let (input, target, mask) = batch(step, device);
-    let logits = model
-        .forward(&input, None, None)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    masked_cross_entropy(&logits, &target, &mask).unwrap().0
-}
-
-/// 60 AdamW steps of the copy task from the same start: f32 on the CPU, or bf16 compute over
-/// f32 masters on `device`. Returns the held-out loss before and after.
+/// 60 AdamW steps of the copy task from the same start: f32, or bf16 compute over f32
+/// masters, on `device`. Returns the held-out loss before and after.
 fn train(device: &Device, mixed: bool) -> (f32, f32) {
     let (master, f32_model) = model(4, device);
-    let hp = AdamWParams {
-        lr: 1e-2,
-        weight_decay: 0.0,
-        ..AdamWParams::default()
-    };
-    let mut opt = AdamW::from_varmap(&master, hp).unwrap();
     let mp = MixedPrecision::new(&master, DType::BF16).unwrap();
     let bf16_model = Llama::new(
         &config(),
         VarBuilder::from_varmap(mp.compute(), DType::BF16, device),
     )
     .unwrap();
-    let m = if mixed { &bf16_model } else { &f32_model };
-    let first = loss(m, 1000, device).to_scalar::<f32>().unwrap();
-    for step in 0..60 {
-        let store = m.backward(&loss(m, step, device)).unwrap();
-        let grads = if mixed {
-            mp.master_grads(&store, &opt).unwrap()
-        } else {
-            opt.grads_from(&store)
-        };
-        opt.step(&grads).unwrap();
-        mp.sync().unwrap();
-    }
-    for v in opt.vars() {
-        assert_eq!(v.dtype(), DType::F32, "masters stay f32");
-        assert!(v.device().same_device(device));
-    }
-    (first, loss(m, 1000, device).to_scalar::<f32>().unwrap())
+    let (m, precision) = if mixed {
+        (&bf16_model, Some(&mp))
+    } else {
+        (&f32_model, None)
+    };
+    common::train_copy_task(m, &master, precision, ((8, 16), 60), device)
 }
 
 #[test]

@@ -2,10 +2,13 @@
 //! learned from scratch, KV-cache and padded-batch equivalence, AdamW / schedule / clipping /
 //! accumulation against hand-computed values, and a bitwise export/import round trip.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use common::max_abs_diff;
 use klong_actors::learner::loss::{masked_cross_entropy, token_logprobs};
 use klong_actors::learner::optim::{
     clip_grad_norm, AdamW, AdamWParams, GradAccumulator, Grads, LrSchedule,
@@ -78,21 +81,6 @@ fn reseed(vm: &VarMap, seed: u64, std: f64) {
 
 fn ids(rows: &[Vec<u32>]) -> Tensor {
     Tensor::new(rows.to_vec(), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------

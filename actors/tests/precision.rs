@@ -2,9 +2,10 @@
 //! runs on a GPU. Gradients agree with f32 ones to bf16 accuracy, and training follows the
 //! same loss curve as f32 training.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use klong_actors::learner::loss::masked_cross_entropy;
 use klong_actors::learner::optim::{AdamW, AdamWParams};
 use klong_actors::learner::precision::MixedPrecision;
 use klong_actors::policy::model::{Llama, LlamaConfig};
@@ -18,64 +19,12 @@ fn config() -> LlamaConfig {
 }
 
 fn fill(vm: &VarMap, seed: u64) {
-    let mut s = seed;
-    let mut vars: Vec<_> = vm.data().lock().unwrap().clone().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, var) in vars {
-        let vals: Vec<f32> = (0..var.elem_count())
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let u = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-                if name.ends_with("norm.weight") {
-                    1.0 + 0.1 * u
-                } else {
-                    0.3 * u
-                }
-            })
-            .collect();
-        var.set(&Tensor::from_vec(vals, var.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-    }
+    common::fill(vm, seed, 0.3, &Device::Cpu);
 }
 
-/// A batch of the copy task: `x x` where the second half repeats the first; loss on the
-/// second half.
-fn batch(step: u64) -> (Tensor, Tensor, Tensor) {
-    let (b, half) = (4usize, 8usize);
-    let mut ids = Vec::new();
-    let mut s = step.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for _ in 0..b {
-        let row: Vec<u32> = (0..half)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 60) as u32 + 2
-            })
-            .collect();
-        ids.extend(row.iter().chain(row.iter()).copied());
-    }
-    let t = 2 * half;
-    let all = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
-    let input = all.narrow(1, 0, t - 1).unwrap();
-    let target = all.narrow(1, 1, t - 1).unwrap();
-    let mask: Vec<f32> = (0..b)
-        .flat_map(|_| (1..t).map(|i| if i >= half { 1.0 } else { 0.0 }))
-        .collect();
-    let mask = Tensor::from_vec(mask, (b, t - 1), &Device::Cpu).unwrap();
-    (input, target, mask)
-}
-
+/// The copy task, 4 rows of 8 + 8 tokens.
 fn loss(model: &Llama, step: u64) -> Tensor {
-    let (input, target, mask) = batch(step);
-    let logits = model
-        .forward(&input, None, None)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    masked_cross_entropy(&logits, &target, &mask).unwrap().0
+    common::copy_loss(model, step, (4, 8), &Device::Cpu)
 }
 
 #[test]
@@ -130,34 +79,18 @@ fn train(mixed: bool) -> (f32, f32) {
     )
     .unwrap();
     fill(&master, 2);
-    let hp = AdamWParams {
-        lr: 1e-2,
-        weight_decay: 0.0,
-        ..AdamWParams::default()
-    };
-    let mut opt = AdamW::from_varmap(&master, hp).unwrap();
     let mp = MixedPrecision::new(&master, DType::BF16).unwrap();
     let bf16_model = Llama::new(
         &cfg,
         VarBuilder::from_varmap(mp.compute(), DType::BF16, &Device::Cpu),
     )
     .unwrap();
-    let model = if mixed { &bf16_model } else { &f32_model };
-    let first = loss(model, 1000).to_scalar::<f32>().unwrap();
-    for step in 0..40 {
-        let store = model.backward(&loss(model, step)).unwrap();
-        let grads = if mixed {
-            mp.master_grads(&store, &opt).unwrap()
-        } else {
-            opt.grads_from(&store)
-        };
-        opt.step(&grads).unwrap();
-        mp.sync().unwrap();
-    }
-    for v in opt.vars() {
-        assert_eq!(v.dtype(), DType::F32, "masters stay f32");
-    }
-    (first, loss(model, 1000).to_scalar::<f32>().unwrap())
+    let (model, precision) = if mixed {
+        (&bf16_model, Some(&mp))
+    } else {
+        (&f32_model, None)
+    };
+    common::train_copy_task(model, &master, precision, ((4, 8), 40), &Device::Cpu)
 }
 
 #[test]
