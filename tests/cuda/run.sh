@@ -3,7 +3,7 @@
 # (target/cuda-check/): the model tests of actors/tests/cuda.rs, then `klongd run` of a
 # small SFT config on cuda:0 in bf16 over f32 masters (tests/cuda/sft_gpu.ron), stopped after
 # 4 steps and resumed. Logs go to $OUT (the device tool's folder), else target/cuda-check/out.
-# Exits non-zero if any check fails.
+# Exits non-zero if any check fails. At most ~8 minutes (its timeouts), inside one device call.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 bin=$PWD/target/cuda-check
@@ -36,14 +36,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 ldd "$exe/cuda-tests" | grep -E "cuda|cublas|curand|nvrtc" | tee "$out/ldd.txt"
 
 failed=()
-(cd actors && timeout 300 "$exe/cuda-tests" --test-threads 1 --nocapture) 2>&1 |
+(cd actors && timeout 240 "$exe/cuda-tests" --test-threads 1 --nocapture) 2>&1 |
     tee "$out/tests.log" || failed+=(tests)
 
 run_dir=$(mktemp -d)/run
 sed "s#RUN_DIR#$run_dir#" tests/cuda/sft_gpu.ron >"$out/sft_gpu.ron"
-timeout 240 "$exe/klongd" run "$out/sft_gpu.ron" --max-steps 4 >"$out/run1.log" 2>&1 ||
+timeout 120 "$exe/klongd" run "$out/sft_gpu.ron" --max-steps 4 >"$out/run1.log" 2>&1 ||
     failed+=(run-stopped)
-timeout 240 "$exe/klongd" run "$out/sft_gpu.ron" >"$out/run2.log" 2>&1 || failed+=(run-resumed)
+timeout 120 "$exe/klongd" run "$out/sft_gpu.ron" >"$out/run2.log" 2>&1 || failed+=(run-resumed)
 cp "$run_dir/metrics.jsonl" "$out/" 2>/dev/null || failed+=(metrics)
 grep -h "training device\|stage finished\|resuming" "$out"/run*.log | cut -c1-300
 python3 - "$out/metrics.jsonl" <<'PY' || failed+=(loss)
