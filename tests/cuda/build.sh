@@ -3,7 +3,7 @@
 # tests (actors/tests/cuda.rs), built with `--features cuda` into target/cuda-check/, small
 # enough to travel to a GPU machine beside the repository.
 #
-#   tests/cuda/build.sh        # ~15 min on 2 cores the first time
+#   tests/cuda/build.sh        # ~40 min on 2 cores the first time (candle's kernels through nvcc)
 #
 # The toolkit comes from PyPI. Its nvcc must not be newer than the GPU machine's driver: the
 # kernels travel as PTX, which the driver compiles, and a driver refuses PTX of a newer CUDA
