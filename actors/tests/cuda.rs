@@ -36,7 +36,7 @@ fn config() -> LlamaConfig {
 fn model(seed: u64, device: &Device) -> (VarMap, Llama) {
     let vm = VarMap::new();
     let m = Llama::new(&config(), VarBuilder::from_varmap(&vm, DType::F32, device)).unwrap();
-    common::fill(&vm, seed, 0.2, device);
+    common::fill(&vm, seed, (0.2, 0.1), device);
     (vm, m)
 }
 

@@ -3,6 +3,8 @@
 //! template's rendering of the conversation); a random model runs into its budgets without
 //! failing; tool outputs cannot forge special tokens.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -153,27 +155,8 @@ fn tiny_policy(version: u64) -> LocalPolicy {
     cfg.max_position_embeddings = 4096;
     let vm = VarMap::new();
     let model = Llama::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    // Seeded weights (candle's initialisers are not): the same policy every time.
-    let mut vars: Vec<_> = vm.data().lock().unwrap().clone().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut s = 99u64;
-    for (name, var) in vars {
-        let vals: Vec<f32> = (0..var.elem_count())
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let u = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-                if name.ends_with("norm.weight") {
-                    1.0
-                } else {
-                    0.1 * u
-                }
-            })
-            .collect();
-        let t = candle_core::Tensor::from_vec(vals, var.shape(), &Device::Cpu).unwrap();
-        var.set(&t).unwrap();
-    }
+    // Seeded weights: the same policy every time.
+    common::fill(&vm, 99, (0.1, 0.0), &Device::Cpu);
     LocalPolicy::new(model, Tokenizer::Byte(ByteTokenizer), version)
 }
 

@@ -2,6 +2,8 @@
 //! others of different lengths, it gives what it gives alone); logprobs are those of the
 //! distribution sampled; EOS, stop strings, the token budget and the context end a row.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use klong_actors::policy::generate::{generate, GenerateError};
@@ -19,33 +21,7 @@ fn model_of(cfg: &LlamaConfig, seed: u64) -> Llama {
     let vm = VarMap::new();
     let m = Llama::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     // Deterministic, peaked enough that sampling is not uniform noise.
-    let mut s = seed;
-    let mut vars = vm
-        .data()
-        .lock()
-        .unwrap()
-        .clone()
-        .into_iter()
-        .collect::<Vec<_>>();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, var) in vars {
-        let n = var.elem_count();
-        let vals: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let u = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-                if name.ends_with("norm.weight") {
-                    1.0 + 0.1 * u
-                } else {
-                    0.5 * u
-                }
-            })
-            .collect();
-        var.set(&Tensor::from_vec(vals, var.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-    }
+    common::fill(&vm, seed, (0.5, 0.1), &Device::Cpu);
     m
 }
 

@@ -19,7 +19,7 @@ fn config() -> LlamaConfig {
 }
 
 fn fill(vm: &VarMap, seed: u64) {
-    common::fill(vm, seed, 0.3, &Device::Cpu);
+    common::fill(vm, seed, (0.3, 0.1), &Device::Cpu);
 }
 
 /// The copy task, 4 rows of 8 + 8 tokens.

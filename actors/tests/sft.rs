@@ -1,7 +1,9 @@
 //! SFT steps: packing by token budget, gradient accumulation equal to one big batch, lanes
 //! equal to their rows alone, and a loss that falls.
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use klong_actors::learner::optim::{AdamW, AdamWParams};
 use klong_actors::learner::sft::{pack_batches, sft_gradients, sft_step, SftError};
@@ -49,26 +51,7 @@ fn model(seed: u64) -> (VarMap, Llama) {
     cfg.intermediate_size = 64;
     let vm = VarMap::new();
     let m = Llama::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    let mut s = seed;
-    let mut vars: Vec<_> = vm.data().lock().unwrap().clone().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, var) in vars {
-        let vals: Vec<f32> = (0..var.elem_count())
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let u = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-                if name.ends_with("norm.weight") {
-                    1.0
-                } else {
-                    0.2 * u
-                }
-            })
-            .collect();
-        var.set(&Tensor::from_vec(vals, var.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-    }
+    common::fill(&vm, seed, (0.2, 0.0), &Device::Cpu);
     (vm, m)
 }
 

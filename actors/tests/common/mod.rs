@@ -9,9 +9,9 @@ use klong_actors::learner::optim::{AdamW, AdamWParams};
 use klong_actors::learner::precision::MixedPrecision;
 use klong_actors::policy::model::Llama;
 
-/// Deterministic weights on `device`: norms `1 ± 0.1`, the rest in `±scale`, from an LCG
-/// over the variables sorted by name.
-pub fn fill(vm: &VarMap, seed: u64, scale: f32, device: &Device) {
+/// Deterministic weights on `device` (candle's initialisers are not seeded): norms in
+/// `1 ± norm_spread`, the rest in `±scale`, from an LCG over the variables sorted by name.
+pub fn fill(vm: &VarMap, seed: u64, (scale, norm_spread): (f32, f32), device: &Device) {
     let mut s = seed;
     let mut vars: Vec<_> = vm.data().lock().unwrap().clone().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -23,7 +23,7 @@ pub fn fill(vm: &VarMap, seed: u64, scale: f32, device: &Device) {
                     .wrapping_add(1442695040888963407);
                 let u = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
                 if name.ends_with("norm.weight") {
-                    1.0 + 0.1 * u
+                    1.0 + norm_spread * u
                 } else {
                     scale * u
                 }
