@@ -34,8 +34,8 @@ pub struct Config {
     pub model: Option<ModelConfig>,
     /// Where the model trains and samples: `"cpu"`, `"cuda"` or `"cuda:N"` (CUDA needs a
     /// klongd built with `--features cuda`).
-    #[serde(default = "cpu", deserialize_with = "device_name")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceName,
     /// The training steps' arithmetic; by default `F32` on the CPU and `Bf16` on a GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<Precision>,
@@ -574,16 +574,6 @@ fn run_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> 
     Ok(name)
 }
 
-fn cpu() -> String {
-    "cpu".to_string()
-}
-
-fn device_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    let name = String::deserialize(d)?;
-    DeviceName::parse(&name).map_err(serde::de::Error::custom)?;
-    Ok(name)
-}
-
 fn positive_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let v = u32::deserialize(d)?;
     if v == 0 {
@@ -690,17 +680,12 @@ pub fn parse_ron<T: serde::de::DeserializeOwned>(
 }
 
 impl Config {
-    /// The configured device (its name was checked when the config was parsed).
-    pub fn device_name(&self) -> Result<DeviceName, String> {
-        DeviceName::parse(&self.device)
-    }
-
     /// The training steps' arithmetic: as configured, else `Bf16` on a GPU and `F32` on the
-    /// CPU (an unparsable device reads as the CPU here; `device_name` reports it).
+    /// CPU.
     pub fn precision(&self) -> Precision {
-        self.precision.unwrap_or(match self.device_name() {
-            Ok(DeviceName::Cuda(_)) => Precision::Bf16,
-            _ => Precision::F32,
+        self.precision.unwrap_or(match self.device {
+            DeviceName::Cuda(_) => Precision::Bf16,
+            DeviceName::Cpu => Precision::F32,
         })
     }
 
@@ -1029,7 +1014,7 @@ mod tests {
     #[test]
     fn the_device_and_precision_default_to_f32_on_the_cpu() {
         let c = parse(r#"(name: "t", run_dir: "r", seed: 1)"#).unwrap();
-        assert_eq!(c.device_name(), Ok(DeviceName::Cpu));
+        assert_eq!(c.device, DeviceName::Cpu);
         assert_eq!(c.precision(), Precision::F32);
         let c = parse(r#"(name: "t", run_dir: "r", seed: 1, precision: Some(Bf16))"#).unwrap();
         assert_eq!(c.precision(), Precision::Bf16);

@@ -431,9 +431,8 @@ fn reference_model(
 
 /// The config's device, opened: a GPU that is not there fails the run here, before any work.
 fn open_device(config: &Config) -> anyhow::Result<Device> {
-    let name = config.device_name().map_err(anyhow::Error::msg)?;
-    let device = name.open().map_err(anyhow::Error::msg)?;
-    tracing::info!(device = %name, precision = ?config.precision(), "training device");
+    let device = config.device.open().map_err(anyhow::Error::msg)?;
+    tracing::info!(device = %config.device, precision = ?config.precision(), "training device");
     Ok(device)
 }
 

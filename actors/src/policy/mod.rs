@@ -82,10 +82,26 @@ pub fn cpu_products() -> &'static str {
 }
 
 /// A device's name as a config or a flag gives it: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// In a config it is that string, checked by [`DeviceName::parse`] as it is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum DeviceName {
+    #[default]
     Cpu,
     Cuda(usize),
+}
+
+impl TryFrom<String> for DeviceName {
+    type Error = String;
+    fn try_from(name: String) -> Result<DeviceName, String> {
+        DeviceName::parse(&name)
+    }
+}
+
+impl From<DeviceName> for String {
+    fn from(name: DeviceName) -> String {
+        name.to_string()
+    }
 }
 
 impl DeviceName {
